@@ -1,0 +1,66 @@
+"""Typed errors raised by dattri.
+
+Every error names the argument, the bad value and the fix. They subclass the
+builtin ``ValueError`` / ``RuntimeError`` so that ``except ValueError`` keeps
+working for callers that do not know dattri's types.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "DattriError",
+    "DattriRuntimeError",
+    "DattriValueError",
+    "GroundTruthError",
+    "InvalidLossError",
+    "LayerNameError",
+    "MemoryBudgetError",
+    "NonFiniteError",
+    "NotCachedError",
+    "ShuffledLoaderError",
+]
+
+
+class DattriError(Exception):
+    """Base class of every error that dattri raises on purpose."""
+
+
+class DattriValueError(DattriError, ValueError):
+    """A user-supplied argument has a bad value."""
+
+
+class DattriRuntimeError(DattriError, RuntimeError):
+    """A computation cannot go on (memory, numerics, files)."""
+
+
+class InvalidLossError(DattriValueError):
+    """``loss_func`` / ``target_func`` does not return a scalar on a batch of one."""
+
+
+class ShuffledLoaderError(DattriValueError):
+    """A data loader iterates in a random order."""
+
+
+class LayerNameError(DattriValueError):
+    """``layer_name`` names parameters that the model does not have."""
+
+
+class CheckpointError(DattriValueError):
+    """A checkpoint cannot be loaded into the model."""
+
+
+class NotCachedError(DattriRuntimeError):
+    """An attributor method needs ``cache()`` to have run first."""
+
+
+class MemoryBudgetError(DattriRuntimeError):
+    """A dense object would not fit in the memory budget."""
+
+
+class NonFiniteError(DattriRuntimeError):
+    """Gradients, curvature or scores contain NaN or inf."""
+
+
+class GroundTruthError(DattriValueError):
+    """Ground truth or a retraining folder is missing, corrupt or mismatched."""

@@ -1,0 +1,313 @@
+"""The attribution task: model, checkpoints, loss and target functions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
+
+from dattri._loader import batch_size_of
+from dattri.errors import CheckpointError, DattriValueError, InvalidLossError, LayerNameError
+from dattri.func.utils import ParamSpec, partial_param
+
+__all__ = ["AttributionTask", "load_state_dict_file"]
+
+Checkpoint = Union[Mapping[str, torch.Tensor], str, os.PathLike]
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict from a ``.safetensors`` file or a torch file (weights only)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        msg = f"checkpoints: no file at {path!r}; pass an existing path or a state dict."
+        raise CheckpointError(msg)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(
+        obj["state_dict"], Mapping,
+    ):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        msg = f"checkpoints: {path!r} holds a {type(obj).__name__}, not a state dict."
+        raise CheckpointError(msg)
+    return dict(obj)
+
+
+def _batch_of_one(example: Any) -> Any:
+    return tree_map(
+        lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example,
+    )
+
+
+class AttributionTask:
+    """Everything an attributor needs to know about the model being explained.
+
+    Args:
+        loss_func: ``loss_func(params, data) -> scalar``, the mean training loss of
+            a batch; ``params`` is a name -> tensor dict used with
+            ``torch.func.functional_call(model, params, ...)``, ``data`` a batch as
+            the loader yields it. dattri calls it on batches of one example to get
+            per-example quantities.
+        model: the ``nn.Module`` the functions call.
+        checkpoints: a state dict, a path to one (``.safetensors`` or a torch file),
+            or a list of either (an ensemble / the TracIn checkpoints).
+        target_func: the function whose value is attributed (same signature);
+            defaults to ``loss_func``.
+        checkpoints_load_func: ``f(model, checkpoint) -> model`` replacing the default
+            ``model.load_state_dict`` (e.g. Hugging Face ``from_pretrained``).
+    """
+
+    def __init__(
+        self,
+        loss_func: Callable,
+        model: nn.Module,
+        checkpoints: Checkpoint | Sequence[Checkpoint],
+        target_func: Callable | None = None,
+        checkpoints_load_func: Callable | None = None,
+    ) -> None:
+        if not callable(loss_func):
+            msg = f"loss_func must be callable loss_func(params, data), got {type(loss_func).__name__}."
+            raise DattriValueError(msg)
+        if target_func is not None and not callable(target_func):
+            msg = f"target_func must be callable or None, got {type(target_func).__name__}."
+            raise DattriValueError(msg)
+        if not isinstance(model, nn.Module):
+            msg = f"model must be a torch.nn.Module, got {type(model).__name__}."
+            raise DattriValueError(msg)
+        self.model = model
+        self.original_loss_func = loss_func
+        self.original_target_func = target_func if target_func is not None else loss_func
+        if isinstance(checkpoints, (list, tuple)):
+            ckpts = list(checkpoints)
+        else:
+            ckpts = [checkpoints]
+        if not ckpts:
+            msg = "checkpoints is an empty list; pass at least one state dict or path."
+            raise CheckpointError(msg)
+        for i, c in enumerate(ckpts):
+            if not isinstance(c, (Mapping, str, os.PathLike)):
+                msg = (
+                    f"checkpoints[{i}] is a {type(c).__name__}; each checkpoint must "
+                    "be a state dict or a path to one."
+                )
+                raise CheckpointError(msg)
+        self.checkpoints = ckpts
+        self.checkpoints_load_func = checkpoints_load_func
+        self.current_checkpoint_idx: int | None = None
+        self.named_parameters: dict[str, torch.Tensor] = {}
+        self._validated: set[str] = set()
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_checkpoints(self) -> list[Checkpoint]:
+        """The list of checkpoints (length 1 when a single one was given)."""
+        return self.checkpoints
+
+    def get_model(self) -> nn.Module:
+        """The model (with the last loaded checkpoint's weights)."""
+        return self.model
+
+    def _load_checkpoints(self, ckpt_idx: int) -> None:
+        if not isinstance(ckpt_idx, int) or not 0 <= ckpt_idx < len(self.checkpoints):
+            msg = (
+                f"ckpt_idx={ckpt_idx!r} is out of range; the task has "
+                f"{len(self.checkpoints)} checkpoint(s)."
+            )
+            raise DattriValueError(msg)
+        if self.current_checkpoint_idx == ckpt_idx and self.named_parameters:
+            return
+        ckpt = self.checkpoints[ckpt_idx]
+        if self.checkpoints_load_func is not None:
+            model = self.checkpoints_load_func(self.model, ckpt)
+            if isinstance(model, nn.Module):
+                self.model = model
+        else:
+            state = load_state_dict_file(ckpt) if not isinstance(ckpt, Mapping) else ckpt
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as e:
+                own = set(self.model.state_dict().keys())
+                given = set(state.keys())
+                missing = sorted(own - given)[:5]
+                unexpected = sorted(given - own)[:5]
+                msg = (
+                    f"checkpoints[{ckpt_idx}] does not match the model: missing keys "
+                    f"{missing}, unexpected keys {unexpected}. Pass a state dict of "
+                    "this model, or a checkpoints_load_func. Original error: "
+                    f"{str(e).splitlines()[0]}"
+                )
+                raise CheckpointError(msg) from e
+        self.named_parameters = {
+            k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad
+        }
+        self.current_checkpoint_idx = ckpt_idx
+
+    # ------------------------------------------------------------------ parameters
+    def _resolve_layer_name(self, layer_name: str | Sequence[str] | None) -> list[str]:
+        if not self.named_parameters:
+            self._load_checkpoints(0)
+        if layer_name is None:
+            return list(self.named_parameters.keys())
+        names = [layer_name] if isinstance(layer_name, str) else list(layer_name)
+        unknown = [n for n in names if n not in self.named_parameters]
+        if unknown or not names:
+            avail = list(self.named_parameters.keys())
+            msg = (
+                f"layer_name={layer_name!r}: unknown parameter name(s) {unknown}. "
+                f"Use keys of model.named_parameters() (trainable ones): {avail[:12]}"
+                f"{' ...' if len(avail) > 12 else ''}."
+            )
+            raise LayerNameError(msg)
+        # keep the model's order so that flat vectors match get_param
+        return [n for n in self.named_parameters if n in set(names)]
+
+    def param_spec(self, layer_name: str | Sequence[str] | None = None) -> ParamSpec:
+        """Names and shapes of the (selected) trainable parameters."""
+        names = self._resolve_layer_name(layer_name)
+        return ParamSpec({n: self.named_parameters[n] for n in names})
+
+    def get_param(
+        self,
+        ckpt_idx: int = 0,
+        layer_name: str | Sequence[str] | None = None,
+        layer_split: bool = False,
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], list[int] | None]:
+        """Flat vector of the trainable parameters of checkpoint ``ckpt_idx``.
+
+        Args:
+            ckpt_idx: which checkpoint.
+            layer_name: restrict to these ``named_parameters`` keys (a string is one
+                name).
+            layer_split: return one flat tensor per parameter instead of one vector.
+
+        Returns:
+            ``(flat, None)``, or with ``layer_split`` ``(tuple_of_flats, layer_map)``
+            where ``layer_map[i]`` is the index of the module that owns parameter i.
+        """
+        self._load_checkpoints(ckpt_idx)
+        names = self._resolve_layer_name(layer_name)
+        params = {n: self.named_parameters[n] for n in names}
+        if layer_split:
+            modules = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
+            layer_map, seen = [], {}
+            for m in modules:
+                seen.setdefault(m, len(seen))
+                layer_map.append(seen[m])
+            return tuple(p.reshape(-1) for p in params.values()), layer_map
+        return ParamSpec(params).flatten(params), None
+
+    # ------------------------------------------------------------------ functions
+    def _flat_func(
+        self, func: Callable, layer_name: str | Sequence[str] | None, ckpt_idx: int,
+    ) -> Callable:
+        self._load_checkpoints(ckpt_idx)
+        names = self._resolve_layer_name(layer_name)
+        spec = ParamSpec({n: self.named_parameters[n] for n in names})
+        if len(names) == len(self.named_parameters):
+            inner = func
+        else:
+            inner = partial_param(self.named_parameters, names)(func)
+
+        def flat_func(theta: torch.Tensor, data: Any) -> torch.Tensor:
+            out = inner(spec.unflatten(theta), data)
+            return out.reshape(()) if isinstance(out, torch.Tensor) and out.numel() == 1 else out
+
+        return flat_func
+
+    def get_loss_func(
+        self, layer_name: str | Sequence[str] | None = None, ckpt_idx: int = 0,
+    ) -> Callable:
+        """``f(flat_params, batch) -> mean loss`` on the flat (selected) parameters."""
+        return self._flat_func(self.original_loss_func, layer_name, ckpt_idx)
+
+    def get_target_func(
+        self, layer_name: str | Sequence[str] | None = None, ckpt_idx: int = 0,
+    ) -> Callable:
+        """``f(flat_params, batch) -> mean target`` on the flat (selected) parameters."""
+        return self._flat_func(self.original_target_func, layer_name, ckpt_idx)
+
+    @staticmethod
+    def _per_example(flat_func: Callable, in_dims: Any) -> Callable:
+        def one(theta: torch.Tensor, example: Any) -> torch.Tensor:
+            return flat_func(theta, _batch_of_one(example))
+
+        # "same": a model with active dropout uses one mask for every example of a
+        # call; the engine seeds each call per checkpoint (dropout ensembles).
+        return vmap(grad(one), in_dims=in_dims, randomness="same")
+
+    def get_grad_loss_func(
+        self,
+        in_dims: Any = None,
+        layer_name: str | Sequence[str] | None = None,
+        ckpt_idx: int = 0,
+    ) -> Callable:
+        """Per-example gradients of the loss: ``g(flat_params, batch) -> (B, P)``.
+
+        Each example is passed to ``loss_func`` as a batch of one. Only the selected
+        parameters' gradients are computed. ``in_dims`` (default ``(None, 0)``) is
+        passed to ``torch.func.vmap``.
+        """
+        return self._per_example(
+            self.get_loss_func(layer_name, ckpt_idx), in_dims or (None, 0),
+        )
+
+    def get_grad_target_func(
+        self,
+        in_dims: Any = None,
+        layer_name: str | Sequence[str] | None = None,
+        ckpt_idx: int = 0,
+    ) -> Callable:
+        """Per-example gradients of the target: ``g(flat_params, batch) -> (B, P)``."""
+        return self._per_example(
+            self.get_target_func(layer_name, ckpt_idx), in_dims or (None, 0),
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate_batch(self, batch: Any, which: str = "loss", ckpt_idx: int = 0) -> None:
+        """Check that ``loss_func`` / ``target_func`` gives a scalar on a batch of one.
+
+        Raises:
+            InvalidLossError: the function fails on a batch of one example, or
+                returns something other than a scalar tensor.
+        """
+        key = f"{which}"
+        if key in self._validated:
+            return
+        func = self.original_loss_func if which == "loss" else self.original_target_func
+        name = "loss_func" if which == "loss" else "target_func"
+        self._load_checkpoints(ckpt_idx)
+        one = tree_map(
+            lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch,
+        )
+        try:
+            with torch.no_grad():
+                out = func(dict(self.named_parameters), one)
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            msg = (
+                f"{name} failed on a batch of one example ({type(e).__name__}: {e}). "
+                "dattri calls it on batches with a leading dimension of size 1 to get "
+                "per-example gradients; make it accept any batch size and return the "
+                "mean over the batch."
+            )
+            raise InvalidLossError(msg) from e
+        if isinstance(out, torch.Tensor) and out.numel() == 1 and batch_size_of(batch) > 1:
+            with torch.no_grad():
+                full = func(dict(self.named_parameters), batch)
+            if isinstance(full, torch.Tensor) and full.numel() != 1:
+                out = full  # per-example values (reduction="none"): reject below
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            msg = (
+                f"{name} returned shape {shape}; on any batch (of one example too) it must return a "
+                "scalar tensor (the mean over the batch, e.g. CrossEntropyLoss() with "
+                "reduction='mean')."
+            )
+            raise InvalidLossError(msg)
+        self._validated.add(key)
