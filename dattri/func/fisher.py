@@ -1,0 +1,359 @@
+r"""Empirical Fisher products and K-FAC / EK-FAC factor math.
+
+Empirical Fisher (explicit). For a loss ``func(*x)`` (a mean negative
+log-likelihood over the examples in ``x``) and the parameters ``a = x[argnums]``,
+
+.. math:: F = \frac1N \sum_{n=1}^N g_n g_n^\top, \qquad
+          g_n = \nabla_a \mathrm{func}(\text{example } n),
+
+an outer product of per-example gradients (``P x P``). Per-example gradients are
+obtained by calling ``func`` on batches of one example (``torch.func.vmap`` over
+the batch dimensions ``in_dims``). With the ground-truth labels this is the
+empirical Fisher; with labels sampled from the model it is the true Fisher.
+:func:`ifvp_explicit` / :func:`ifvp_at_x_explicit` return
+:math:`v \mapsto (F + \lambda I)^{-1} v`.
+
+K-FAC / EK-FAC (Martens & Grosse 2015; George et al. 2018; Grosse et al. 2023).
+For a linear layer ``y = W a (+ b)`` with ``W`` of shape ``(d_out, d_in)``, the
+per-example gradient is :math:`G_n = \sum_t s_{n,t} a_{n,t}^\top` (``s`` the
+gradient of the example's loss w.r.t. the output, ``t`` the sequence positions;
+with a bias, ``a`` is extended by a constant 1 and ``G`` is ``(d_out, d_in+1)``).
+With row-major ``vec``, :math:`F \approx S \otimes A` and, from the
+eigendecompositions :math:`A = Q_A \Lambda_A Q_A^\top`,
+:math:`S = Q_S \Lambda_S Q_S^\top`,
+
+.. math:: (F + \delta I)^{-1}\,\mathrm{vec}(V)
+          = \mathrm{vec}\big(Q_S\,[(Q_S^\top V Q_A) \oslash (\Lambda + \delta)]\,Q_A^\top\big),
+
+where :math:`\Lambda_{oi} = \lambda^S_o \lambda^A_i` (K-FAC) or the EK-FAC corrected
+eigenvalues :math:`\Lambda_{oi} = \frac1N\sum_n (Q_S^\top G_n Q_A)_{oi}^2`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.func import grad, vmap
+
+from dattri.errors import DattriValueError
+from dattri.func.hessian import (
+    _as_tuple,
+    _check_argnums,
+    _num_examples,
+    _resolve_argnums,
+    _resolve_in_dims,
+    _split_x_v,
+    _take,
+    _v_rows,
+)
+from dattri.linalg import factorize
+
+__all__ = [
+    "ekfac_corrected_eigenvalues",
+    "ekfac_corrected_eigenvalues_from_activations",
+    "empirical_fisher",
+    "ifvp_at_x_explicit",
+    "ifvp_explicit",
+    "kfac_covariances",
+    "kfac_eigen",
+    "kfac_eigenvalues",
+    "kfac_ifvp",
+    "linear_per_example_grads",
+]
+
+
+# ------------------------------------------------------------ explicit Fisher
+def empirical_fisher(
+    func: Callable,
+    *x: torch.Tensor,
+    argnums: int = 0,
+    in_dims: Sequence | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    r"""Dense empirical Fisher :math:`F = \frac1N\sum_n g_n g_n^\top` (``P x P``).
+
+    Args:
+        func: scalar mean loss of the examples in ``x``.
+        *x: the arguments of ``func``.
+        argnums: position of the parameters ``a``.
+        in_dims: batch dimension of each argument (``None`` = shared); default 0 for
+            every tensor argument but ``x[argnums]``. With nothing batched,
+            ``N = 1`` and :math:`F = g g^\top`.
+        chunk_size: examples per vmapped chunk (bounds the ``(chunk, P)`` memory).
+
+    Returns:
+        ``(P, P)`` matrix in the dtype of ``a``.
+    """
+    _check_argnums(argnums)
+    argnums = _resolve_argnums(argnums, x)
+    dims = _resolve_in_dims(x, argnums, in_dims)
+    a = x[argnums]
+    grad_fn = grad(func, argnums=argnums)
+    if all(d is None for d in dims):
+        g = grad_fn(*x).reshape(1, -1).detach()
+        return g.T @ g
+    n = _num_examples(x, dims)
+
+    def one(*xs: torch.Tensor) -> torch.Tensor:
+        xs = tuple(t if d is None else t.unsqueeze(d) for t, d in zip(xs, dims))
+        return grad_fn(*xs).reshape(-1)
+
+    per_example = vmap(one, in_dims=dims)
+    F = torch.zeros(a.numel(), a.numel(), dtype=a.dtype, device=a.device)
+    for start in range(0, n, chunk_size):
+        idx = torch.arange(start, min(n, start + chunk_size))
+        G = per_example(*_take(x, dims, idx)).detach()
+        F += G.T @ G
+    return F / n
+
+
+def ifvp_at_x_explicit(
+    func: Callable,
+    *x: torch.Tensor,
+    argnums: int = 0,
+    regularization: float = 0.0,
+    in_dims: Sequence | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    r"""Inverse empirical-Fisher-vector product at fixed ``x``: :math:`(F+\lambda I)^{-1} v`.
+
+    :math:`F` is built once by :func:`empirical_fisher` and factored once
+    (Cholesky; a warned pseudo-inverse when singular, e.g. ``N < P`` with
+    ``regularization=0``).
+
+    Args:
+        func: scalar mean loss (negative log-likelihood) of the examples in ``x``.
+        *x: the arguments of ``func``.
+        argnums: position of the parameters.
+        regularization: :math:`\lambda \ge 0`.
+        in_dims: see :func:`empirical_fisher`.
+
+    Returns:
+        ``f(v)``: ``v`` of the shape of the parameters or ``(k, *shape)``; result
+        of the shape of ``v``.
+    """
+    F = empirical_fisher(func, *x, argnums=argnums, in_dims=in_dims)
+    solve = factorize(F, regularization)
+    a = x[_resolve_argnums(argnums, x)]
+
+    def _f(v: torch.Tensor) -> torch.Tensor:
+        V, restore = _v_rows(v, a)
+        return restore(solve(V))
+
+    return _f
+
+
+def ifvp_explicit(
+    func: Callable,
+    argnums: int = 0,
+    regularization: float = 0.0,
+) -> Callable[..., torch.Tensor]:
+    r"""Inverse empirical-Fisher-vector product: ``f(x, v, in_dims=None)``.
+
+    See :func:`ifvp_at_x_explicit`, called on every use.
+    """
+    _check_argnums(argnums)
+
+    def _f(*args: object, in_dims: Sequence | None = None) -> torch.Tensor:
+        x, v = _split_x_v(args)
+        return ifvp_at_x_explicit(func, *_as_tuple(x), argnums=argnums,
+                                  regularization=regularization, in_dims=in_dims)(v)
+
+    return _f
+
+
+# ------------------------------------------------------------- K-FAC / EK-FAC
+def _seq(activations: torch.Tensor, grad_outputs: torch.Tensor, bias: bool,
+         mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate and bring to ``(N, T, d_in[+1])``, ``(N, T, d_out)``, masked."""
+    a, s = activations, grad_outputs
+    if a.ndim not in (2, 3) or s.ndim != a.ndim or a.shape[:-1] != s.shape[:-1]:
+        msg = (
+            "`activations` and `grad_outputs` must be (N, d_in) and (N, d_out), or "
+            f"(N, T, d_in) and (N, T, d_out); got {tuple(a.shape)} and {tuple(s.shape)}."
+        )
+        raise DattriValueError(msg)
+    if a.ndim == 2:  # noqa: PLR2004
+        a, s = a[:, None], s[:, None]
+    if bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    if mask is not None:
+        if tuple(mask.shape) != tuple(a.shape[:2]):
+            msg = f"`mask` must have shape (N, T) = {tuple(a.shape[:2])}, got {tuple(mask.shape)}."
+            raise DattriValueError(msg)
+        m = mask.to(a)[..., None]
+        a, s = a * m, s * m
+    return a, s
+
+
+def kfac_covariances(
+    activations: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    bias: bool = True,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""K-FAC factors ``A`` (inputs) and ``S`` (output gradients) of a linear layer.
+
+    .. math:: A = \frac{1}{N_{tok}} \sum_{n,t} a_{n,t} a_{n,t}^\top, \qquad
+              S = \frac{1}{N} \sum_{n,t} s_{n,t} s_{n,t}^\top,
+
+    with ``a`` extended by 1 when ``bias``. For non-sequence inputs (``T = 1``) both
+    are plain means over the ``N`` examples. For sequences this is the K-FAC-expand
+    convention (Eschenhagen et al. 2023): positions are treated as independent, ``A``
+    averages over the ``N_tok`` (unmasked) tokens and ``S`` sums over positions and
+    averages over examples, so that :math:`S \otimes A \approx \frac1N\sum_n
+    \sum_t (s s^\top) \otimes (a a^\top)`, the Fisher of :math:`G_n = \sum_t s a^\top`
+    without its cross-position terms. ``s`` must be the gradient of the example's
+    own loss (a sum-reduced loss), not of a batch mean.
+
+    Args:
+        activations: ``(N, d_in)`` or ``(N, T, d_in)`` layer inputs.
+        grad_outputs: ``(N, d_out)`` or ``(N, T, d_out)`` output gradients.
+        bias: append the constant 1 input of the bias.
+        mask: optional ``(N, T)`` 0/1 mask of the positions that count (padding 0).
+        reduction: ``"mean"`` (above) or ``"sum"`` (the un-normalised sums, for
+            streaming over batches: divide ``A`` by the total tokens, ``S`` by the
+            total examples).
+
+    Returns:
+        ``(A (d_in[+1], d_in[+1]), S (d_out, d_out))``.
+    """
+    if reduction not in ("mean", "sum"):
+        msg = f"`reduction` must be 'mean' or 'sum', got {reduction!r}."
+        raise DattriValueError(msg)
+    a, s = _seq(activations, grad_outputs, bias, mask)
+    a2, s2 = a.reshape(-1, a.shape[-1]), s.reshape(-1, s.shape[-1])
+    A, S = a2.T @ a2, s2.T @ s2
+    if reduction == "sum":
+        return A, S
+    tokens = a.shape[0] * a.shape[1] if mask is None else mask.sum().clamp_min(1).to(A)
+    return A / tokens, S / a.shape[0]
+
+
+def kfac_eigen(
+    A: torch.Tensor,
+    S: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Eigendecompositions :math:`A = Q_A \Lambda_A Q_A^\top`, :math:`S = Q_S \Lambda_S Q_S^\top`.
+
+    Computed in float64 (the factors can be badly conditioned) and returned in the
+    input dtype; eigenvectors are the columns of ``Q``.
+
+    Returns:
+        ``(eigvals_A (d_a,), Q_A (d_a, d_a), eigvals_S (d_s,), Q_S (d_s, d_s))``.
+    """
+    la, qa = torch.linalg.eigh(A.double())
+    ls, qs = torch.linalg.eigh(S.double())
+    return la.to(A.dtype), qa.to(A.dtype), ls.to(S.dtype), qs.to(S.dtype)
+
+
+def kfac_eigenvalues(eigvals_A: torch.Tensor, eigvals_S: torch.Tensor) -> torch.Tensor:
+    r"""K-FAC eigenvalues of :math:`S \otimes A`, ``(d_out, d_a)``.
+
+    :math:`\Lambda_{oi} = \lambda^S_o \lambda^A_i`, i.e. ``torch.outer(eigvals_S, eigvals_A)``.
+    """
+    return torch.outer(eigvals_S, eigvals_A)
+
+
+def linear_per_example_grads(
+    activations: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    bias: bool = True,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Per-example gradients :math:`G_n = \sum_t s_{n,t} a_{n,t}^\top` of a linear layer.
+
+    Returns:
+        ``(N, d_out, d_in[+1])``: ``[dW | db]`` (bias last) for ``y = W a + b``.
+    """
+    a, s = _seq(activations, grad_outputs, bias, mask)
+    return torch.einsum("nto,nti->noi", s, a)
+
+
+def ekfac_corrected_eigenvalues(
+    per_example_grads: torch.Tensor,
+    Q_A: torch.Tensor,
+    Q_S: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""EK-FAC eigenvalues :math:`\frac1N\sum_n (Q_S^\top G_n Q_A)^{\odot 2}` (George et al. 2018).
+
+    They are the diagonal of the Fisher in the Kronecker eigenbasis, the best
+    (Frobenius) diagonal fit there.
+
+    Args:
+        per_example_grads: ``(N, d_out, d_a)``.
+        Q_A: ``(d_a, d_a)``; Q_S: ``(d_out, d_out)``.
+        reduction: ``"mean"`` or ``"sum"`` over examples.
+
+    Returns:
+        ``(d_out, d_a)``.
+    """
+    G = per_example_grads
+    if G.ndim != 3 or G.shape[1] != Q_S.shape[0] or G.shape[2] != Q_A.shape[0]:  # noqa: PLR2004
+        msg = (
+            f"`per_example_grads` must be (N, {Q_S.shape[0]}, {Q_A.shape[0]}) to match "
+            f"Q_S and Q_A, got {tuple(G.shape)}."
+        )
+        raise DattriValueError(msg)
+    out = (Q_S.T @ G @ Q_A).square().sum(dim=0)
+    return out / G.shape[0] if reduction == "mean" else out
+
+
+def ekfac_corrected_eigenvalues_from_activations(
+    activations: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    Q_A: torch.Tensor,
+    Q_S: torch.Tensor,
+    bias: bool = True,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""EK-FAC eigenvalues from layer inputs and output gradients.
+
+    Rotates first, :math:`\tilde a = Q_A^\top a`, :math:`\tilde s = Q_S^\top s`, then
+    :math:`Q_S^\top G_n Q_A = \sum_t \tilde s_{n,t} \tilde a_{n,t}^\top`, formed
+    ``chunk_size`` examples at a time (memory ``chunk_size * d_out * d_a``).
+
+    Returns:
+        ``(d_out, d_a)``, as :func:`ekfac_corrected_eigenvalues`.
+    """
+    a, s = _seq(activations, grad_outputs, bias, mask)
+    a_rot, s_rot = a @ Q_A, s @ Q_S
+    out = torch.zeros(s.shape[-1], a.shape[-1], dtype=a_rot.dtype, device=a_rot.device)
+    for start in range(0, a.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        out += torch.einsum("nto,nti->noi", s_rot[sl], a_rot[sl]).square().sum(dim=0)
+    return out / a.shape[0] if reduction == "mean" else out
+
+
+def kfac_ifvp(
+    V: torch.Tensor,
+    Q_A: torch.Tensor,
+    Q_S: torch.Tensor,
+    eig: torch.Tensor,
+    damping: float = 0.0,
+) -> torch.Tensor:
+    r"""Inverse Kronecker-factored Fisher product per layer.
+
+    .. math:: V \mapsto Q_S\,[(Q_S^\top V Q_A) \oslash (\Lambda + \delta)]\,Q_A^\top,
+
+    i.e. :math:`(Q_S \otimes Q_A)\,\mathrm{diag}(\Lambda+\delta)^{-1}(Q_S \otimes Q_A)^\top
+    \mathrm{vec}(V)`; with :math:`\Lambda` = :func:`kfac_eigenvalues` this is
+    :math:`(S \otimes A + \delta I)^{-1}\mathrm{vec}(V)`.
+
+    Args:
+        V: ``(k, d_out, d_a)`` or ``(d_out, d_a)``.
+        Q_A: ``(d_a, d_a)``; Q_S: ``(d_out, d_out)``.
+        eig: ``(d_out, d_a)`` K-FAC or EK-FAC eigenvalues.
+        damping: :math:`\delta`.
+
+    Returns:
+        The shape of ``V``.
+    """
+    if V.shape[-2:] != eig.shape:
+        msg = f"`V` must end in (d_out, d_a) = {tuple(eig.shape)}, got {tuple(V.shape)}."
+        raise DattriValueError(msg)
+    return Q_S @ ((Q_S.T @ V @ Q_A) / (eig + damping)) @ Q_A.T

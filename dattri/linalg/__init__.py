@@ -1,0 +1,22 @@
+"""Linear-algebra building blocks: solvers on operators given as callables.
+
+See :mod:`dattri.linalg.solvers` for the formulas.
+"""
+
+from dattri.linalg.solvers import (
+    arnoldi,
+    cg_solve,
+    explicit_inverse,
+    explicit_solve,
+    factorize,
+    lissa_solve,
+)
+
+__all__ = [
+    "arnoldi",
+    "cg_solve",
+    "explicit_inverse",
+    "explicit_solve",
+    "factorize",
+    "lissa_solve",
+]

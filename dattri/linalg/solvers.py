@@ -1,0 +1,410 @@
+"""Solvers for linear systems whose matrix is only available as a product.
+
+Every solver here works on a symmetric operator ``A`` of size ``P x P`` that is
+given as a callable, never as a matrix (except :func:`explicit_inverse` /
+:func:`explicit_solve`, which take the dense matrix). Right-hand sides are the
+rows of ``B``: ``B`` is ``(k, P)`` (or ``(P,)`` for one vector) and every solver
+treats the ``k`` rows together, with one call of the operator on a ``(k, P)``
+block per iteration, never a Python loop over the rows.
+
+- :func:`cg_solve`: block of independent conjugate-gradient runs
+  (Hestenes & Stiefel 1952; Martens 2010 for Hessian-free use).
+- :func:`lissa_solve`: the stochastic Neumann-series recursion LiSSA
+  (Agarwal, Bullins & Hazan 2017; Koh & Liang 2017).
+- :func:`arnoldi`: top eigenpairs from an Arnoldi / Krylov basis
+  (Schioppa, Zablotskaia, Vilar & Sokolov 2022, "Scaling up influence functions").
+- :func:`explicit_inverse`, :func:`explicit_solve`: dense Cholesky with a
+  symmetric-eigendecomposition fallback.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from dattri.errors import DattriValueError, NonFiniteError
+
+__all__ = [
+    "arnoldi",
+    "cg_solve",
+    "explicit_inverse",
+    "explicit_solve",
+    "factorize",
+    "lissa_solve",
+]
+
+
+def _as_rows(B: torch.Tensor, name: str = "B") -> tuple[torch.Tensor, bool]:
+    """Return ``B`` as a ``(k, P)`` block and whether it was a single ``(P,)`` vector."""
+    if not isinstance(B, torch.Tensor):
+        msg = f"`{name}` must be a torch.Tensor of shape (P,) or (k, P), got {type(B)}."
+        raise DattriValueError(msg)
+    if B.ndim == 1:
+        return B.unsqueeze(0), True
+    if B.ndim == 2:  # noqa: PLR2004
+        return B, False
+    msg = (
+        f"`{name}` must have shape (P,) or (k, P), got shape {tuple(B.shape)}; "
+        "stack the right-hand sides as the rows of a 2-D tensor."
+    )
+    raise DattriValueError(msg)
+
+
+def _check_nonneg(name: str, value: float) -> None:
+    if not value >= 0:
+        msg = f"`{name}` must be >= 0, got {value!r}; pass a non-negative number."
+        raise DattriValueError(msg)
+
+
+def _check_posint(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"`{name}` must be a positive integer, got {value!r}."
+        raise DattriValueError(msg)
+
+
+def cg_solve(
+    matmat: Callable[[torch.Tensor], torch.Tensor],
+    B: torch.Tensor,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    regularization: float = 0.0,
+    x0: torch.Tensor | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    r"""Solve :math:`(A + \lambda I) x_r = b_r` for every row of ``B`` by CG.
+
+    Runs ``k`` independent conjugate-gradient recursions side by side, each with its
+    own step sizes :math:`\alpha_r = \|r_r\|^2 / p_r^\top (A+\lambda I) p_r` and
+    :math:`\beta_r = \|r_r^{new}\|^2 / \|r_r\|^2`. A row stops (is frozen) once its
+    residual satisfies :math:`\|r_r\| \le \mathrm{tol}\cdot\max(\|b_r\|, \epsilon)`,
+    and ``matmat`` is then called only on the rows still running. The loop ends when
+    every row has converged or after ``max_iter`` calls of ``matmat``.
+
+    Args:
+        matmat: maps a ``(m, P)`` block to ``(m, P)``, row ``r`` to ``A @ row_r``
+            (``A`` symmetric positive semi-definite; ``m`` varies between calls).
+        B: right-hand sides, ``(k, P)`` or ``(P,)``.
+        max_iter: maximum number of CG iterations (= calls of ``matmat``).
+        tol: relative residual tolerance.
+        regularization: :math:`\lambda`, added as ``lambda * x`` to every product.
+        x0: optional start, shape of ``B`` (default zeros).
+        progress: show a tqdm bar over the iterations.
+
+    Returns:
+        ``X`` with the shape of ``B``.
+
+    Raises:
+        DattriValueError: for a bad shape or setting.
+    """
+    _check_posint("max_iter", max_iter)
+    _check_nonneg("tol", tol)
+    _check_nonneg("regularization", regularization)
+    Bm, single = _as_rows(B)
+
+    def op(V: torch.Tensor) -> torch.Tensor:
+        out = matmat(V)
+        return out + regularization * V if regularization else out
+
+    if x0 is None:
+        X = torch.zeros_like(Bm)
+        R = Bm.clone()
+    else:
+        X = _as_rows(x0, "x0")[0].to(Bm).clone()
+        if X.shape != Bm.shape:
+            msg = f"`x0` must have the shape of B {tuple(B.shape)}, got {tuple(x0.shape)}."
+            raise DattriValueError(msg)
+        R = Bm - op(X)
+    tiny = torch.finfo(Bm.dtype).tiny if Bm.is_floating_point() else 1e-30
+    thresh = tol * Bm.norm(dim=1).clamp_min(tiny)
+    rs = (R * R).sum(dim=1)
+    Pdir = R.clone()
+    active = rs.sqrt() > thresh
+    for _ in tqdm(range(max_iter), desc="CG", disable=not progress):
+        idx = active.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        P_a = Pdir[idx]
+        AP = op(P_a)
+        pAp = (P_a * AP).sum(dim=1)
+        ok = (pAp != 0) & torch.isfinite(pAp)
+        rs_a = rs[idx]
+        alpha = torch.where(ok, rs_a / torch.where(ok, pAp, 1.0), 0.0)
+        X[idx] = X[idx] + alpha[:, None] * P_a
+        R_a = R[idx] - alpha[:, None] * AP
+        rs_new = (R_a * R_a).sum(dim=1)
+        beta = torch.where(rs_a > 0, rs_new / rs_a.clamp_min(tiny), 0.0)
+        R[idx] = R_a
+        Pdir[idx] = R_a + beta[:, None] * P_a
+        rs[idx] = rs_new
+        active[idx] = ok & (rs_new.sqrt() > thresh[idx])
+    return X[0] if single else X
+
+
+def lissa_solve(
+    sample_matmat: Callable[[torch.Tensor, int], torch.Tensor],
+    B: torch.Tensor,
+    recursion_depth: int,
+    damping: float = 0.0,
+    scaling: float = 50.0,
+    num_repeat: int = 1,
+    progress: bool = False,
+) -> torch.Tensor:
+    r"""LiSSA: stochastic Neumann series for :math:`(A + d\,s\,I)^{-1} b`.
+
+    For each repeat, with ``h_0 = b`` and a fresh stochastic estimate
+    :math:`\tilde A_t` of ``A`` per step (Agarwal et al. 2017, Koh & Liang 2017):
+
+    .. math:: h_t = b + (1 - d)\,h_{t-1} - \tilde A_t h_{t-1} / s,
+              \qquad \text{result} = h_T / s,
+
+    averaged over ``num_repeat`` repeats. With the exact ``A`` the recursion's fixed
+    point is :math:`h^* = (d I + A/s)^{-1} b`, so the result converges to
+
+    .. math:: h^*/s = (A + d\,s\,I)^{-1} b,
+
+    provided every eigenvalue :math:`\mu` of ``A`` satisfies
+    :math:`|1 - d - \mu/s| < 1` (choose ``scaling`` above the largest eigenvalue).
+    The error after ``T`` steps decays like :math:`\max_\mu |1-d-\mu/s|^T`.
+
+    Args:
+        sample_matmat: ``sample_matmat(V, step)`` returns a stochastic estimate of
+            ``V @ A`` (row-wise ``A v``) for ``V`` of shape ``(k, P)``; the caller
+            draws the minibatch of step ``step``. Steps are numbered
+            ``repeat * recursion_depth + t`` (``t`` = 1..T), so every repeat sees
+            different minibatches.
+        B: right-hand sides, ``(k, P)`` or ``(P,)``.
+        recursion_depth: ``T``, the number of steps per repeat.
+        damping: ``d`` in ``[0, 1)``.
+        scaling: ``s > 0``.
+        num_repeat: number of independent repeats averaged.
+        progress: show a tqdm bar over the steps.
+
+    Returns:
+        The estimate, with the shape of ``B``.
+
+    Raises:
+        DattriValueError: for a bad shape or setting.
+        NonFiniteError: if the recursion diverges to inf/NaN (``scaling`` too small).
+    """
+    _check_posint("recursion_depth", recursion_depth)
+    _check_posint("num_repeat", num_repeat)
+    _check_nonneg("damping", damping)
+    if not scaling > 0:
+        msg = f"`scaling` must be > 0, got {scaling!r}; use a value above the largest eigenvalue."
+        raise DattriValueError(msg)
+    Bm, single = _as_rows(B)
+    total = torch.zeros_like(Bm)
+    bar = tqdm(total=num_repeat * recursion_depth, desc="LiSSA", disable=not progress)
+    for rep in range(num_repeat):
+        h = Bm.clone()
+        for t in range(1, recursion_depth + 1):
+            h = Bm + (1.0 - damping) * h - sample_matmat(h, rep * recursion_depth + t) / scaling
+            bar.update(1)
+        if not torch.isfinite(h).all():
+            bar.close()
+            msg = (
+                "LiSSA diverged (inf/NaN): the recursion needs every Hessian eigenvalue "
+                "mu to satisfy |1 - damping - mu/scaling| < 1; increase `scaling` "
+                f"(now {scaling})."
+            )
+            raise NonFiniteError(msg)
+        total += h / scaling
+    bar.close()
+    X = total / num_repeat
+    return X[0] if single else X
+
+
+def _mgs_step(Q: torch.Tensor, n: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonalise ``w`` against rows ``0..n`` of ``Q``.
+
+    One modified Gram-Schmidt sweep, then one block re-orthogonalisation pass
+    (``w -= Q^T (Q w)``) that removes the rounding left by the first sweep.
+    """
+    coef = torch.zeros(n + 1, dtype=w.dtype, device=w.device)
+    for j in range(n + 1):
+        c = torch.dot(Q[j], w)
+        w = w - c * Q[j]
+        coef[j] = c
+    basis = Q[: n + 1]
+    c2 = basis @ w
+    return coef + c2, w - c2 @ basis
+
+
+def arnoldi(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    max_iter: int = 100,
+    top_k: int = 100,
+    tol: float = 1e-7,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Top eigenpairs of a symmetric operator by Arnoldi iteration.
+
+    Following Schioppa et al. (2022), build an orthonormal basis
+    :math:`Q = [q_1..q_m]` of the Krylov space
+    :math:`\mathcal K_m(A, q_1) = \mathrm{span}\{q_1, A q_1, \dots, A^{m-1} q_1\}`
+    from a seeded Gaussian start, with modified Gram-Schmidt and a second
+    re-orthogonalisation pass, and the Hessenberg matrix
+    :math:`H_m = Q^\top A Q` (``m x m``). Stops early at breakdown, when the new
+    residual has norm ``< tol`` (the space is then exactly invariant). The
+    eigendecomposition :math:`H_m = U \Lambda U^\top` (symmetrised) gives Ritz pairs
+    :math:`(\lambda_i, Q u_i)`; the ``top_k`` of largest :math:`|\lambda_i|` are kept.
+    With ``max_iter >= dim`` and ``top_k >= dim`` this is the full eigendecomposition
+    (up to breakdown), so :math:`U_r^\top \Lambda_r^{-1} U_r` is the exact inverse.
+
+    Args:
+        matvec: maps ``(dim,)`` to ``A @ v``.
+        dim: ``P``, the size of ``A``.
+        max_iter: maximum Krylov dimension ``m`` (= calls of ``matvec``); capped at
+            ``dim``.
+        top_k: number of eigenpairs returned (at most ``m``).
+        tol: breakdown threshold on the residual norm.
+        seed: seed of the random start vector (drawn on the CPU, then moved, so the
+            same seed gives the same start on every device).
+        dtype: dtype of the basis.
+        device: device of the basis.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``(eigvals (r,), eigvecs (r, dim))`` with ``r = min(top_k, m)``, eigenvalues
+        sorted by decreasing magnitude, eigenvectors as orthonormal rows.
+    """
+    _check_posint("dim", dim)
+    _check_posint("max_iter", max_iter)
+    _check_posint("top_k", top_k)
+    _check_nonneg("tol", tol)
+    m = min(max_iter, dim)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(dim, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    Q = torch.zeros(m, dim, dtype=dtype, device=device)
+    Hm = torch.zeros(m, m, dtype=dtype, device=device)
+    Q[0] = q / q.norm()
+    size = m
+    for n in tqdm(range(m), desc="Arnoldi", disable=not progress):
+        w = matvec(Q[n]).reshape(dim).to(dtype)
+        coef, w = _mgs_step(Q, n, w)
+        Hm[: n + 1, n] = coef
+        if n + 1 == m:
+            break
+        beta = w.norm()
+        if beta < tol:
+            size = n + 1
+            break
+        Hm[n + 1, n] = beta
+        Q[n + 1] = w / beta
+    Hs = Hm[:size, :size]
+    Hs = 0.5 * (Hs + Hs.T)
+    evals, evecs = torch.linalg.eigh(Hs)
+    order = torch.argsort(evals.abs(), descending=True)[: min(top_k, size)]
+    return evals[order], evecs[:, order].T @ Q[:size]
+
+
+def _eig_inverse(Hr: torch.Tensor) -> torch.Tensor:
+    """Symmetric eigendecomposition (pseudo-)inverse; drops near-zero eigenvalues."""
+    evals, evecs = torch.linalg.eigh(Hr)
+    cutoff = evals.abs().max() * Hr.shape[0] * torch.finfo(Hr.dtype).eps
+    keep = evals.abs() > cutoff
+    inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
+    return (evecs * inv) @ evecs.T
+
+
+def _regularized(H: torch.Tensor, regularization: float) -> torch.Tensor:
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:  # noqa: PLR2004
+        msg = f"`H` must be a square (P, P) matrix, got shape {tuple(H.shape)}."
+        raise DattriValueError(msg)
+    _check_nonneg("regularization", regularization)
+    if not torch.isfinite(H).all():
+        msg = "`H` contains inf/NaN; check the loss and the parameters it was built at."
+        raise NonFiniteError(msg)
+    Hr = 0.5 * (H + H.T)
+    if regularization:
+        Hr = Hr + regularization * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return Hr
+
+
+def _warn_fallback() -> None:
+    warnings.warn(
+        "explicit inverse: H + regularization*I is not positive definite (Cholesky "
+        "failed); using a symmetric eigendecomposition pseudo-inverse instead. "
+        "Increase `regularization` for a well-posed inverse.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def factorize(
+    H: torch.Tensor,
+    regularization: float = 0.0,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    r"""Factor :math:`H + \lambda I` once; return ``solve(B)`` for ``(k, P)`` rows.
+
+    Cholesky when :math:`H + \lambda I` is positive definite, otherwise (with a
+    warning) the symmetric-eigendecomposition pseudo-inverse of
+    :func:`explicit_inverse`. The returned function computes
+    :math:`(H + \lambda I)^{-1} b_r` for every row ``b_r``.
+
+    Args:
+        H: ``(P, P)`` symmetric matrix.
+        regularization: :math:`\lambda \ge 0`.
+
+    Returns:
+        ``solve``: ``(k, P)`` -> ``(k, P)``.
+    """
+    Hr = _regularized(H, regularization)
+    L, info = torch.linalg.cholesky_ex(Hr)
+    if int(info) == 0:
+        return lambda Bm: torch.cholesky_solve(Bm.to(L).T, L).T
+    _warn_fallback()
+    inv = _eig_inverse(Hr)
+    return lambda Bm: Bm.to(inv) @ inv
+
+
+def explicit_inverse(H: torch.Tensor, regularization: float = 0.0) -> torch.Tensor:
+    r"""Dense :math:`(H + \lambda I)^{-1}` in the dtype of ``H``.
+
+    Uses a Cholesky factorisation; if it fails (``H`` indefinite or singular)
+    warns and returns :math:`V\,\mathrm{diag}(1/\mu_i)\,V^\top` from the symmetric
+    eigendecomposition, dropping eigenvalues with
+    :math:`|\mu_i| \le P\,\epsilon\,\max|\mu|` (a pseudo-inverse).
+
+    Args:
+        H: ``(P, P)`` symmetric matrix (symmetrised as ``(H + H^T)/2``).
+        regularization: :math:`\lambda \ge 0`.
+
+    Returns:
+        ``(P, P)`` inverse.
+    """
+    Hr = _regularized(H, regularization)
+    L, info = torch.linalg.cholesky_ex(Hr)
+    if int(info) == 0:
+        return torch.cholesky_inverse(L)
+    _warn_fallback()
+    return _eig_inverse(Hr)
+
+
+def explicit_solve(
+    H: torch.Tensor,
+    B: torch.Tensor,
+    regularization: float = 0.0,
+) -> torch.Tensor:
+    r"""Rows of :math:`B (H + \lambda I)^{-1}`, i.e. :math:`(H+\lambda I)^{-1} b_r`.
+
+    Same factorisation and fallback as :func:`explicit_inverse`.
+
+    Args:
+        H: ``(P, P)`` symmetric matrix.
+        B: ``(k, P)`` or ``(P,)``.
+        regularization: :math:`\lambda \ge 0`.
+
+    Returns:
+        The solution, shape of ``B``.
+    """
+    Bm, single = _as_rows(B)
+    X = factorize(H, regularization)(Bm)
+    return X[0] if single else X
