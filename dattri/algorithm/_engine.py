@@ -1,0 +1,151 @@
+"""The one loop over loaders: featurize, then score in blocks (private).
+
+Every attributor is ``score(i, j) = < T(feat(train_i)), S(feat(test_j)) >``
+averaged (or summed) over checkpoints. This module owns the loops over data
+loaders, device moves, seeding of stochastic models, progress bars, finiteness
+checks and blocked matrix products; attributor classes only compose them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dattri._loader import batch_size_of, check_loader, to_device
+from dattri.errors import DattriValueError, NonFiniteError
+from dattri.task import AttributionTask
+
+__all__ = [
+    "DataCache",
+    "Featurizer",
+    "resolve_device",
+    "score_stream",
+]
+
+#: dropout ensembles: checkpoint c draws its dropout masks from this seed + c.
+ENSEMBLE_SEED = 12345
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Validate and normalise the ``device`` argument of an attributor."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        msg = f"device={device!r} is not a torch device; pass e.g. 'cpu' or 'cuda'."
+        raise DattriValueError(msg) from e
+
+
+def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).any(dim=-1).sum()) if t.dim() > 1 else -1
+        msg = (
+            f"{what} contain NaN or inf ({bad} rows affected). Check the model "
+            "checkpoint and loss for overflow (e.g. log of 0), or lower the learning "
+            "rate that produced the checkpoint."
+        )
+        raise NonFiniteError(msg)
+    return t
+
+
+class Featurizer:
+    """Per-example gradient features of a task on one checkpoint.
+
+    Args:
+        task: the attribution task.
+        which: ``"loss"`` (training side) or ``"target"`` (test side).
+        layer_name: restrict to these parameters.
+        device: where the model, data and features live.
+        transform: optional ``f(G (B, P), ckpt_idx) -> (B, k)`` applied per batch
+            (a random projection, a normalisation, ...).
+        show_progress: tqdm bars over batches.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        which: str,
+        layer_name: str | Sequence[str] | None,
+        device: torch.device,
+        transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        show_progress: bool | None = None,
+    ) -> None:
+        self.task, self.which, self.layer_name = task, which, layer_name
+        self.device, self.transform = device, transform
+        self.show_progress = show_progress
+        self._fn: dict[int, tuple[Callable, torch.Tensor]] = {}
+
+    def _grad_fn(self, ckpt_idx: int) -> tuple[Callable, torch.Tensor]:
+        if ckpt_idx not in self._fn:
+            task = self.task
+            task.model.to(self.device)
+            task.current_checkpoint_idx = None  # re-read params on the device
+            theta, _ = task.get_param(ckpt_idx, self.layer_name)
+            get = task.get_grad_loss_func if self.which == "loss" else task.get_grad_target_func
+            fn = get(layer_name=self.layer_name, ckpt_idx=ckpt_idx)
+            self._fn = {ckpt_idx: (fn, theta.to(self.device))}  # one ckpt at a time
+        return self._fn[ckpt_idx]
+
+    def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
+        """Features ``(B, d)`` of one batch (already on the device)."""
+        fn, theta = self._grad_fn(ckpt_idx)
+        self.task.validate_batch(batch, self.which, ckpt_idx)
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            torch.manual_seed(ENSEMBLE_SEED + ckpt_idx)
+            g = fn(theta, batch).detach()
+        _check_finite(g, f"{self.which} gradients (checkpoint {ckpt_idx})")
+        if self.transform is not None:
+            g = self.transform(g, ckpt_idx)
+        return g
+
+    def iterate(
+        self, loader: Iterable, ckpt_idx: int, desc: str = "",
+    ) -> Iterator[torch.Tensor]:
+        """Yield the features of every batch of ``loader`` in order."""
+        for b in tqdm(loader, desc=desc or f"{self.which} grads", leave=False,
+                      disable=_disable(self.show_progress)):
+            yield self.batch(to_device(b, self.device), ckpt_idx)
+
+    def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
+        """Features ``(n, d)`` of the whole loader."""
+        parts = list(self.iterate(loader, ckpt_idx, desc))
+        if not parts:
+            msg = "the data loader yielded no batches; pass a non-empty loader."
+            raise DattriValueError(msg)
+        return torch.cat(parts)
+
+
+def _disable(show_progress: bool | None) -> bool | None:
+    # tqdm: None = auto (off when not a terminal)
+    return None if show_progress is None else not show_progress
+
+
+def score_stream(left: Iterable[torch.Tensor], right: torch.Tensor) -> torch.Tensor:
+    """``cat_b(L_b @ right.T)``: scores ``(n, m)`` from left blocks ``(B, d)``."""
+    out = [lb @ right.T.to(lb.dtype) for lb in left]
+    return torch.cat(out) if out else right.new_zeros((0, right.shape[0]))
+
+
+class DataCache:
+    """The cached training set: batches on the device and their sizes.
+
+    Curvature operators sum over these batches (weighted by size) to get the
+    curvature of the mean loss over the whole training set.
+    """
+
+    def __init__(self, loader: Iterable, device: torch.device, name: str = "train_loader") -> None:
+        check_loader(loader, name)
+        self.batches = [to_device(b, device) for b in loader]
+        if not self.batches:
+            msg = f"{name} yielded no batches; pass a non-empty loader."
+            raise DattriValueError(msg)
+        self.sizes = [batch_size_of(b) for b in self.batches]
+        self.n = int(sum(self.sizes))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

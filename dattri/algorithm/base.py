@@ -1,0 +1,146 @@
+"""Attributor lifecycle shared by every method.
+
+The constructor only stores settings; :meth:`BaseAttributor.cache` does the
+training-side work once and returns the attributor; :meth:`attribute` reuses
+it (caching first, with a warning, if the user did not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from dattri._loader import check_loader
+from dattri.algorithm._engine import Featurizer, resolve_device
+from dattri.errors import DattriValueError
+from dattri.task import AttributionTask
+
+__all__ = ["BaseAttributor", "projector_kwargs"]
+
+
+class BaseAttributor:
+    """Common state and lifecycle of the attributors.
+
+    Args:
+        task: the attribution task.
+        layer_name: restrict gradients to these parameter names (a string is one
+            name); ``None`` = all trainable parameters.
+        device: where features, curvature and scores are computed; scores come
+            back on this device.
+    """
+
+    #: number of checkpoints used (set by subclasses that ensemble)
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(task, AttributionTask):
+            msg = (
+                f"task must be a dattri.task.AttributionTask, got {type(task).__name__}; "
+                "wrap your model, loss and checkpoints in AttributionTask(...)."
+            )
+            raise DattriValueError(msg)
+        self.task = task
+        self.layer_name = layer_name
+        self.device = resolve_device(device)
+        self.show_progress: bool | None = None
+        self._cached = False
+        if layer_name is not None:
+            task._resolve_layer_name(layer_name)  # fail early on unknown names
+        self.train_features = Featurizer(task, "loss", layer_name, self.device)
+        self.test_features = Featurizer(task, "target", layer_name, self.device)
+
+    @property
+    def num_checkpoints(self) -> int:
+        """How many checkpoints the task holds."""
+        return len(self.task.get_checkpoints())
+
+    @property
+    def is_cached(self) -> bool:
+        """Whether :meth:`cache` has run."""
+        return self._cached
+
+    def cache(self, train_loader: Iterable) -> BaseAttributor:
+        """Do the training-side work once (curvature, factorisations, features).
+
+        Args:
+            train_loader: the training data, in a fixed order.
+
+        Returns:
+            ``self``, now cached.
+        """
+        check_loader(train_loader, "train_loader")
+        self._cache(train_loader)
+        self._cached = True
+        return self
+
+    def _cache(self, train_loader: Iterable) -> None:  # noqa: ARG002
+        """Subclasses override; the default has nothing to precompute."""
+
+    def _ensure_cached(self, train_loader: Iterable) -> None:
+        if not self._cached:
+            warnings.warn(
+                f"{type(self).__name__}.attribute called before cache(train_loader); "
+                "caching now. Call cache() once to reuse the training-side work.",
+                stacklevel=3,
+            )
+            self.cache(train_loader)
+
+    def _check_pair(self, train_loader: Iterable, test_loader: Iterable) -> None:
+        check_loader(train_loader, "train_loader")
+        check_loader(test_loader, "test_loader")
+
+    def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
+        """Scores ``(n_train, n_test)``; positive = proponent."""
+        raise NotImplementedError
+
+    def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
+        """Diagonal of ``attribute(train, train)`` as ``(n_train,)``, without the n x n matrix."""
+        raise NotImplementedError
+
+
+def projector_kwargs(proj_params: Any, name: str = "proj_params") -> dict[str, Any] | None:
+    """Normalise projection settings (a params dataclass, a dict or None)."""
+    if proj_params is None:
+        return None
+    if dataclasses.is_dataclass(proj_params) and not isinstance(proj_params, type):
+        kw = dataclasses.asdict(proj_params)
+    elif isinstance(proj_params, dict):
+        kw = dict(proj_params)
+    else:
+        msg = (
+            f"{name} must be None, a dict or a dattri.params.projection settings "
+            f"object, got {type(proj_params).__name__}."
+        )
+        raise DattriValueError(msg)
+    kw.pop("device", None)
+    if kw.get("proj_type") == "identity":
+        return None
+    return kw
+
+
+def make_projection(kw: dict[str, Any] | None, device: torch.device):
+    """A transform ``f(G (B, P), ckpt_idx) -> (B, k)`` from projection settings.
+
+    The projector is built once per feature dimension and reused for every batch,
+    with ``ensemble_id = ckpt_idx`` so each checkpoint has its own projection.
+    """
+    if kw is None:
+        return None
+    from dattri.func.projection import random_project
+
+    state: dict[int, Any] = {}
+
+    def transform(g: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
+        p = g.shape[-1]
+        if p not in state:
+            state[p] = random_project(g, g.shape[0], device=device, **kw)
+        return state[p](g, ensemble_id=ckpt_idx)
+
+    return transform

@@ -1,0 +1,355 @@
+"""Influence functions (Koh & Liang 2017) with several inverse-Hessian solvers.
+
+For training example i and test example j, with ``H`` the Hessian of the mean
+training loss over the cached training set (at each checkpoint),
+
+    tau(i, j) = g_loss(z_i)^T (H + lambda I)^{-1} g_target(z_j),
+
+averaged over checkpoints. Positive = proponent: up-weighting z_i lowers the
+test target. RelatIF (Barshan et al. 2020) divides by a training-side norm:
+``"l"``: sqrt(g_i^T H^{-1} g_i); ``"theta"``: ||H^{-1} g_i||.
+
+The solvers differ only in how ``V -> V (H + lambda I)^{-1}`` is applied, which is
+always done for all right-hand sides together, once per checkpoint and test set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.func import grad, jvp, vjp, vmap
+
+from dattri.algorithm._engine import DataCache, score_stream
+from dattri.algorithm.base import BaseAttributor
+from dattri.errors import DattriValueError, MemoryBudgetError
+from dattri.task import AttributionTask
+
+__all__ = [
+    "IFAttributorArnoldi",
+    "IFAttributorCG",
+    "IFAttributorExplicit",
+    "IFAttributorLiSSA",
+]
+
+_MODES = ("rev-rev", "rev-fwd")
+_RELATIF = (None, "l", "theta")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        msg = f"{name}={value!r} is not supported; choose one of {list(choices)}."
+        raise DattriValueError(msg)
+
+
+def _check_nonneg(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or value < 0:
+        msg = f"{name}={value!r} must be a number >= 0."
+        raise DattriValueError(msg)
+
+
+def hvp_matmat(
+    loss: Callable, theta: torch.Tensor, batch: Any, mode: str = "rev-rev", chunk: int = 128,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``V (k, P) -> rows of H_b V`` for the mean loss of one batch.
+
+    ``rev-fwd`` is forward-over-reverse (``jvp`` of ``grad``), ``rev-rev`` is
+    reverse-over-reverse (``vjp`` of ``grad``); both give the exact Hessian.
+    ``rev-rev`` records the gradient graph once and replays only its backward per
+    call, which is several times cheaper when many products share one batch.
+    """
+    g = grad(lambda t: loss(t, batch))
+    if mode == "rev-rev":
+        _, pull = vjp(g, theta)
+        return vmap(lambda v: pull(v)[0], chunk_size=chunk)
+    return vmap(lambda v: jvp(g, (theta,), (v,))[1], chunk_size=chunk)
+
+
+def dataset_matmat(
+    loss: Callable, theta: torch.Tensor, data: DataCache, mode: str = "rev-rev",
+    batches: Sequence[int] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``V -> V H`` with H the Hessian of the mean loss over (some of) ``data``."""
+    idx = list(range(len(data))) if batches is None else list(batches)
+    n = sum(data.sizes[i] for i in idx)
+    ops = [(hvp_matmat(loss, theta, data.batches[i], mode), data.sizes[i] / n) for i in idx]
+
+    def matmat(v: torch.Tensor) -> torch.Tensor:
+        vv = v.unsqueeze(0) if v.dim() == 1 else v
+        out = torch.zeros_like(vv)
+        for op, w in ops:
+            out.add_(op(vv), alpha=w)
+        return out.reshape(v.shape)
+
+    return matmat
+
+
+class _IFBase(BaseAttributor):
+    """Shared IF logic: subclasses implement ``_fit(ckpt)`` and ``_ihvp(V, ckpt)``."""
+
+    def __init__(self, task: AttributionTask, layer_name=None, device="cpu") -> None:
+        super().__init__(task, layer_name, device)
+        self.data: DataCache | None = None
+        self._state: dict[int, Any] = {}
+
+    def _cache(self, train_loader: Iterable) -> None:
+        self.data = DataCache(train_loader, self.device)
+        self._state = {}
+        for c in range(self.num_checkpoints):
+            self._state[c] = self._fit(c)
+
+    def _loss_and_theta(self, ckpt: int) -> tuple[Callable, torch.Tensor]:
+        task = self.task
+        task.model.to(self.device)
+        task.current_checkpoint_idx = None
+        theta, _ = task.get_param(ckpt, self.layer_name)
+        self.task.validate_batch(self.data.batches[0], "loss", ckpt)
+        return task.get_loss_func(self.layer_name, ckpt), theta.to(self.device)
+
+    def _fit(self, ckpt: int) -> Any:
+        raise NotImplementedError
+
+    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attribute(
+        self, train_loader: Iterable, test_loader: Iterable,
+        relatif_method: str | None = None,
+    ) -> torch.Tensor:
+        """Influence scores ``(n_train, n_test)`` (see module docstring).
+
+        Args:
+            train_loader: training data (fixed order).
+            test_loader: test data (fixed order).
+            relatif_method: ``None``, ``"l"`` or ``"theta"`` (RelatIF).
+        """
+        self._check_pair(train_loader, test_loader)
+        _check_choice("relatif_method", relatif_method, _RELATIF)
+        self._ensure_cached(train_loader)
+        total = None
+        for c in range(self.num_checkpoints):
+            xt = self._ihvp(self.test_features.all(test_loader, c, "test grads"), c)
+            if relatif_method is None:
+                s = score_stream(self.train_features.iterate(train_loader, c), xt)
+            else:
+                parts = []
+                for g in self.train_features.iterate(train_loader, c):
+                    parts.append(g @ xt.T / self._relatif_norm(g, c, relatif_method)[:, None])
+                s = torch.cat(parts)
+            total = s if total is None else total + s
+        return total / self.num_checkpoints
+
+    def _relatif_norm(self, g: torch.Tensor, ckpt: int, method: str) -> torch.Tensor:
+        x = self._ihvp(g, ckpt)
+        if method == "theta":
+            return x.norm(dim=1).clamp_min(1e-12)
+        return (g * x).sum(dim=1).abs().sqrt().clamp_min(1e-12)
+
+    def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
+        """Self-influence ``g_loss(z_i)^T (H + lambda I)^{-1} g_target(z_i)``, ``(n_train,)``."""
+        self._ensure_cached(train_loader)
+        same = self.task.original_target_func is self.task.original_loss_func
+        total = None
+        for c in range(self.num_checkpoints):
+            parts = []
+            targets = None if same else self.test_features.iterate(train_loader, c)
+            for g in self.train_features.iterate(train_loader, c, "self-influence"):
+                gt = g if targets is None else next(targets)
+                parts.append((self._ihvp(g, c) * gt).sum(dim=1))
+            s = torch.cat(parts)
+            total = s if total is None else total + s
+        return total / self.num_checkpoints
+
+
+class IFAttributorExplicit(_IFBase):
+    """Influence function with the exact Hessian, inverted once (Koh & Liang 2017).
+
+    ``H`` (P x P) is formed from forward-over-reverse products with basis vectors
+    and inverted via Cholesky (eigen pseudo-inverse when indefinite). Refuses at
+    once when ``H`` would exceed ``max_bytes`` and says what to use instead.
+
+    Args:
+        task, layer_name, device: see :class:`BaseAttributor`.
+        regularization: lambda added to the diagonal.
+        max_bytes: memory budget for the dense Hessian (default 4 GiB).
+    """
+
+    def __init__(
+        self, task: AttributionTask, layer_name=None, device="cpu",
+        regularization: float = 0.0, max_bytes: int = 4 * 2**30,
+    ) -> None:
+        super().__init__(task, layer_name, device)
+        _check_nonneg("regularization", regularization)
+        self.regularization = float(regularization)
+        self.max_bytes = int(max_bytes)
+
+    def _fit(self, ckpt: int) -> torch.Tensor:
+        loss, theta = self._loss_and_theta(ckpt)
+        p = theta.numel()
+        need = p * p * theta.element_size()
+        if need > self.max_bytes:
+            msg = (
+                f"IFAttributorExplicit: the dense Hessian of {p:,} parameters needs "
+                f"{need / 2**30:.1f} GiB (budget {self.max_bytes / 2**30:.1f} GiB). "
+                "Use IFAttributorCG, IFAttributorArnoldi, IFAttributorEKFAC or "
+                "IFAttributorDataInf, or restrict layer_name=..."
+            )
+            raise MemoryBudgetError(msg)
+        h = dense_hessian(loss, theta, self.data)
+        from dattri.linalg.solvers import explicit_inverse
+
+        return explicit_inverse(h, self.regularization)
+
+    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        return v @ self._state[ckpt].to(v.dtype)
+
+
+def dense_hessian(
+    loss: Callable, theta: torch.Tensor, data: DataCache, chunk: int = 256,
+) -> torch.Tensor:
+    """Hessian ``(P, P)`` of the mean loss over ``data`` from basis-vector HVPs."""
+    p = theta.numel()
+    h = torch.zeros(p, p, dtype=theta.dtype, device=theta.device)
+    for batch, size in zip(data.batches, data.sizes):
+        op = hvp_matmat(loss, theta, batch, "rev-rev", chunk=chunk)
+        for s in range(0, p, chunk):
+            e = min(p, s + chunk)
+            basis = torch.zeros(e - s, p, dtype=theta.dtype, device=theta.device)
+            basis[torch.arange(e - s), torch.arange(s, e)] = 1
+            h[s:e].add_(op(basis), alpha=size / data.n)
+    return (h + h.T) / 2
+
+
+class IFAttributorCG(_IFBase):
+    """Influence function with conjugate gradients (Martens 2010).
+
+    Solves ``(H + lambda I) X = G_test`` for all test gradients together (block
+    CG), ``max_iter`` iterations or until every residual is below ``tol``.
+    """
+
+    def __init__(
+        self, task: AttributionTask, layer_name=None, device="cpu",
+        max_iter: int = 10, tol: float = 1e-7, mode: str = "rev-rev",
+        regularization: float = 0.0,
+    ) -> None:
+        super().__init__(task, layer_name, device)
+        _check_choice("mode", mode, _MODES)
+        _check_nonneg("regularization", regularization)
+        if not isinstance(max_iter, int) or max_iter < 1:
+            msg = f"max_iter={max_iter!r} must be an int >= 1."
+            raise DattriValueError(msg)
+        self.max_iter, self.tol, self.mode = max_iter, float(tol), mode
+        self.regularization = float(regularization)
+
+    def _fit(self, ckpt: int) -> Callable:
+        loss, theta = self._loss_and_theta(ckpt)
+        return dataset_matmat(loss, theta, self.data, self.mode)
+
+    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        from dattri.linalg.solvers import cg_solve
+
+        return cg_solve(self._state[ckpt], v, max_iter=self.max_iter, tol=self.tol,
+                        regularization=self.regularization)
+
+
+class IFAttributorLiSSA(_IFBase):
+    """Influence function with LiSSA (Agarwal et al. 2017; Koh & Liang 2017).
+
+    Recursion ``h_t = v + (1 - damping) h_{t-1} - H_{B_t} h_{t-1} / scaling`` over
+    ``recursion_depth`` minibatches ``B_t`` of ``batch_size`` training examples
+    drawn with a fixed seed; result ``h_T / scaling`` averaged over ``num_repeat``,
+    which approximates ``(H + damping * scaling I)^{-1} v``.
+    """
+
+    def __init__(
+        self, task: AttributionTask, layer_name=None, device="cpu",
+        batch_size: int = 1, num_repeat: int = 1, recursion_depth: int = 5000,
+        damping: float = 0.0, scaling: float = 50.0, mode: str = "rev-rev",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(task, layer_name, device)
+        _check_choice("mode", mode, _MODES)
+        for name, val in (("batch_size", batch_size), ("num_repeat", num_repeat),
+                          ("recursion_depth", recursion_depth)):
+            if not isinstance(val, int) or val < 1:
+                msg = f"{name}={val!r} must be an int >= 1."
+                raise DattriValueError(msg)
+        _check_nonneg("damping", damping)
+        if scaling <= 0:
+            msg = f"scaling={scaling!r} must be > 0 (larger than the top Hessian eigenvalue)."
+            raise DattriValueError(msg)
+        self.batch_size, self.num_repeat = batch_size, num_repeat
+        self.recursion_depth, self.damping, self.scaling = recursion_depth, float(damping), float(scaling)
+        self.mode, self.seed = mode, seed
+
+    def _fit(self, ckpt: int) -> Callable:
+        from dattri._loader import slice_batch
+        from torch.utils._pytree import tree_map
+
+        loss, theta = self._loss_and_theta(ckpt)
+        pool = tree_map(
+            lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0],
+            *self.data.batches,
+        )
+        n, gen = self.data.n, torch.Generator().manual_seed(self.seed)
+        bs = min(self.batch_size, n)  # each minibatch: distinct examples
+        draws = [torch.randperm(n, generator=gen)[:bs]
+                 for _ in range(self.recursion_depth * self.num_repeat)]
+
+        def sample_matmat(v: torch.Tensor, step: int) -> torch.Tensor:
+            idx = draws[step % len(draws)].to(self.device)
+            return hvp_matmat(loss, theta, slice_batch(pool, idx), self.mode)(v)
+
+        return sample_matmat
+
+    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        from dattri.linalg.solvers import lissa_solve
+
+        return lissa_solve(self._state[ckpt], v, self.recursion_depth, damping=self.damping,
+                           scaling=self.scaling, num_repeat=self.num_repeat)
+
+
+class IFAttributorArnoldi(_IFBase):
+    """Influence function on the top Hessian eigenspace (Schioppa et al. 2022).
+
+    Arnoldi iteration on ``H`` (estimated on the first ``precompute_data_ratio``
+    of the training batches) gives its ``proj_dim`` dominant eigenpairs
+    ``(lambda_r, u_r)``; then ``H^{-1} v ~= sum_r u_r u_r^T v / (lambda_r + reg)``,
+    divided by ``norm_constant``.
+    """
+
+    def __init__(
+        self, task: AttributionTask, layer_name=None, device="cpu",
+        precompute_data_ratio: float = 1.0, proj_dim: int = 100, max_iter: int = 100,
+        norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(task, layer_name, device)
+        if not 0 < precompute_data_ratio <= 1:
+            msg = f"precompute_data_ratio={precompute_data_ratio!r} must be in (0, 1]."
+            raise DattriValueError(msg)
+        for name, val in (("proj_dim", proj_dim), ("max_iter", max_iter)):
+            if not isinstance(val, int) or val < 1:
+                msg = f"{name}={val!r} must be an int >= 1."
+                raise DattriValueError(msg)
+        _check_nonneg("regularization", regularization)
+        self.precompute_data_ratio, self.proj_dim, self.max_iter = precompute_data_ratio, proj_dim, max_iter
+        self.norm_constant, self.tol = float(norm_constant), float(tol)
+        self.regularization, self.seed = float(regularization), seed
+
+    def _fit(self, ckpt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from dattri.linalg.solvers import arnoldi
+
+        loss, theta = self._loss_and_theta(ckpt)
+        k = max(1, round(len(self.data) * self.precompute_data_ratio))
+        matmat = dataset_matmat(loss, theta, self.data, "rev-rev", batches=range(k))
+        vals, vecs = arnoldi(matmat, theta.numel(), max_iter=self.max_iter, top_k=self.proj_dim,
+                             tol=self.tol, seed=self.seed, dtype=theta.dtype, device=theta.device)
+        shifted = vals + self.regularization
+        keep = shifted.abs() > 1e-12 * shifted.abs().max().clamp_min(1e-30)
+        return vecs[keep], shifted[keep]
+
+    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        vecs, vals = self._state[ckpt]
+        return ((v @ vecs.T.to(v.dtype)) / vals.to(v.dtype)) @ vecs.to(v.dtype) / self.norm_constant

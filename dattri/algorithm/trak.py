@@ -1,0 +1,142 @@
+"""TRAK (Park et al. 2023): attribution with the randomly projected after-kernel.
+
+With ``Phi_c`` the projected per-example gradients ``(n, k)`` of the model-output
+function (the task's ``loss_func``, e.g. the margin log(p / (1 - p))) on the
+training set at checkpoint c, ``phi_c`` those of the target on the test set and
+``Q_c = diag(1 - p_i)`` the training residuals,
+
+    tau = (1/C sum_c Q_c) . (1/C sum_c Phi_c (Phi_c^T Phi_c + lambda I)^{-1} phi_c^T)
+
+an ``(n_train, n_test)`` matrix; positive = proponent. When the feature dimension
+k exceeds n the identity ``Phi (Phi^T Phi + lambda I)^{-1} = (Phi Phi^T + lambda I)^{-1} Phi``
+is used, so an identity projection gives the exact (pseudo-inverse) closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.func import vmap
+from torch.utils._pytree import tree_map
+
+from dattri._loader import to_device
+from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwargs
+from dattri.errors import DattriValueError, NotCachedError
+from dattri.task import AttributionTask
+
+__all__ = ["TRAKAttributor", "kernel_solve"]
+
+
+def kernel_solve(phi: torch.Tensor, regularization: float) -> torch.Tensor:
+    """``Phi (Phi^T Phi + lambda I)^{-1}`` in float64, primal or dual form."""
+    from dattri.linalg.solvers import explicit_inverse, explicit_solve
+
+    f = phi.to(torch.float64)
+    n, k = f.shape
+    if k <= n:
+        return (f @ explicit_inverse(f.T @ f, regularization)).to(phi.dtype)
+    return explicit_solve(f @ f.T, f.T, regularization).T.to(phi.dtype)
+
+
+class TRAKAttributor(BaseAttributor):
+    """TRAK with projection, Q weighting and a checkpoint ensemble.
+
+    Args:
+        task: its ``loss_func`` is the model-output function (margin); its
+            checkpoints are the ensemble (TRAK-1/10/50 = 1/10/50 checkpoints).
+        correct_probability_func: ``f(params, data) -> p`` the probability of the
+            correct class (called per example on batches of one).
+        proj_params: ``TRAKProjectionParams`` / dict / ``None`` (default: normal
+            projection to 512 dims); ``proj_type="identity"`` for no projection.
+        layer_name: restrict to these parameters.
+        device: computation device.
+        regularization: lambda added to the kernel's diagonal.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        correct_probability_func: Callable,
+        proj_params: Any = None,
+        layer_name: str | Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        regularization: float = 0.0,
+    ) -> None:
+        super().__init__(task, layer_name, device)
+        if not callable(correct_probability_func):
+            msg = "correct_probability_func must be callable f(params, data) -> probability."
+            raise DattriValueError(msg)
+        if regularization < 0:
+            msg = f"regularization={regularization!r} must be >= 0."
+            raise DattriValueError(msg)
+        self.correct_probability_func = correct_probability_func
+        self.regularization = float(regularization)
+        if proj_params is None:
+            proj_params = {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0,
+                           "proj_type": "normal"}
+        self.proj_params = proj_params
+        transform = make_projection(projector_kwargs(proj_params), self.device)
+        self.train_features.transform = transform
+        self.test_features.transform = transform
+        self._r: list[torch.Tensor] = []
+        self._q: torch.Tensor | None = None
+
+    def _probabilities(self, batch: Any, ckpt: int) -> torch.Tensor:
+        task = self.task
+        task._load_checkpoints(ckpt)
+        params = dict(task.named_parameters)
+
+        def one(example: Any) -> torch.Tensor:
+            ex = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
+            return self.correct_probability_func(params, ex).reshape(())
+
+        with torch.no_grad():
+            return vmap(one, randomness="same")(batch)
+
+    def _cache(self, train_loader: Iterable) -> None:
+        self._r, q = [], None
+        for c in range(self.num_checkpoints):
+            phi = self.train_features.all(train_loader, c, "train grads")
+            self._r.append(kernel_solve(phi, self.regularization))
+            qc = torch.cat([1 - self._probabilities(to_device(b, self.device), c)
+                            for b in train_loader])
+            q = qc if q is None else q + qc
+        self._q = q / self.num_checkpoints
+
+    def attribute(self, *loaders: Iterable) -> torch.Tensor:
+        """``attribute(train_loader, test_loader)`` or, after ``cache``, ``attribute(test_loader)``.
+
+        Returns:
+            Scores ``(n_train, n_test)``.
+        """
+        if len(loaders) == 1:
+            if not self._cached:
+                msg = ("TRAKAttributor.attribute(test_loader) needs cache(train_loader) "
+                       "first; or call attribute(train_loader, test_loader).")
+                raise NotCachedError(msg)
+            test_loader = loaders[0]
+        elif len(loaders) == 2:
+            train_loader, test_loader = loaders
+            self._check_pair(train_loader, test_loader)
+            self._ensure_cached(train_loader)
+        else:
+            msg = f"attribute takes (train_loader, test_loader) or (test_loader,), got {len(loaders)} loaders."
+            raise DattriValueError(msg)
+        total = None
+        for c in range(self.num_checkpoints):
+            ft = self.test_features.all(test_loader, c, "test grads")
+            s = self._r[c] @ ft.T.to(self._r[c].dtype)
+            total = s if total is None else total + s
+        return self._q[:, None].to(total.dtype) * total / self.num_checkpoints
+
+    def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
+        """``Q_i * mean_c <R_c[i], phi_target^c(z_i)>`` as ``(n_train,)``."""
+        self._ensure_cached(train_loader)
+        total = None
+        for c in range(self.num_checkpoints):
+            ft = self.test_features.all(train_loader, c, "self grads")
+            s = (self._r[c] * ft.to(self._r[c].dtype)).sum(dim=1)
+            total = s if total is None else total + s
+        return self._q.to(total.dtype) * total / self.num_checkpoints
