@@ -1,0 +1,163 @@
+"""AttributionTask: checkpoint forms, layer restriction, target vs loss, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dattri.errors import CheckpointError, InvalidLossError, LayerNameError
+from dattri.func.utils import flatten_params
+from dattri.task import AttributionTask
+
+from cases import MLP, per_example_grads
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = MLP(5, 4, 3).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def loss(params, data):
+        xb, yb = data
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (xb,)), yb)
+
+    return model, loss, x, y
+
+
+def test_checkpoint_forms_agree(tmp_path):
+    model, loss, x, y = _setup()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(sd, tmp_path / "m.pt")
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    ref = flatten_params(dict(model.named_parameters())).detach()
+    for ckpt in (sd, str(tmp_path / "m.pt"), tmp_path / "m.safetensors", [sd]):
+        task = AttributionTask(loss, model, ckpt)
+        assert len(task.get_checkpoints()) == 1
+        torch.testing.assert_close(task.get_param()[0], ref)
+
+
+def test_list_of_checkpoints_loads_each(tmp_path):
+    model, loss, x, y = _setup()
+    sd1 = {k: v.clone() for k, v in model.state_dict().items()}
+    sd2 = {k: v * 2 for k, v in sd1.items()}
+    task = AttributionTask(loss, model, [sd1, sd2])
+    torch.testing.assert_close(task.get_param(1)[0], 2 * task.get_param(0)[0])
+
+
+def test_custom_load_func_is_used():
+    model, loss, x, y = _setup()
+    calls = []
+
+    def load(m, ckpt):
+        calls.append(ckpt)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.fill_(ckpt)
+        return m
+
+    task = AttributionTask(loss, model, "ckpt-a", checkpoints_load_func=lambda m, c: load(m, 0.5))
+    theta, _ = task.get_param()
+    assert torch.all(theta == 0.5) and calls == [0.5]
+
+
+def test_target_defaults_to_loss_and_can_differ():
+    model, loss, x, y = _setup()
+    task = AttributionTask(loss, model, model.state_dict())
+    assert task.original_target_func is loss
+
+    def target(params, data):
+        return torch.func.functional_call(model, params, (data[0],))[:, 0].mean()
+
+    task2 = AttributionTask(loss, model, model.state_dict(), target_func=target)
+    theta, _ = task2.get_param()
+    g_loss = task2.get_grad_loss_func()(theta, (x, y))
+    g_t = task2.get_grad_target_func()(theta, (x, y))
+    torch.testing.assert_close(g_loss, per_example_grads(model, loss, x, y))
+    torch.testing.assert_close(g_t, per_example_grads(model, target, x, y))
+    assert not torch.allclose(g_loss, g_t)
+
+
+@pytest.mark.parametrize("names", [["fc2.weight"], "fc2.weight", ["fc2.bias", "fc1.weight"]])
+def test_layer_name_gradient_is_slice_of_full(names):
+    model, loss, x, y = _setup()
+    task = AttributionTask(loss, model, model.state_dict())
+    full = per_example_grads(model, loss, x, y)
+    order = [k for k, _ in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    starts = torch.tensor([0] + sizes).cumsum(0).tolist()
+    wanted = [names] if isinstance(names, str) else names
+    cols = torch.cat([torch.arange(starts[i], starts[i + 1]) for i, k in enumerate(order) if k in wanted])
+    theta, _ = task.get_param(layer_name=names)
+    assert theta.numel() == cols.numel()
+    g = task.get_grad_loss_func(layer_name=names)(theta, (x, y))
+    torch.testing.assert_close(g, full[:, cols])
+
+
+def test_layer_restriction_skips_other_gradients():
+    """Only the selected leaves receive gradients (others are constants)."""
+    model, loss, x, y = _setup()
+    task = AttributionTask(loss, model, model.state_dict())
+    f = task.get_loss_func(layer_name="fc2.bias")
+    theta, _ = task.get_param(layer_name="fc2.bias")
+    theta = theta.clone().requires_grad_(True)
+    out = f(theta, (x, y))
+    assert out.grad_fn is not None
+    grads = torch.autograd.grad(out, theta)
+    assert grads[0].shape == (3,)
+    assert all(not p.requires_grad for p in task.named_parameters.values())
+
+
+def test_layer_split_map():
+    model, loss, _, _ = _setup()
+    task = AttributionTask(loss, model, model.state_dict())
+    parts, layer_map = task.get_param(layer_split=True)
+    assert [p.numel() for p in parts] == [20, 4, 12, 3]
+    assert layer_map == [0, 0, 1, 1]
+
+
+def test_non_scalar_loss_error():
+    model, _, x, y = _setup()
+
+    def per_example(params, data):
+        return nn.functional.cross_entropy(
+            torch.func.functional_call(model, params, (data[0],)), data[1], reduction="none")
+
+    task = AttributionTask(per_example, model, model.state_dict())
+    with pytest.raises(InvalidLossError, match=r"returned shape \(6,\).*scalar"):
+        task.validate_batch((x, y))
+
+
+def test_loss_failing_on_batch_of_one_error():
+    model, _, x, y = _setup()
+
+    def needs_two(params, data):
+        assert data[0].shape[0] > 1
+        return data[0].sum()
+
+    task = AttributionTask(needs_two, model, model.state_dict())
+    with pytest.raises(InvalidLossError, match="batch of one"):
+        task.validate_batch((x, y))
+
+
+def test_unknown_layer_name_error():
+    model, loss, _, _ = _setup()
+    task = AttributionTask(loss, model, model.state_dict())
+    with pytest.raises(LayerNameError, match=r"fc3.weight.*fc1.weight"):
+        task.get_param(layer_name=["fc3.weight"])
+
+
+def test_checkpoint_key_mismatch_error(tmp_path):
+    model, loss, _, _ = _setup()
+    sd = {("backbone." + k): v for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"missing keys \['fc1.bias'"):
+        AttributionTask(loss, model, sd).get_param()
+    with pytest.raises(CheckpointError, match="no file"):
+        AttributionTask(loss, model, str(tmp_path / "nope.pt")).get_param()
+    with pytest.raises(CheckpointError, match="empty"):
+        AttributionTask(loss, model, [])
+    with pytest.raises(CheckpointError, match=r"checkpoints\[1\] is a int"):
+        AttributionTask(loss, model, [model.state_dict(), 3])
