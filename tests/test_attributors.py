@@ -334,3 +334,50 @@ def test_attribute_caches_with_warning(lr_case):
     with pytest.warns(UserWarning, match="cache"):
         att.attribute(tr, te)
     assert att.is_cached
+
+
+def _mlp_case(seed=0):
+    from cases import MLP
+
+    torch.manual_seed(seed)
+    (xtr, ytr), (xte, yte) = digits(40, 7, classes=4, dim=20)
+    model = MLP(20, 8, 4).double().eval()
+    return model, (xtr, ytr), (xte, yte)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_factored_fast_path_equals_dense(normalized):
+    model, train, test = _mlp_case()
+    loss = l2_loss_factory(model, 0.0)
+    sd1 = {k: v.clone() for k, v in model.state_dict().items()}
+    sd2 = {k: v * 0.7 for k, v in sd1.items()}
+    tr, te = loaders(train, test, bs_train=9, bs_test=3)
+    task = AttributionTask(loss, model, [sd1, sd2])
+    fast = TracInAttributor(task, [0.2, 0.5], normalized)
+    assert fast._factored is not None
+    slow = TracInAttributor(task, [0.2, 0.5], normalized, fast_path=False)
+    torch.testing.assert_close(fast.attribute(tr, te), slow.attribute(tr, te))
+    torch.testing.assert_close(fast.self_attribute(tr), slow.self_attribute(tr))
+    sub = TracInAttributor(task, [0.2, 0.5], normalized, layer_name=["fc2.bias", "fc1.weight"])
+    ref = TracInAttributor(task, [0.2, 0.5], normalized, layer_name=["fc2.bias", "fc1.weight"],
+                           fast_path=False)
+    torch.testing.assert_close(sub.attribute(tr, te), ref.attribute(tr, te))
+
+
+def test_factored_falls_back_when_loss_couples_examples():
+    model, train, test = _mlp_case()
+
+    def coupled(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        # batch-normalising the logits couples the examples of a batch
+        out = out - out.mean(0, keepdim=True) if out.shape[0] > 1 else out
+        return torch.nn.functional.cross_entropy(out, y)
+
+    tr, te = loaders(train, test, bs_train=10, bs_test=7)
+    task = AttributionTask(coupled, model, model.state_dict())
+    att = TracInAttributor(task, [1.0], False)
+    got = att.attribute(tr, te)
+    assert att._factored["loss"]._verified == {0: False}
+    expect = per_example_grads(model, coupled, *train) @ per_example_grads(model, coupled, *test).T
+    torch.testing.assert_close(got, expect)

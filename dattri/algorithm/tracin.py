@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from dattri._loader import to_device
 from dattri.algorithm._engine import score_stream
+from dattri.algorithm._factored import FactoredGrads, FactoredLinearFeaturizer
 from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwargs
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -48,6 +50,7 @@ class TracInAttributor(BaseAttributor):
         proj_params: Any = None,
         layer_name: str | Sequence[str] | None = None,
         device: str | torch.device = "cpu",
+        fast_path: bool = True,
     ) -> None:
         super().__init__(task, layer_name, device)
         w = torch.as_tensor(weight_list, dtype=torch.float64).reshape(-1)
@@ -63,6 +66,11 @@ class TracInAttributor(BaseAttributor):
         self.proj_params = proj_params
         transform = make_projection(projector_kwargs(proj_params), self.device)
         post = _unit_rows if self.normalized_grad else None
+        self._factored = None
+        if fast_path and transform is None:
+            fz = {w_: FactoredLinearFeaturizer(task, w_, layer_name, self.device)
+                  for w_ in ("loss", "target")}
+            self._factored = fz if fz["loss"].supported else None
 
         def feature(g: torch.Tensor, c: int) -> torch.Tensor:
             if transform is not None:
@@ -72,13 +80,30 @@ class TracInAttributor(BaseAttributor):
         self.train_features.transform = feature
         self.test_features.transform = feature
 
+    def _use_factored(self, loader: Iterable, ckpt: int) -> bool:
+        if self._factored is None:
+            return False
+        first = to_device(next(iter(loader)), self.device)
+        return (self._factored["loss"].verify(first, ckpt, self.train_features)
+                and self._factored["target"].verify(first, ckpt, self.test_features))
+
+    def _unit(self, fg: FactoredGrads) -> FactoredGrads:
+        if not self.normalized_grad:
+            return fg
+        return fg.scale_rows(fg.sq_norms().sqrt().clamp_min(1e-12).reciprocal())
+
     def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
         """Scores ``(n_train, n_test)`` = weighted sum over checkpoints."""
         self._check_pair(train_loader, test_loader)
         total = None
         for c in range(self.num_checkpoints):
-            ft = self.test_features.all(test_loader, c, "test grads")
-            s = score_stream(self.train_features.iterate(train_loader, c), ft)
+            if self._use_factored(train_loader, c):
+                fz = self._factored
+                ft = self._unit(FactoredGrads.cat(list(fz["target"].iterate(test_loader, c, "test grads"))))
+                s = torch.cat([self._unit(fg).gram(ft) for fg in fz["loss"].iterate(train_loader, c)])
+            else:
+                ft = self.test_features.all(test_loader, c, "test grads")
+                s = score_stream(self.train_features.iterate(train_loader, c), ft)
             s = s * self.weight_list[c].to(s.dtype)
             total = s if total is None else total + s
         return total
@@ -88,11 +113,19 @@ class TracInAttributor(BaseAttributor):
         same = self.task.original_target_func is self.task.original_loss_func
         total = None
         for c in range(self.num_checkpoints):
-            targets = None if same else self.test_features.iterate(train_loader, c)
-            parts = []
-            for g in self.train_features.iterate(train_loader, c, "self-influence"):
-                gt = g if targets is None else next(targets)
-                parts.append((g * gt).sum(dim=1))
+            if self._use_factored(train_loader, c):
+                fz = self._factored
+                tgt = None if same else fz["target"].iterate(train_loader, c)
+                parts = []
+                for fg in fz["loss"].iterate(train_loader, c, "self-influence"):
+                    fg = self._unit(fg)
+                    parts.append(fg.sq_norms() if tgt is None else fg.rowdot(self._unit(next(tgt))))
+            else:
+                targets = None if same else self.test_features.iterate(train_loader, c)
+                parts = []
+                for g in self.train_features.iterate(train_loader, c, "self-influence"):
+                    gt = g if targets is None else next(targets)
+                    parts.append((g * gt).sum(dim=1))
             s = torch.cat(parts) * self.weight_list[c]
             total = s if total is None else total + s.to(total.dtype)
         return total

@@ -1,0 +1,240 @@
+"""Time and peak memory of every attributor on MNIST-10 LR and MLP (paper, Table 4).
+
+Usage::
+
+    python benchmarks/attributors.py                      # all methods, LR and MLP
+    python benchmarks/attributors.py --models mlp --methods grad_dot trak_1
+    python benchmarks/attributors.py --n-train 1000 --n-test 100   # quick
+
+Each (model, method) runs in a fresh subprocess so that its peak resident memory
+is its own; one JSON object per line goes to stdout (and ``--out``). Each line
+holds ``seconds`` (cache + attribute), ``peak_rss_mib``, the estimated FLOPs of
+the dominant step, the achieved GFLOP/s and the machine's measured float32
+matmul rate, so that ``floor_seconds = flops / matmul_rate`` can be put beside
+the measured time. Hyper-parameters are the paper's (Appendix C.1 / Table 4):
+CG 10 iterations, LiSSA depth 500 batch 50, Arnoldi 50 iterations,
+TRAK projection 2048, TracInCP-10 ten checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+METHODS = [
+    "explicit", "cg", "lissa", "arnoldi", "tracin_cp_10", "grad_dot", "grad_cos",
+    "rps", "trak_1", "trak_10", "trak_50",
+]
+PAPER_A40_SECONDS = {  # Table 4, MNIST-10 + MLP, A40 GPU
+    "explicit": None, "cg": 610.79, "lissa": 498.53, "arnoldi": 455.80,
+    "tracin_cp_10": 85.89, "grad_dot": 9.06, "grad_cos": 8.76, "rps": 1.08,
+    "trak_1": 1.83, "trak_10": 13.71, "trak_50": 67.74,
+}
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+# ----------------------------------------------------------------------------- setup
+def prepare(cache: Path, n_train: int, n_test: int, model_name: str, n_ckpt: int) -> dict:
+    """Data subsets and checkpoints (trained once, cached under ``cache``)."""
+    from dattri.benchmark.datasets.mnist import create_mnist_dataset
+
+    train, test = create_mnist_dataset()
+    xtr, ytr = train.materialize(range(n_train))
+    xte, yte = test.materialize(range(n_test))
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(n_ckpt):
+        p = cache / f"{model_name}_n{n_train}_seed{seed}.pt"
+        if not p.exists():
+            model = _train(model_name, xtr, ytr, seed)
+            tmp = p.with_suffix(".tmp")
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, p)
+        paths.append(str(p))
+    return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte, "ckpts": paths}
+
+
+def _train(model_name: str, x, y, seed: int):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dattri.benchmark.datasets.mnist import train_mnist_lr, train_mnist_mlp
+
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=g)
+    fn = train_mnist_lr if model_name == "lr" else train_mnist_mlp
+    return fn(loader, seed=seed)
+
+
+# ----------------------------------------------------------------------------- worker
+def _model(model_name: str):
+    from dattri.benchmark.datasets.mnist import create_lr_model, create_mlp_model
+
+    return (create_lr_model if model_name == "lr" else create_mlp_model)("mnist").eval()
+
+
+def build(method: str, model_name: str, ckpts: list[str]):
+    """The attributor for ``method`` with the paper's hyper-parameters."""
+    from torch import nn
+
+    from dattri import algorithm as A
+    from dattri.task import AttributionTask
+
+    model = _model(model_name)
+
+    def loss(params, data):
+        x, y = data
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    def margin(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        logp = torch.log_softmax(out, -1)
+        lp = logp.gather(1, y[:, None]).squeeze(1)
+        return (lp - torch.log(-torch.expm1(lp).clamp_min(1e-12) + 0)).mean()
+
+    def prob(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        return torch.softmax(out, -1).gather(1, y[:, None]).squeeze(1)
+
+    one = ckpts[:1]
+    if method.startswith("trak"):
+        k = int(method.split("_")[1])
+        task = AttributionTask(margin, model, ckpts[:k])
+        return A.TRAKAttributor(task, prob, proj_params={"proj_dim": 2048, "proj_type": "sjlt",
+                                                         "proj_max_batch_size": 512, "proj_seed": 0})
+    if method == "tracin_cp_10":
+        task = AttributionTask(loss, model, ckpts[:10])
+        return A.TracInAttributor(task, weight_list=torch.full((10,), 0.01), normalized_grad=False)
+    task = AttributionTask(loss, model, one)
+    if method in ("grad_dot", "grad_cos"):
+        return A.TracInAttributor(task, weight_list=[1.0], normalized_grad=method == "grad_cos")
+    if method == "explicit":
+        return A.IFAttributorExplicit(task, regularization=1e-2)
+    if method == "cg":
+        return A.IFAttributorCG(task, max_iter=10, regularization=1e-2)
+    if method == "lissa":
+        return A.IFAttributorLiSSA(task, recursion_depth=500, batch_size=50)
+    if method == "arnoldi":
+        return A.IFAttributorArnoldi(task, max_iter=50, proj_dim=50, regularization=1e-2)
+    if method == "rps":
+        task = AttributionTask(lambda pre, y: nn.functional.cross_entropy(pre, y), model, one)
+        layer = "linear" if model_name == "lr" else _last_linear(model)
+        return A.RPSAttributor(task, final_linear_layer_name=layer, l2_strength=1e-2, epoch=300)
+    raise ValueError(method)
+
+
+def _last_linear(model) -> str:
+    from torch import nn
+
+    return [k for k, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def flops(method: str, model_name: str, n: int, m: int) -> float:
+    """FLOPs of the dominant step (per-example grads ~ 3 forward = 6P per example)."""
+    p = 7850 if model_name == "lr" else 109386
+    grads = 6 * p
+    hvp = 8 * p
+    ckpts = {"tracin_cp_10": 10, "trak_10": 10, "trak_50": 50}.get(method, 1)
+    table = {
+        "explicit": p * n * hvp + p**3 / 3 + 2 * p * p * m,
+        "cg": 10 * m * n * hvp,
+        "lissa": 500 * 50 * m * hvp,
+        "arnoldi": 50 * n * hvp + (n + m) * grads,
+        "grad_dot": (n + m) * grads + 2 * n * m * p,
+        "grad_cos": (n + m) * grads + 2 * n * m * p,
+        "tracin_cp_10": ckpts * ((n + m) * grads + 2 * n * m * p),
+        "rps": 2 * n * m * 65,
+    }
+    if method.startswith("trak"):
+        k = 2048
+        return ckpts * ((n + m) * (grads + 2 * p) + 2 * n * k * k + 2 * n * m * k)
+    return float(table[method])
+
+
+def worker(model_name: str, method: str, data_file: str, rate: float) -> dict:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = torch.load(data_file, weights_only=False)
+    n, m = len(data["y_train"]), len(data["y_test"])
+    if method == "explicit" and model_name == "mlp":
+        pass  # it refuses at once; measured like the others
+    att = build(method, model_name, data["ckpts"])
+    tr = DataLoader(TensorDataset(data["x_train"], data["y_train"]), batch_size=500)
+    te = DataLoader(TensorDataset(data["x_test"], data["y_test"]), batch_size=500)
+    t0 = time.perf_counter()
+    status = "ok"
+    try:
+        att.cache(tr)
+        t_cache = time.perf_counter() - t0
+        score = att.attribute(tr, te)
+        assert score.shape == (n, m)
+        finite = bool(torch.isfinite(score).all())
+    except Exception as e:  # noqa: BLE001 - reported, e.g. explicit on the MLP
+        status, t_cache, finite = f"{type(e).__name__}: {str(e)[:160]}", float("nan"), False
+    secs = time.perf_counter() - t0
+    f = flops(method, model_name, n, m)
+    return {
+        "model": model_name, "method": method, "n_train": n, "n_test": m,
+        "status": status, "seconds": round(secs, 3), "cache_seconds": round(t_cache, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "dominant_gflop": round(f / 1e9, 2), "achieved_gflops": round(f / 1e9 / secs, 2),
+        "matmul_gflops": round(rate, 1), "floor_seconds": round(f / 1e9 / rate, 3),
+        "paper_a40_seconds_mlp": PAPER_A40_SECONDS.get(method), "finite": finite,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["lr", "mlp"], choices=["lr", "mlp"])
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--n-train", type=int, default=5000)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--cache", default=str(HERE.parent / "bench_out" / "ckpt"))
+    ap.add_argument("--out", default=None, help="append JSON lines to this file too")
+    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "DATA"), help=argparse.SUPPRESS)
+    ap.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.rate)), flush=True)
+        return
+    rate = matmul_gflops()
+    n_ckpt = 50 if any(mm == "trak_50" for mm in args.methods) else (
+        10 if any(mm in ("trak_10", "tracin_cp_10") for mm in args.methods) else 1)
+    for model_name in args.models:
+        data = prepare(Path(args.cache), args.n_train, args.n_test, model_name, n_ckpt)
+        data_file = Path(args.cache) / f"data_{model_name}_{args.n_train}_{args.n_test}.pt"
+        torch.save(data, data_file)
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--worker", model_name, method, str(data_file),
+                   "--rate", str(rate)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else json.dumps(
+                {"model": model_name, "method": method, "status": "crashed",
+                 "stderr": res.stderr[-400:]})
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Factored per-example gradients of ``nn.Linear`` layers (private fast path).
+
+For a linear layer ``out = W a + b`` applied once per example, the per-example
+gradient of the loss is the outer product ``dW_i = delta_i a_i^T`` (and
+``db_i = delta_i``), with ``delta_i = d loss_i / d out_i``. Hence
+
+    <g_i, g_j> = sum_l (delta_il . delta_jl) * (a~_il . a~_jl),
+
+where ``a~`` is ``a`` (weight selected), ``1`` (bias selected) or ``[a, 1]``.
+Inner products of n train and m test gradients then cost
+``2 n m sum_l (d_in + d_out)`` instead of ``2 n m P``.
+
+The path is used only when every selected parameter belongs to an ``nn.Linear``
+called once per forward on 2-D inputs, and it is checked once per task against
+dense per-example gradients (``Featurizer``); any mismatch (a loss that couples
+examples, batch statistics, weight sharing...) falls back to dense gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dattri._loader import batch_size_of, to_device
+from dattri.algorithm._engine import ENSEMBLE_SEED, Featurizer, _check_finite, _disable
+from dattri.task import AttributionTask
+
+__all__ = ["FactoredGrads", "FactoredLinearFeaturizer"]
+
+
+class FactoredGrads:
+    """Per-example gradients of a batch as per-layer factors ``[(A_l, D_l)]``.
+
+    ``A_l``: ``(B, d_in~)`` inputs (with a ones column for a selected bias);
+    ``D_l``: ``(B, d_out)`` output gradients of each example's own loss.
+    """
+
+    def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.factors = factors
+
+    def __len__(self) -> int:
+        return self.factors[0][0].shape[0]
+
+    def gram(self, other: FactoredGrads) -> torch.Tensor:
+        """``(B, B')`` inner products of the two sets of gradients."""
+        out = None
+        for (a1, d1), (a2, d2) in zip(self.factors, other.factors):
+            term = (d1 @ d2.T) * (a1 @ a2.T)
+            out = term if out is None else out + term
+        return out
+
+    def rowdot(self, other: FactoredGrads) -> torch.Tensor:
+        """``(B,)`` inner products of matching rows ``<g_i, g'_i>``."""
+        return sum((d1 * d2).sum(1) * (a1 * a2).sum(1)
+                   for (a1, d1), (a2, d2) in zip(self.factors, other.factors))
+
+    def sq_norms(self) -> torch.Tensor:
+        """``(B,)`` squared gradient norms."""
+        return sum((d * d).sum(1) * (a * a).sum(1) for a, d in self.factors)
+
+    def dense(self) -> torch.Tensor:
+        """``(B, P)`` flat gradients in the task's parameter order (for checks)."""
+        return torch.cat(
+            [torch.einsum("bo,bi->boi", d, a).reshape(d.shape[0], -1) for a, d in self.factors],
+            dim=1,
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[FactoredGrads]) -> FactoredGrads:
+        """Concatenate along the example axis."""
+        return FactoredGrads([
+            (torch.cat([p.factors[i][0] for p in parts]), torch.cat([p.factors[i][1] for p in parts]))
+            for i in range(len(parts[0].factors))
+        ])
+
+    def scale_rows(self, s: torch.Tensor) -> FactoredGrads:
+        """Multiply each example's gradient by ``s_i`` (applied to the output factor)."""
+        return FactoredGrads([(a, d * s[:, None]) for a, d in self.factors])
+
+
+def _layers(task: AttributionTask, names: list[str]) -> list[tuple[str, bool, bool]] | None:
+    """``[(module_name, weight_selected, bias_selected)]`` or None if unsupported."""
+    modules = dict(task.get_model().named_modules())
+    chosen: dict[str, list[bool]] = {}
+    for n in names:
+        mod_name, _, leaf = n.rpartition(".")
+        mod = modules.get(mod_name)
+        if not isinstance(mod, nn.Linear) or leaf not in ("weight", "bias"):
+            return None
+        chosen.setdefault(mod_name, [False, False])[0 if leaf == "weight" else 1] = True
+    return [(m, w, b) for m, (w, b) in chosen.items()]
+
+
+class FactoredLinearFeaturizer:
+    """Capture ``(A_l, D_l)`` per batch with module hooks on the task's model.
+
+    Args:
+        task: the attribution task (its loss must call ``task.model``).
+        which: ``"loss"`` or ``"target"``.
+        layer_name: selected parameters.
+        device: computation device.
+    """
+
+    def __init__(self, task: AttributionTask, which: str, layer_name, device: torch.device,
+                 show_progress: bool | None = None) -> None:
+        self.task, self.which, self.layer_name, self.device = task, which, layer_name, device
+        self.show_progress = show_progress
+        self.layers = _layers(task, task._resolve_layer_name(layer_name))
+        self._verified: dict[int, bool] = {}
+
+    @property
+    def supported(self) -> bool:
+        return self.layers is not None
+
+    def batch(self, batch: Any, ckpt_idx: int) -> FactoredGrads | None:
+        """Factors of one batch, or None if the structure is not as assumed."""
+        task = self.task
+        task._load_checkpoints(ckpt_idx)
+        model = task.get_model()
+        modules = dict(model.named_modules())
+        seen: dict[str, list] = {m: [] for m, _, _ in self.layers}
+        hooks = []
+        for m, _, _ in self.layers:
+            def hook(mod, inp, out, m=m):
+                seen[m].append((inp[0], out))
+            hooks.append(modules[m].register_forward_hook(hook))
+        func = task.original_loss_func if self.which == "loss" else task.original_target_func
+        params = {k: v.detach().requires_grad_(True) for k, v in task.named_parameters.items()}
+        try:
+            with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                torch.manual_seed(ENSEMBLE_SEED + ckpt_idx)
+                value = func(params, batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        if any(len(v) != 1 or v[0][0].dim() != 2 for v in seen.values()):
+            return None
+        outs = [seen[m][0][1] for m, _, _ in self.layers]
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+            return None
+        grads = torch.autograd.grad(value.reshape(()), outs, allow_unused=True)
+        b = batch_size_of(batch)
+        factors = []
+        for (m, w_sel, b_sel), g in zip(self.layers, grads):
+            a = seen[m][0][0].detach()
+            if g is None or a.shape[0] != b:
+                return None
+            cols = ([a] if w_sel else []) + ([torch.ones(b, 1, dtype=a.dtype, device=a.device)] if b_sel else [])
+            factors.append((torch.cat(cols, 1), g.detach() * b))
+        fg = FactoredGrads(factors)
+        _check_finite(fg.factors[0][1], f"{self.which} gradients (checkpoint {ckpt_idx})")
+        return fg
+
+    def verify(self, batch: Any, ckpt_idx: int, dense: Featurizer) -> bool:
+        """Compare with dense per-example gradients on up to 4 examples, once per checkpoint."""
+        if ckpt_idx in self._verified:
+            return self._verified[ckpt_idx]
+        from dattri._loader import slice_batch
+
+        small = slice_batch(batch, slice(0, min(4, batch_size_of(batch))))
+        ok = False
+        ref = dense.batch(small, ckpt_idx)  # also moves the model to the device
+        fg = self.batch(small, ckpt_idx) if self.supported else None
+        if fg is not None:
+            got = fg.dense()
+            ok = got.shape == ref.shape and torch.allclose(
+                got, ref.to(got.dtype), rtol=1e-4, atol=1e-6 * float(ref.abs().max().clamp_min(1e-30)))
+        self._verified[ckpt_idx] = ok
+        return ok
+
+    def iterate(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[FactoredGrads]:
+        for b in tqdm(loader, desc=desc or f"{self.which} factors", leave=False,
+                      disable=_disable(self.show_progress)):
+            b = to_device(b, self.device)
+            self.task.validate_batch(b, self.which, ckpt_idx)
+            fg = self.batch(b, ckpt_idx)
+            if fg is None:  # pragma: no cover - verified beforehand
+                msg = "factored gradients became unavailable mid-run"
+                raise RuntimeError(msg)
+            yield fg
