@@ -381,3 +381,26 @@ def test_factored_falls_back_when_loss_couples_examples():
     assert att._factored["loss"]._verified == {0: False}
     expect = per_example_grads(model, coupled, *train) @ per_example_grads(model, coupled, *test).T
     torch.testing.assert_close(got, expect)
+
+
+def test_rps_representer_decomposition():
+    """After L2 fine-tuning, sum_j alpha_j k(h_j, h_t) reproduces the pre-activation."""
+    from dattri.algorithm import RPSAttributor
+
+    model, train, test = _mlp_case(1)
+    tr, te = loaders(train, test, bs_train=16, bs_test=4)
+    task = AttributionTask(lambda pre, y: torch.nn.functional.cross_entropy(pre, y), model,
+                           model.state_dict())
+    att = RPSAttributor(task, "fc2", l2_strength=0.05, epoch=500).cache(tr)
+    parts = att.decompose(te)  # (n_train, n_test, C)
+    h_t = torch.tanh(model.fc1(test[0])).detach()
+    h_t = torch.cat([h_t, torch.ones(len(h_t), 1, dtype=h_t.dtype)], 1)
+    pre = h_t @ att.weight.T
+    # exact at a stationary point; L-BFGS stops within ~1e-7 of it
+    torch.testing.assert_close(parts.sum(0), pre, rtol=1e-5, atol=1e-6)
+    scores = att.attribute(tr, te)
+    torch.testing.assert_close(scores, parts[:, torch.arange(len(test[1])), test[1]])
+    self_inf = att.self_attribute(tr)
+    assert self_inf.shape == (len(train[1]),)
+    with pytest.raises(DattriValueError, match="fc1.*nn.Linear|not an nn.Linear"):
+        RPSAttributor(task, "drop")

@@ -122,7 +122,8 @@ def projector_kwargs(proj_params: Any, name: str = "proj_params") -> dict[str, A
     kw.pop("device", None)
     if kw.get("proj_type") == "identity":
         return None
-    return kw
+    defaults = {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0, "proj_type": "normal"}
+    return {**defaults, **kw}
 
 
 def make_projection(kw: dict[str, Any] | None, device: torch.device):

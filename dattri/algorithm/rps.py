@@ -89,7 +89,7 @@ class RPSAttributor(BaseAttributor):
         was_training = model.training
         model.eval()
         try:
-            h, _ = get_final_layer_io(model, self.final_linear_layer_name, loader)
+            h, _ = get_final_layer_io(model, self.final_linear_layer_name, loader, device=self.device)
         finally:
             model.train(was_training)
         h = h.to(self.device, torch.float64).flatten(1)
@@ -121,6 +121,7 @@ class RPSAttributor(BaseAttributor):
         (g,) = torch.autograd.grad(loss_fn(pre, y), pre)  # = (1/n) dL_j/dPhi_j
         self.alpha = (-g / (2 * lam)).detach()
         self.h_train, self.weight = h, w.detach()
+        self._dtype = layer.weight.dtype
 
     def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
         """Representer values ``(n_train, n_test)`` for the test labels' classes."""
@@ -128,7 +129,7 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(train_loader)
         h_t, y_t = self._features(test_loader)
         kernel = self.h_train @ h_t.T
-        return (self.alpha[:, y_t.long()] * kernel).to(torch.get_default_dtype())
+        return (self.alpha[:, y_t.long()] * kernel).to(self._dtype)
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``alpha_j[y_j] * ||h~_j||^2`` as ``(n_train,)``."""
@@ -136,7 +137,7 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(train_loader)
         h, y = self._features(train_loader)
         a = self.alpha.gather(1, y.long().reshape(-1, 1)).squeeze(1)
-        return (a * (h * h).sum(1)).to(torch.get_default_dtype())
+        return (a * (h * h).sum(1)).to(self._dtype)
 
     def decompose(self, test_loader: Iterable) -> torch.Tensor:
         """Per-class representer decomposition ``(n_train, n_test, C)`` (small data only)."""
