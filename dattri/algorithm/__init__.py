@@ -4,6 +4,12 @@
 """
 
 from dattri.algorithm.base import BaseAttributor
+from dattri.algorithm.datainf import IFAttributorDataInf
+from dattri.algorithm.dvemb import DVEmbAttributor
+from dattri.algorithm.ekfac import IFAttributorEKFAC
+from dattri.algorithm.factgrass import FactGraSSAttributor
+from dattri.algorithm.knn_shapley import KNNShapleyAttributor
+from dattri.algorithm.logra import LoGraAttributor
 from dattri.algorithm.influence_function import (
     IFAttributorArnoldi,
     IFAttributorCG,
@@ -23,4 +29,12 @@ __all__ = [
     "RPSAttributor",
     "TRAKAttributor",
     "TracInAttributor",
+]
+__all__ += [
+    "DVEmbAttributor",
+    "FactGraSSAttributor",
+    "IFAttributorDataInf",
+    "IFAttributorEKFAC",
+    "KNNShapleyAttributor",
+    "LoGraAttributor",
 ]

@@ -1,0 +1,154 @@
+r"""Exact KNN-Shapley (Jia et al., VLDB 2019, "Efficient Task-Specific Data
+Valuation for Nearest Neighbor Algorithms").
+
+For a test point with label ``y`` and an unweighted K-nearest-neighbour classifier,
+the utility of a training subset ``S`` is
+:math:`U(S) = \frac1K \sum_{k=1}^{\min(K, |S|)} 1[y_{\alpha_k(S)} = y]` (``alpha_k(S)``
+the k-th nearest point of ``S``, ``U(\emptyset) = 0``). Sorting the ``N`` training
+points by distance, nearest first (``alpha_1, ..., alpha_N``; ties by index), its
+Shapley values are exactly
+
+.. math::
+    s_{\alpha_N} = \frac{1[y_{\alpha_N} = y]}{N}, \qquad
+    s_{\alpha_i} = s_{\alpha_{i+1}} + \frac{1[y_{\alpha_i} = y] - 1[y_{\alpha_{i+1}} = y]}{K}
+                   \cdot \frac{\min(K, i)}{i},
+
+computed for all test points at once in ``O(N log N)`` each. Scores are
+``(n_train, n_test)`` (deliberately; older releases returned ``(n_test, n_train)``).
+Features are a user ``feature_func(batch) -> (B, d)`` (e.g. embeddings) or the raw
+inputs flattened; distances ``distance_func(train (n, d), test (m, d)) -> (n, m)``
+(default Euclidean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from dattri._loader import batch_size_of, check_loader, to_device
+from dattri.algorithm._engine import resolve_device
+from dattri.algorithm.base import BaseAttributor
+from dattri.errors import DattriValueError
+from dattri.task import AttributionTask
+
+__all__ = ["KNNShapleyAttributor", "knn_shapley"]
+
+_LABEL_KEYS = ("label", "labels", "y", "target")
+
+
+def knn_shapley(dist: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor,
+                k_neighbors: int) -> torch.Tensor:
+    """Exact KNN-Shapley values ``(n, m)`` from distances ``(n, m)`` (module docstring)."""
+    n, _ = dist.shape
+    order = torch.sort(dist, dim=0, stable=True).indices  # (n, m): nearest first
+    match = (train_labels[order] == test_labels[None, :]).to(torch.float64)
+    s = torch.empty_like(match)
+    s[-1] = match[-1] / n
+    if n > 1:
+        i = torch.arange(1, n, dtype=torch.float64, device=dist.device)[:, None]  # 1..N-1
+        step = (match[:-1] - match[1:]) * torch.clamp(i, max=k_neighbors) / (k_neighbors * i)
+        s[:-1] = s[-1] + step.flip(0).cumsum(0).flip(0)
+    out = torch.empty_like(s)
+    out.scatter_(0, order, s)
+    return out
+
+
+class KNNShapleyAttributor(BaseAttributor):
+    """KNN-Shapley data values.
+
+    Args:
+        k_neighbors: ``K`` of the KNN classifier, ``>= 1``.
+        task: optional; unused by the computation (kept for API symmetry).
+        distance_func: ``f(train (n, d), test (m, d)) -> (n, m)``; default ``torch.cdist``.
+        feature_func: ``f(batch) -> (B, d)``; default: the batch inputs (first
+            element of a tuple/list batch, or the tensor itself) flattened.
+        label_func: ``f(batch) -> (B,)``; default: the second element of a
+            tuple/list batch, or a ``"label(s)"``/``"y"``/``"target"`` dict key.
+        device: where distances are computed.
+    """
+
+    def __init__(
+        self, k_neighbors: int, task: AttributionTask | None = None,
+        distance_func: Callable | None = None, feature_func: Callable | None = None,
+        label_func: Callable | None = None, device: str | torch.device = "cpu",
+    ) -> None:
+        if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, int) or k_neighbors < 1:
+            msg = f"k_neighbors={k_neighbors!r} must be an int >= 1 (the K of the KNN classifier)."
+            raise DattriValueError(msg)
+        if task is not None and not isinstance(task, AttributionTask):
+            msg = f"task must be None or an AttributionTask, got {type(task).__name__}."
+            raise DattriValueError(msg)
+        for name, f in (("distance_func", distance_func), ("feature_func", feature_func),
+                        ("label_func", label_func)):
+            if f is not None and not callable(f):
+                msg = f"{name} must be None or callable, got {type(f).__name__}."
+                raise DattriValueError(msg)
+        self.k_neighbors, self.task = k_neighbors, task
+        self.distance_func = distance_func or torch.cdist
+        self.feature_func, self.label_func = feature_func, label_func
+        self.device = resolve_device(device)
+        self.show_progress: bool | None = None
+        self._cached = False
+        self._train: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _features_labels(self, loader: Iterable, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        check_loader(loader, name)
+        feats, labels = [], []
+        for batch in loader:
+            batch = to_device(batch, self.device)
+            feats.append(self._feature(batch).reshape(batch_size_of(batch), -1))
+            labels.append(self._label(batch).reshape(-1))
+        if not feats:
+            msg = f"{name} yielded no batches; pass a non-empty loader."
+            raise DattriValueError(msg)
+        return torch.cat(feats), torch.cat(labels)
+
+    def _feature(self, batch: Any) -> torch.Tensor:
+        if self.feature_func is not None:
+            with torch.no_grad():
+                return self.feature_func(batch)
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, (tuple, list)) and batch:
+            return batch[0]
+        msg = (f"cannot take features from a {type(batch).__name__} batch; pass "
+               "feature_func=lambda batch: ... returning (B, d).")
+        raise DattriValueError(msg)
+
+    def _label(self, batch: Any) -> torch.Tensor:
+        if self.label_func is not None:
+            return self.label_func(batch)
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:  # noqa: PLR2004
+            return batch[1]
+        if isinstance(batch, dict):
+            for k in _LABEL_KEYS:
+                if k in batch:
+                    return batch[k]
+        msg = (f"cannot find labels in a {type(batch).__name__} batch; yield (x, y) "
+               "batches or pass label_func=lambda batch: ... returning (B,).")
+        raise DattriValueError(msg)
+
+    def _cache(self, train_loader: Iterable) -> None:
+        self._train = self._features_labels(train_loader, "train_loader")
+
+    def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
+        """KNN-Shapley values ``(n_train, n_test)``: the value of training point i for test point j."""
+        self._check_pair(train_loader, test_loader)
+        self._ensure_cached(train_loader)
+        x_tr, y_tr = self._train
+        x_te, y_te = self._features_labels(test_loader, "test_loader")
+        dist = self.distance_func(x_tr.to(x_te.dtype), x_te)
+        if tuple(dist.shape) != (len(x_tr), len(x_te)):
+            msg = (f"distance_func returned shape {tuple(dist.shape)}; it must return "
+                   f"(n_train, n_test) = {(len(x_tr), len(x_te))}.")
+            raise DattriValueError(msg)
+        return knn_shapley(dist, y_tr, y_te, self.k_neighbors)
+
+    def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
+        """Not defined for KNN-Shapley (a point is its own nearest neighbour)."""
+        msg = ("KNNShapleyAttributor has no self-attribution; use attribute(train_loader, "
+               "test_loader) with a held-out loader.")
+        raise NotImplementedError(msg)
+

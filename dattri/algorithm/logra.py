@@ -1,0 +1,226 @@
+r"""LoGra (Choe et al. 2024, "What is Your Data Worth to GPT?").
+
+For every selected ``nn.Linear`` layer ``l`` the per-example gradient is
+:math:`G = \sum_t s_t a_t^\top` (``(d_out, d_a)``, ``a`` extended by 1 for the bias,
+see :mod:`dattri.algorithm.ekfac` for how ``a`` and ``s`` are captured). LoGra
+projects the two factors separately, :math:`\tilde a = P_{in}^\top a`,
+:math:`\tilde s = P_{out}^\top s`, so the projected gradient
+
+.. math:: \hat G = \sum_t \tilde s_t \tilde a_t^\top = P_{out}^\top G P_{in},
+   \qquad \mathrm{vec}(\hat G) = (P_{out} \otimes P_{in})^\top \mathrm{vec}(G)
+
+(row-major ``vec``) is a Kronecker-factored projection of the gradient that is
+never formed in full. ``proj_dim_per_layer = k`` must be a perfect square; each
+factor is projected to ``sqrt(k)`` dimensions (a factor already that small is
+kept as it is: no projection upwards). The influence is
+
+.. math:: \tau(i, j) = \sum_l \hat g_{il}^\top (\hat F_l + \lambda_l I)^{-1} \hat g_{jl},
+   \qquad \hat F_l = \frac1n \sum_i \hat g_{il} \hat g_{il}^\top
+
+over the cached training set (``hessian="eFIM"``; block-diagonal over layers;
+``damping=None`` means ``lambda_l = 0.1 * trace(F_l) / k_l``), or plain inner
+products of the projected gradients (``hessian="Identity"``, Grad-Dot style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dattri.algorithm.ekfac import HookFeaturizer, LinearCapture, resolve_linear_modules
+from dattri.algorithm.influence_function import _check_choice, _IFBase
+from dattri.errors import DattriValueError
+from dattri.func.projection import Projector, get_projector
+from dattri.linalg.solvers import factorize
+from dattri.params.projection import LoGraProjectionParams
+from dattri.task import AttributionTask
+
+__all__ = ["LoGraAttributor"]
+
+_HESSIANS = ("eFIM", "Identity")
+
+
+def parse_params(proj_params: Any, cls: type, name: str = "proj_params") -> Any:
+    """A validated ``cls`` instance from ``None``, a dict or a params object."""
+    if proj_params is None:
+        return cls()
+    if isinstance(proj_params, dict):
+        return cls(**proj_params)
+    if dataclasses.is_dataclass(proj_params) and not isinstance(proj_params, type):
+        d = dataclasses.asdict(proj_params)
+        d.pop("device", None)
+        return cls(**{k: v for k, v in d.items()
+                      if k in {f.name for f in dataclasses.fields(cls)}})
+    msg = (f"{name} must be None, a dict or a {cls.__name__}, got "
+           f"{type(proj_params).__name__}.")
+    raise DattriValueError(msg)
+
+
+def square_root(k: int, what: str) -> int:
+    """``sqrt(k)`` for a perfect square ``k``, else a typed error."""
+    r = math.isqrt(k)
+    if r * r != k:
+        msg = (f"{what}={k} must be a perfect square (each of the two factors is "
+               f"projected to sqrt({k}) dimensions); e.g. {r * r} or {(r + 1) ** 2}.")
+        raise DattriValueError(msg)
+    return r
+
+
+class _BlockProjectedIF(_IFBase):
+    """Shared logic of LoGra / FactGraSS: factor projections, optional second stage,
+    per-layer damped projected empirical Fisher. Subclasses implement
+    ``_make_projectors(d_out, d_a) -> (P_out | None, P_in | None, P2 | None)``.
+    """
+
+    def __init__(self, task: AttributionTask, module_name: str | Sequence[str] | None,
+                 hessian: str, damping: float | None, device: Any) -> None:
+        if not isinstance(task, AttributionTask):
+            super().__init__(task, None, device)  # raises the typed error
+        names, bias, params = resolve_linear_modules(task, module_name)
+        super().__init__(task, params, device)
+        _check_choice("hessian", hessian, _HESSIANS)
+        if damping is not None and (isinstance(damping, bool) or not isinstance(
+                damping, (int, float)) or damping < 0):
+            msg = f"damping={damping!r} must be None (automatic) or a number >= 0."
+            raise DattriValueError(msg)
+        self.module_name, self.bias = names, bias
+        self.hessian, self.damping = hessian, None if damping is None else float(damping)
+        mods = dict(task.model.named_modules())
+        self._dims = {n: (mods[n].out_features, mods[n].in_features + int(bias[n]))
+                      for n in names}
+        self.capture = LinearCapture(task, names, self.device)
+        self.train_features = HookFeaturizer(self.capture, "loss", self._features)
+        self.test_features = HookFeaturizer(self.capture, "target", self._features)
+        self._projectors: dict[str, tuple] = {}
+
+    def _make_projectors(self, d_out: int, d_a: int) -> tuple:
+        raise NotImplementedError
+
+    def _layer_projectors(self, name: str) -> tuple:
+        if name not in self._projectors:
+            self._projectors[name] = self._make_projectors(*self._dims[name])
+        return self._projectors[name]
+
+    def _eid(self, ckpt: int, layer: int, stage: int) -> int:
+        return (ckpt * len(self.module_name) + layer) * 3 + stage
+
+    def _features(self, cap: dict, ckpt: int) -> torch.Tensor:
+        parts = []
+        for layer, name in enumerate(self.module_name):
+            a, s = cap[name]
+            if self.bias[name]:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            p_out, p_in, p2 = self._layer_projectors(name)
+            a = _apply(p_in, a, self._eid(ckpt, layer, 0))
+            s = _apply(p_out, s, self._eid(ckpt, layer, 1))
+            g = torch.einsum("bto,bti->boi", s, a).flatten(1)
+            if p2 is not None:
+                g = p2.project(g, self._eid(ckpt, layer, 2))
+            parts.append(g)
+        return torch.cat(parts, dim=1)
+
+    def _fit(self, ckpt: int) -> list[tuple[slice, Callable | None]]:
+        fisher: torch.Tensor | None = None
+        for batch in self.data:
+            g = self.train_features.batch(batch, ckpt)
+            if fisher is None:
+                sizes = [self.projected_dim(n) for n in self.module_name]
+                bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+                slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+                if self.hessian == "Identity":
+                    return [(sl, None) for sl in slices]
+                fisher = [g.new_zeros(sl.stop - sl.start, sl.stop - sl.start) for sl in slices]
+            for f, sl in zip(fisher, slices):
+                f.addmm_(g[:, sl].T, g[:, sl])
+        out = []
+        for f, sl in zip(fisher, slices):
+            f /= self.data.n
+            lam = self.damping if self.damping is not None else (
+                0.1 * float(torch.diagonal(f).mean()))
+            out.append((sl, factorize(f, lam)))
+        return out
+
+    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        if self.hessian == "Identity":
+            return v
+        out = torch.empty_like(v)
+        for sl, solve in self._state[ckpt]:
+            out[:, sl] = solve(v[:, sl]).to(v.dtype)
+        return out
+
+    def projected_dim(self, name: str) -> int:
+        """Feature dimension of layer ``name`` after projection."""
+        d_out, d_a = self._dims[name]
+        p_out, p_in, p2 = self._layer_projectors(name)
+        if p2 is not None:
+            return p2.proj_dim
+        return (d_out if p_out is None else p_out.proj_dim) * (d_a if p_in is None else p_in.proj_dim)
+
+    def projection_matrices(self, ckpt: int = 0) -> dict[str, tuple]:
+        """``{module: (P_out, P_in, P2 or None)}`` as dense float64 matrices (tests, small layers).
+
+        ``P_out (d_out, k_out)``, ``P_in (d_a, k_in)`` (identity where a factor is not
+        projected) and the second stage ``P2 (k_out * k_in, k)``, so that the
+        features are ``vec(G) @ kron(P_out, P_in) [@ P2]``.
+        """
+        out = {}
+        for layer, name in enumerate(self.module_name):
+            d_out, d_a = self._dims[name]
+            p_out, p_in, p2 = self._layer_projectors(name)
+            eye_o = torch.eye(d_out, dtype=torch.float64, device=self.device)
+            eye_a = torch.eye(d_a, dtype=torch.float64, device=self.device)
+            mo = _apply(p_out, eye_o[:, None], self._eid(ckpt, layer, 1))[:, 0]
+            ma = _apply(p_in, eye_a[:, None], self._eid(ckpt, layer, 0))[:, 0]
+            m2 = None
+            if p2 is not None:
+                eye2 = torch.eye(p2.feature_dim, dtype=torch.float64, device=self.device)
+                m2 = p2.project(eye2, self._eid(ckpt, layer, 2))
+            out[name] = (mo, ma, m2)
+        return out
+
+
+def _apply(p: Projector | None, x: torch.Tensor, eid: int) -> torch.Tensor:
+    """Project the last dim of ``x (B, T, d)`` (rows) or return it unchanged."""
+    if p is None:
+        return x
+    b, t, d = x.shape
+    return p.project(x.reshape(b * t, d), eid).reshape(b, t, -1)
+
+
+class LoGraAttributor(_BlockProjectedIF):
+    """LoGra: Kronecker-factored gradient projection + damped projected Fisher.
+
+    Args:
+        task: the attribution task (its loss a batch mean).
+        module_name: Linear module names; ``None`` = every Linear module.
+        hessian: ``"eFIM"`` (damped projected empirical Fisher) or ``"Identity"``.
+        damping: ``lambda >= 0``, or ``None`` for ``0.1 * mean eigenvalue`` per layer.
+        device: computation device.
+        proj_params: :class:`~dattri.params.projection.LoGraProjectionParams` or a
+            dict (``proj_dim_per_layer`` a perfect square, default 4096 = 64 x 64;
+            ``proj_type`` of the factor projections, ``"identity"`` for none).
+    """
+
+    def __init__(
+        self, task: AttributionTask, module_name: str | Sequence[str] | None = None,
+        hessian: str = "eFIM", damping: float | None = None, device="cpu",
+        proj_params: Any = None,
+    ) -> None:
+        self.proj_params = parse_params(proj_params, LoGraProjectionParams)
+        self._factor = square_root(self.proj_params.proj_dim_per_layer, "proj_dim_per_layer")
+        super().__init__(task, module_name, hessian, damping, device)
+
+    def _make_projectors(self, d_out: int, d_a: int) -> tuple:
+        pp = self.proj_params
+
+        def one(d: int) -> Projector | None:
+            if pp.proj_type == "identity" or self._factor >= d:
+                return None
+            return get_projector(pp.proj_type, d, self._factor, seed=pp.proj_seed,
+                                 max_batch_size=pp.proj_max_batch_size)
+
+        return one(d_out), one(d_a), None
