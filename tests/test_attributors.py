@@ -404,3 +404,16 @@ def test_rps_representer_decomposition():
     assert self_inf.shape == (len(train[1]),)
     with pytest.raises(DattriValueError, match="fc1.*nn.Linear|not an nn.Linear"):
         RPSAttributor(task, "drop")
+
+
+@pytest.mark.parametrize("method", [None, "l", "theta"])
+def test_arnoldi_low_rank_scoring_equals_generic(small_case, method):
+    """The projected fast path equals the generic P-dimensional IHVP path."""
+    from dattri.algorithm.influence_function import _IFBase
+
+    tr, te = loaders(small_case["train"], small_case["test"])
+    att = IFAttributorArnoldi(_task(small_case), proj_dim=10, max_iter=30, regularization=REG,
+                              norm_constant=2.0).cache(tr)
+    fast = att.attribute(tr, te, relatif_method=method)
+    generic = _IFBase.attribute(att, tr, te, relatif_method=method)
+    torch.testing.assert_close(fast, generic, rtol=1e-7, atol=1e-9)

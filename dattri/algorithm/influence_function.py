@@ -353,3 +353,38 @@ class IFAttributorArnoldi(_IFBase):
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         vecs, vals = self._state[ckpt]
         return ((v @ vecs.T.to(v.dtype)) / vals.to(v.dtype)) @ vecs.to(v.dtype) / self.norm_constant
+
+    def _cache(self, train_loader: Iterable) -> None:
+        """Curvature eigenbasis, then the training gradients projected on it once."""
+        super()._cache(train_loader)
+        self._train_proj = {}
+        for c in range(self.num_checkpoints):
+            vecs = self._state[c][0]
+            self._train_proj[c] = torch.cat(
+                [g @ vecs.T.to(g.dtype) for g in self.train_features.iterate(train_loader, c)])
+
+    def attribute(
+        self, train_loader: Iterable, test_loader: Iterable,
+        relatif_method: str | None = None,
+    ) -> torch.Tensor:
+        """Scores through the rank-r eigenbasis: ``(G_tr U^T) diag(1/(lambda+reg)) (G_te U^T)^T``.
+
+        The training side was projected in :meth:`cache`; only test gradients are
+        computed here (cost ``n r + m P r`` instead of ``n m P``).
+        """
+        self._check_pair(train_loader, test_loader)
+        _check_choice("relatif_method", relatif_method, _RELATIF)
+        self._ensure_cached(train_loader)
+        total = None
+        for c in range(self.num_checkpoints):
+            vecs, vals = self._state[c]
+            tr = self._train_proj[c]
+            inv = (1.0 / (vals * self.norm_constant)).to(tr.dtype)
+            ft = self.test_features.all(test_loader, c, "test grads") @ vecs.T.to(tr.dtype)
+            s = (tr * inv) @ ft.T
+            if relatif_method == "l":
+                s = s / (tr * tr * inv).sum(1).abs().sqrt().clamp_min(1e-12)[:, None]
+            elif relatif_method == "theta":
+                s = s / (tr * inv).norm(dim=1).clamp_min(1e-12)[:, None]
+            total = s if total is None else total + s
+        return total / self.num_checkpoints
