@@ -10,8 +10,9 @@ where ``a~`` is ``a`` (weight selected), ``1`` (bias selected) or ``[a, 1]``.
 Inner products of n train and m test gradients then cost
 ``2 n m sum_l (d_in + d_out)`` instead of ``2 n m P``.
 
-The path is used only when every selected parameter belongs to an ``nn.Linear``
-called once per forward on 2-D inputs, and it is checked once per task against
+Factors come from :class:`dattri.algorithm._hooks.LinearCapture`. The path is
+used only when every selected parameter belongs to an ``nn.Linear`` called once
+per forward on 2-D inputs, and it is checked once per task against
 dense per-example gradients (``Featurizer``); any mismatch (a loss that couples
 examples, batch statistics, weight sharing...) falls back to dense gradients.
 """
@@ -26,7 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dattri._loader import batch_size_of, to_device
-from dattri.algorithm._engine import ENSEMBLE_SEED, Featurizer, _check_finite, _disable
+from dattri.algorithm._engine import Featurizer, _disable
+from dattri.algorithm._hooks import LinearCapture
+from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
 
 __all__ = ["FactoredGrads", "FactoredLinearFeaturizer"]
@@ -110,6 +113,7 @@ class FactoredLinearFeaturizer:
         self.task, self.which, self.layer_name, self.device = task, which, layer_name, device
         self.show_progress = show_progress
         self.layers = _layers(task, task._resolve_layer_name(layer_name))
+        self._capture = LinearCapture(task, [m for m, _, _ in self.layers or []], device)
         self._verified: dict[int, bool] = {}
 
     @property
@@ -118,42 +122,19 @@ class FactoredLinearFeaturizer:
 
     def batch(self, batch: Any, ckpt_idx: int) -> FactoredGrads | None:
         """Factors of one batch, or None if the structure is not as assumed."""
-        task = self.task
-        task._load_checkpoints(ckpt_idx)
-        model = task.get_model()
-        modules = dict(model.named_modules())
-        seen: dict[str, list] = {m: [] for m, _, _ in self.layers}
-        hooks = []
-        for m, _, _ in self.layers:
-            def hook(mod, inp, out, m=m):
-                seen[m].append((inp[0], out))
-            hooks.append(modules[m].register_forward_hook(hook))
-        func = task.original_loss_func if self.which == "loss" else task.original_target_func
-        params = {k: v.detach().requires_grad_(True) for k, v in task.named_parameters.items()}
         try:
-            with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
-                torch.manual_seed(ENSEMBLE_SEED + ckpt_idx)
-                value = func(params, batch)
-        finally:
-            for h in hooks:
-                h.remove()
-        if any(len(v) != 1 or v[0][0].dim() != 2 for v in seen.values()):
+            cap = self._capture.run(batch, ckpt_idx, self.which)
+        except DattriValueError:  # shared weights, module not called...
             return None
-        outs = [seen[m][0][1] for m, _, _ in self.layers]
-        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
-            return None
-        grads = torch.autograd.grad(value.reshape(()), outs, allow_unused=True)
-        b = batch_size_of(batch)
         factors = []
-        for (m, w_sel, b_sel), g in zip(self.layers, grads):
-            a = seen[m][0][0].detach()
-            if g is None or a.shape[0] != b:
+        for m, w_sel, b_sel in self.layers:
+            a, s = cap[m]
+            if a.shape[1] != 1:  # sequence inputs: per-example grads are not rank one
                 return None
-            cols = ([a] if w_sel else []) + ([torch.ones(b, 1, dtype=a.dtype, device=a.device)] if b_sel else [])
-            factors.append((torch.cat(cols, 1), g.detach() * b))
-        fg = FactoredGrads(factors)
-        _check_finite(fg.factors[0][1], f"{self.which} gradients (checkpoint {ckpt_idx})")
-        return fg
+            a, s = a[:, 0], s[:, 0]
+            ones = torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)
+            factors.append((torch.cat(([a] if w_sel else []) + ([ones] if b_sel else []), 1), s))
+        return FactoredGrads(factors)
 
     def verify(self, batch: Any, ckpt_idx: int, dense: Featurizer) -> bool:
         """Compare with dense per-example gradients on up to 4 examples, once per checkpoint."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dattri.algorithm.ekfac import HookFeaturizer, LinearCapture, resolve_linear_modules
+from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, resolve_linear_modules
 from dattri.algorithm.influence_function import _check_choice, _IFBase
 from dattri.errors import DattriValueError
 from dattri.func.projection import Projector, get_projector

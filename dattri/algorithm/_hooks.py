@@ -1,0 +1,164 @@
+"""Forward-hook capture of ``nn.Linear`` inputs and output gradients (private).
+
+Shared by the hook-based attributors (EK-FAC, LoGra, FactGraSS) and the factored
+fast path of TracIn / Grad-Dot / Grad-Cos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dattri._loader import batch_size_of, to_device
+from dattri.algorithm._engine import ENSEMBLE_SEED, _check_finite
+from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
+from dattri.task import AttributionTask
+
+__all__ = ["HookFeaturizer", "LinearCapture", "resolve_linear_modules"]
+
+
+def _param_names(module_name: str, bias: bool) -> list[str]:
+    pre = f"{module_name}." if module_name else ""
+    return [f"{pre}weight"] + ([f"{pre}bias"] if bias else [])
+
+
+def resolve_linear_modules(
+    task: AttributionTask, module_name: str | Sequence[str] | None,
+) -> tuple[list[str], dict[str, bool], list[str]]:
+    """Selected Linear modules, whether each has a trainable bias, their param names."""
+    task._resolve_layer_name(None)  # loads checkpoint 0 -> named_parameters
+    modules = dict(task.model.named_modules())
+    trainable = task.named_parameters
+    if module_name is None:
+        names = [n for n, m in modules.items() if isinstance(m, nn.Linear)
+                 and _param_names(n, False)[0] in trainable]
+        if not names:
+            msg = ("module_name=None: the model has no nn.Linear module with a trainable "
+                   "weight; K-FAC-style methods need Linear layers.")
+            raise DattriValueError(msg)
+    else:
+        names = [module_name] if isinstance(module_name, str) else list(module_name)
+        linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        bad = [n for n in names if n not in linear or _param_names(n, False)[0] not in trainable]
+        if bad or not names:
+            msg = (f"module_name={module_name!r}: {bad} are not nn.Linear modules with a "
+                   f"trainable weight; use names of model.named_modules(), e.g. {linear[:8]}.")
+            raise LayerNameError(msg)
+    bias = {n: _param_names(n, True)[1] in trainable for n in names}
+    params = [p for n in names for p in _param_names(n, bias[n])]
+    return names, bias, [p for p in trainable if p in set(params)]
+
+
+def _as_seq(t: torch.Tensor) -> torch.Tensor:
+    """``(B, d)`` -> ``(B, 1, d)``; ``(B, ..., d)`` -> ``(B, T, d)``."""
+    return t[:, None] if t.dim() == 2 else t.reshape(t.shape[0], -1, t.shape[-1])  # noqa: PLR2004
+
+
+class LinearCapture:
+    """Inputs ``a (B, T, d_in)`` and per-example output gradients ``s (B, T, d_out)``.
+
+    ``run`` calls the loss (or target) function on a batch with forward hooks on the
+    selected Linear modules; each output ``y`` is replaced by ``y + 0`` with a zero
+    leaf so that ``autograd.grad`` w.r.t. the leaf gives ``dL/dy``, multiplied by
+    ``B`` (the loss is a mean).
+    """
+
+    def __init__(self, task: AttributionTask, modules: list[str], device: torch.device) -> None:
+        self.task, self.modules, self.device = task, modules, device
+        self._ckpt: int | None = None
+
+    def _prepare(self, ckpt: int) -> None:
+        task = self.task
+        if self._ckpt != ckpt or task.current_checkpoint_idx != ckpt:
+            task.model.to(self.device)
+            task.current_checkpoint_idx = None  # re-read params on the device
+            task._load_checkpoints(ckpt)
+            self._ckpt = ckpt
+
+    def run(self, batch: Any, ckpt: int, which: str = "loss",
+            func: Callable | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Captured ``{module: (a, s)}`` for one batch already on the device."""
+        task = self.task
+        self._prepare(ckpt)
+        if func is None:
+            task.validate_batch(batch, which, ckpt)
+            func = task.original_loss_func if which == "loss" else task.original_target_func
+        mods = dict(task.model.named_modules())
+        store: dict[str, list] = {n: [] for n in self.modules}
+
+        def make_hook(name: str) -> Callable:
+            def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+                if store[name]:
+                    msg = (f"module {name!r} is called more than once per forward pass "
+                           "(shared weights); this is not supported, exclude it via module_name.")
+                    raise DattriValueError(msg)
+                # y + 0-leaf: d loss / d leaf = d loss / d y, and the graph to
+                # earlier layers stays intact
+                leaf = torch.zeros_like(output, requires_grad=True)
+                store[name].append((inputs[0].detach(), leaf))
+                return output + leaf
+            return hook
+
+        handles = [mods[n].register_forward_hook(make_hook(n)) for n in self.modules]
+        try:
+            with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                torch.manual_seed(ENSEMBLE_SEED + ckpt)
+                with torch.enable_grad():
+                    loss = func(dict(task.named_parameters), batch)
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        msg = "the loss/target function must return a scalar batch mean."
+                        raise InvalidLossError(msg)
+                    leaves = [store[n][0][1] for n in self.modules if store[n]]
+                    grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in self.modules if not store[n]]
+        if missing:
+            msg = f"modules {missing} were not called by the loss function; drop them from module_name."
+            raise DattriValueError(msg)
+        b = batch_size_of(batch)
+        out, it = {}, iter(grads)
+        for n in self.modules:
+            a, leaf = store[n][0]
+            g = next(it)
+            g = torch.zeros_like(leaf) if g is None else g.detach() * b
+            out[n] = (_as_seq(a), _check_finite(_as_seq(g), f"{which} output gradients"))
+        return out
+
+
+class HookFeaturizer:
+    """Featurizer-compatible (``batch``/``iterate``/``all``) features from captures.
+
+    Args:
+        capture: the :class:`LinearCapture`.
+        which: ``"loss"`` or ``"target"``.
+        transform: ``f(captured dict, ckpt) -> (B, K)``.
+    """
+
+    def __init__(self, capture: LinearCapture, which: str,
+                 transform: Callable[[dict, int], torch.Tensor]) -> None:
+        self.capture, self.which, self.transform = capture, which, transform
+        self.show_progress: bool | None = None
+
+    def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
+        """Features ``(B, K)`` of one batch already on the device."""
+        return self.transform(self.capture.run(batch, ckpt_idx, self.which), ckpt_idx)
+
+    def iterate(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[torch.Tensor]:
+        """Features of every batch of ``loader`` in order."""
+        disable = None if self.show_progress is None else not self.show_progress
+        for b in tqdm(loader, desc=desc or f"{self.which} grads", leave=False, disable=disable):
+            yield self.batch(to_device(b, self.capture.device), ckpt_idx)
+
+    def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
+        """Features ``(n, K)`` of the whole loader."""
+        parts = list(self.iterate(loader, ckpt_idx, desc))
+        if not parts:
+            msg = "the data loader yielded no batches; pass a non-empty loader."
+            raise DattriValueError(msg)
+        return torch.cat(parts)
