@@ -354,14 +354,16 @@ def test_factored_fast_path_equals_dense(normalized):
     tr, te = loaders(train, test, bs_train=9, bs_test=3)
     task = AttributionTask(loss, model, [sd1, sd2])
     fast = TracInAttributor(task, [0.2, 0.5], normalized)
-    assert fast._factored is not None
+    assert fast.train_features.factored is not None
     slow = TracInAttributor(task, [0.2, 0.5], normalized, fast_path=False)
     torch.testing.assert_close(fast.attribute(tr, te), slow.attribute(tr, te))
+    assert fast.train_features.factored._verified == {0: True, 1: True}  # the fast path ran
     torch.testing.assert_close(fast.self_attribute(tr), slow.self_attribute(tr))
     sub = TracInAttributor(task, [0.2, 0.5], normalized, layer_name=["fc2.bias", "fc1.weight"])
     ref = TracInAttributor(task, [0.2, 0.5], normalized, layer_name=["fc2.bias", "fc1.weight"],
                            fast_path=False)
     torch.testing.assert_close(sub.attribute(tr, te), ref.attribute(tr, te))
+    assert sub.train_features.factored._verified == {0: True, 1: True}
 
 
 def test_factored_falls_back_when_loss_couples_examples():
@@ -378,7 +380,7 @@ def test_factored_falls_back_when_loss_couples_examples():
     task = AttributionTask(coupled, model, model.state_dict())
     att = TracInAttributor(task, [1.0], False)
     got = att.attribute(tr, te)
-    assert att._factored["loss"]._verified == {0: False}
+    assert att.train_features.factored._verified == {0: False}
     expect = per_example_grads(model, coupled, *train) @ per_example_grads(model, coupled, *test).T
     torch.testing.assert_close(got, expect)
 

@@ -60,6 +60,12 @@ class Featurizer:
         device: where the model, data and features live.
         transform: optional ``f(G (B, P), ckpt_idx) -> (B, k)`` applied per batch
             (a random projection, a normalisation, ...).
+
+    Per-example gradients come from ``vmap(grad)`` on batches of one, or, when
+    every selected parameter sits in an ``nn.Linear`` and a check against the dense
+    gradients passes (once per checkpoint), from layer inputs and output gradients
+    captured in one batched forward/backward (``dattri.algorithm._factored``),
+    several times cheaper. ``use_factored = False`` turns the fast path off.
         show_progress: tqdm bars over batches.
     """
 
@@ -75,6 +81,8 @@ class Featurizer:
         self.task, self.which, self.layer_name = task, which, layer_name
         self.device, self.transform = device, transform
         self.show_progress = show_progress
+        self.use_factored = True
+        self._factored: Any = False  # built lazily (False = not yet)
         self._fn: dict[int, tuple[Callable, torch.Tensor]] = {}
 
     def _grad_fn(self, ckpt_idx: int) -> tuple[Callable, torch.Tensor]:
@@ -88,14 +96,41 @@ class Featurizer:
             self._fn = {ckpt_idx: (fn, theta.to(self.device))}  # one ckpt at a time
         return self._fn[ckpt_idx]
 
-    def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
-        """Features ``(B, d)`` of one batch (already on the device)."""
+    def raw(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
+        """Dense per-example gradients ``(B, P)`` by ``vmap(grad)`` on batches of one."""
         fn, theta = self._grad_fn(ckpt_idx)
         self.task.validate_batch(batch, self.which, ckpt_idx)
         with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
             torch.manual_seed(ENSEMBLE_SEED + ckpt_idx)
             g = fn(theta, batch).detach()
-        _check_finite(g, f"{self.which} gradients (checkpoint {ckpt_idx})")
+        return _check_finite(g, f"{self.which} gradients (checkpoint {ckpt_idx})")
+
+    @property
+    def factored(self):
+        """The verified ``nn.Linear`` fast path (``FactoredLinearFeaturizer``) or None."""
+        if self._factored is False:
+            from dattri.algorithm._factored import FactoredLinearFeaturizer
+
+            fz = FactoredLinearFeaturizer(self.task, self.which, self.layer_name, self.device)
+            self._factored = fz if fz.supported else None
+        return self._factored
+
+    def factored_ok(self, batch: Any, ckpt_idx: int) -> bool:
+        """Whether the fast path holds for this checkpoint (checked once on ``batch``)."""
+        fz = self.factored if self.use_factored else None
+        return fz is not None and fz.verify(batch, ckpt_idx, self.raw)
+
+    def grads(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
+        """Per-example gradients ``(B, P)``: from layer factors when verified, else dense."""
+        if self.factored_ok(batch, ckpt_idx):
+            fg = self.factored.batch(batch, ckpt_idx)
+            if fg is not None:
+                return fg.dense()
+        return self.raw(batch, ckpt_idx)
+
+    def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
+        """Features ``(B, d)`` of one batch (already on the device)."""
+        g = self.grads(batch, ckpt_idx)
         if self.transform is not None:
             g = self.transform(g, ckpt_idx)
         return g

@@ -19,7 +19,7 @@ examples, batch statistics, weight sharing...) falls back to dense gradients.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dattri._loader import batch_size_of, to_device
-from dattri.algorithm._engine import Featurizer, _disable
+from dattri.algorithm._engine import _disable
 from dattri.algorithm._hooks import LinearCapture
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -42,8 +42,11 @@ class FactoredGrads:
     ``D_l``: ``(B, d_out)`` output gradients of each example's own loss.
     """
 
-    def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor]],
+                 layout: list[tuple[bool, bool]] | None = None) -> None:
         self.factors = factors
+        #: per layer (weight selected, bias selected); the bias column is last in A
+        self.layout = layout or [(True, False)] * len(factors)
 
     def __len__(self) -> int:
         return self.factors[0][0].shape[0]
@@ -67,10 +70,14 @@ class FactoredGrads:
 
     def dense(self) -> torch.Tensor:
         """``(B, P)`` flat gradients in the task's parameter order (for checks)."""
-        return torch.cat(
-            [torch.einsum("bo,bi->boi", d, a).reshape(d.shape[0], -1) for a, d in self.factors],
-            dim=1,
-        )
+        parts = []
+        for (a, d), (w_sel, b_sel) in zip(self.factors, self.layout):
+            if w_sel:
+                w_in = a[:, :-1] if b_sel else a
+                parts.append(torch.einsum("bo,bi->boi", d, w_in).reshape(d.shape[0], -1))
+            if b_sel:
+                parts.append(d)
+        return torch.cat(parts, dim=1)
 
     @staticmethod
     def cat(parts: Sequence[FactoredGrads]) -> FactoredGrads:
@@ -78,11 +85,11 @@ class FactoredGrads:
         return FactoredGrads([
             (torch.cat([p.factors[i][0] for p in parts]), torch.cat([p.factors[i][1] for p in parts]))
             for i in range(len(parts[0].factors))
-        ])
+        ], parts[0].layout)
 
     def scale_rows(self, s: torch.Tensor) -> FactoredGrads:
         """Multiply each example's gradient by ``s_i`` (applied to the output factor)."""
-        return FactoredGrads([(a, d * s[:, None]) for a, d in self.factors])
+        return FactoredGrads([(a, d * s[:, None]) for a, d in self.factors], self.layout)
 
 
 def _layers(task: AttributionTask, names: list[str]) -> list[tuple[str, bool, bool]] | None:
@@ -134,17 +141,18 @@ class FactoredLinearFeaturizer:
             a, s = a[:, 0], s[:, 0]
             ones = torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)
             factors.append((torch.cat(([a] if w_sel else []) + ([ones] if b_sel else []), 1), s))
-        return FactoredGrads(factors)
+        return FactoredGrads(factors, [(w, b) for _, w, b in self.layers])
 
-    def verify(self, batch: Any, ckpt_idx: int, dense: Featurizer) -> bool:
-        """Compare with dense per-example gradients on up to 4 examples, once per checkpoint."""
+    def verify(self, batch: Any, ckpt_idx: int, dense: Callable[[Any, int], torch.Tensor]) -> bool:
+        """Compare with ``dense(batch, ckpt)`` (raw per-example gradients) on up to 4
+        examples of ``batch``, once per checkpoint."""
         if ckpt_idx in self._verified:
             return self._verified[ckpt_idx]
         from dattri._loader import slice_batch
 
         small = slice_batch(batch, slice(0, min(4, batch_size_of(batch))))
         ok = False
-        ref = dense.batch(small, ckpt_idx)  # also moves the model to the device
+        ref = dense(small, ckpt_idx)  # also moves the model to the device
         fg = self.batch(small, ckpt_idx) if self.supported else None
         if fg is not None:
             got = fg.dense()

@@ -17,7 +17,7 @@ import torch
 
 from dattri._loader import to_device
 from dattri.algorithm._engine import score_stream
-from dattri.algorithm._factored import FactoredGrads, FactoredLinearFeaturizer
+from dattri.algorithm._factored import FactoredGrads
 from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwargs
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -66,11 +66,8 @@ class TracInAttributor(BaseAttributor):
         self.proj_params = proj_params
         transform = make_projection(projector_kwargs(proj_params), self.device)
         post = _unit_rows if self.normalized_grad else None
-        self._factored = None
-        if fast_path and transform is None:
-            fz = {w_: FactoredLinearFeaturizer(task, w_, layer_name, self.device)
-                  for w_ in ("loss", "target")}
-            self._factored = fz if fz["loss"].supported else None
+        self.fast_path = bool(fast_path) and transform is None
+        self.train_features.use_factored = self.test_features.use_factored = bool(fast_path)
 
         def feature(g: torch.Tensor, c: int) -> torch.Tensor:
             if transform is not None:
@@ -81,11 +78,11 @@ class TracInAttributor(BaseAttributor):
         self.test_features.transform = feature
 
     def _use_factored(self, loader: Iterable, ckpt: int) -> bool:
-        if self._factored is None:
+        if not self.fast_path:
             return False
         first = to_device(next(iter(loader)), self.device)
-        return (self._factored["loss"].verify(first, ckpt, self.train_features)
-                and self._factored["target"].verify(first, ckpt, self.test_features))
+        return (self.train_features.factored_ok(first, ckpt)
+                and self.test_features.factored_ok(first, ckpt))
 
     def _unit(self, fg: FactoredGrads) -> FactoredGrads:
         if not self.normalized_grad:
@@ -98,9 +95,9 @@ class TracInAttributor(BaseAttributor):
         total = None
         for c in range(self.num_checkpoints):
             if self._use_factored(train_loader, c):
-                fz = self._factored
-                ft = self._unit(FactoredGrads.cat(list(fz["target"].iterate(test_loader, c, "test grads"))))
-                s = torch.cat([self._unit(fg).gram(ft) for fg in fz["loss"].iterate(train_loader, c)])
+                fl, ft_ = self.train_features.factored, self.test_features.factored
+                ft = self._unit(FactoredGrads.cat(list(ft_.iterate(test_loader, c, "test grads"))))
+                s = torch.cat([self._unit(fg).gram(ft) for fg in fl.iterate(train_loader, c)])
             else:
                 ft = self.test_features.all(test_loader, c, "test grads")
                 s = score_stream(self.train_features.iterate(train_loader, c), ft)
@@ -114,10 +111,10 @@ class TracInAttributor(BaseAttributor):
         total = None
         for c in range(self.num_checkpoints):
             if self._use_factored(train_loader, c):
-                fz = self._factored
-                tgt = None if same else fz["target"].iterate(train_loader, c)
+                fl, ft_ = self.train_features.factored, self.test_features.factored
+                tgt = None if same else ft_.iterate(train_loader, c)
                 parts = []
-                for fg in fz["loss"].iterate(train_loader, c, "self-influence"):
+                for fg in fl.iterate(train_loader, c, "self-influence"):
                     fg = self._unit(fg)
                     parts.append(fg.sq_norms() if tgt is None else fg.rowdot(self._unit(next(tgt))))
             else:
