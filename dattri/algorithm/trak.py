@@ -26,18 +26,38 @@ from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwa
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.task import AttributionTask
 
-__all__ = ["TRAKAttributor", "kernel_solve"]
+__all__ = ["TRAKAttributor", "kernel_factor", "kernel_scores", "psd_inverse"]
 
 
-def kernel_solve(phi: torch.Tensor, regularization: float) -> torch.Tensor:
-    """``Phi (Phi^T Phi + lambda I)^{-1}`` in float64, primal or dual form."""
-    from dattri.linalg.solvers import explicit_inverse, explicit_solve
+def psd_inverse(k: torch.Tensor, regularization: float) -> torch.Tensor:
+    """``(K + lambda I)^{-1}`` of a Gram matrix, in float64.
 
-    f = phi.to(torch.float64)
-    n, k = f.shape
+    Cholesky when ``K + lambda I`` is positive definite, else (with a warning) the
+    eigen pseudo-inverse, which is the closed form of TRAK at lambda = 0 for
+    rank-deficient features. A small ``regularization`` avoids that slower path.
+    """
+    from dattri.linalg.solvers import explicit_inverse
+
+    return explicit_inverse(k.to(torch.float64), regularization)
+
+
+def kernel_factor(phi: torch.Tensor, regularization: float) -> tuple[str, torch.Tensor]:
+    """Inverse Gram matrix in the cheaper of the primal (k x k) or dual (n x n) form.
+
+    ``Phi (Phi^T Phi + lambda I)^{-1} = (Phi Phi^T + lambda I)^{-1} Phi``.
+    """
+    n, k = phi.shape
     if k <= n:
-        return (f @ explicit_inverse(f.T @ f, regularization)).to(phi.dtype)
-    return explicit_solve(f @ f.T, f.T, regularization).T.to(phi.dtype)
+        return "primal", psd_inverse(phi.T @ phi, regularization).to(phi.dtype)
+    return "dual", psd_inverse(phi @ phi.T, regularization).to(phi.dtype)
+
+
+def kernel_scores(phi: torch.Tensor, form: str, inv: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """``Phi (Phi^T Phi + lambda I)^{-1} test^T`` as ``(n, m)``, smallest products first."""
+    test = test.to(phi.dtype)
+    if form == "primal":
+        return phi @ (inv @ test.T)
+    return inv @ (phi @ test.T)
 
 
 class TRAKAttributor(BaseAttributor):
@@ -80,7 +100,8 @@ class TRAKAttributor(BaseAttributor):
         transform = make_projection(projector_kwargs(proj_params), self.device)
         self.train_features.transform = transform
         self.test_features.transform = transform
-        self._r: list[torch.Tensor] = []
+        self._phi: list[torch.Tensor] = []
+        self._inv: list[tuple[str, torch.Tensor]] = []
         self._q: torch.Tensor | None = None
 
     def _probabilities(self, batch: Any, ckpt: int) -> torch.Tensor:
@@ -96,10 +117,11 @@ class TRAKAttributor(BaseAttributor):
             return vmap(one, randomness="same")(batch)
 
     def _cache(self, train_loader: Iterable) -> None:
-        self._r, q = [], None
+        self._phi, self._inv, q = [], [], None
         for c in range(self.num_checkpoints):
             phi = self.train_features.all(train_loader, c, "train grads")
-            self._r.append(kernel_solve(phi, self.regularization))
+            self._phi.append(phi)
+            self._inv.append(kernel_factor(phi, self.regularization))
             qc = torch.cat([1 - self._probabilities(to_device(b, self.device), c)
                             for b in train_loader])
             q = qc if q is None else q + qc
@@ -127,16 +149,18 @@ class TRAKAttributor(BaseAttributor):
         total = None
         for c in range(self.num_checkpoints):
             ft = self.test_features.all(test_loader, c, "test grads")
-            s = self._r[c] @ ft.T.to(self._r[c].dtype)
+            s = kernel_scores(self._phi[c], *self._inv[c], ft)
             total = s if total is None else total + s
         return self._q[:, None].to(total.dtype) * total / self.num_checkpoints
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
-        """``Q_i * mean_c <R_c[i], phi_target^c(z_i)>`` as ``(n_train,)``."""
+        """``Q_i * mean_c <[Phi_c K_c^{-1}]_i, phi_target^c(z_i)>`` as ``(n_train,)``."""
         self._ensure_cached(train_loader)
         total = None
         for c in range(self.num_checkpoints):
-            ft = self.test_features.all(train_loader, c, "self grads")
-            s = (self._r[c] * ft.to(self._r[c].dtype)).sum(dim=1)
+            ft = self.test_features.all(train_loader, c, "self grads").to(self._phi[c].dtype)
+            form, inv = self._inv[c]
+            r = self._phi[c] @ inv if form == "primal" else inv @ self._phi[c]
+            s = (r * ft).sum(dim=1)
             total = s if total is None else total + s
         return self._q.to(total.dtype) * total / self.num_checkpoints
