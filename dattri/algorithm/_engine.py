@@ -21,6 +21,7 @@ from dattri.task import AttributionTask
 __all__ = [
     "DataCache",
     "Featurizer",
+    "LoaderFeatures",
     "resolve_device",
     "score_stream",
 ]
@@ -50,7 +51,35 @@ def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-class Featurizer:
+class LoaderFeatures:
+    """The loop over a loader shared by every featurizer: subclasses define
+    ``batch(batch, ckpt_idx)`` and have ``which``, ``device``, ``show_progress``."""
+
+    which: str
+    device: torch.device
+    show_progress: bool | None = None
+
+    def batch(self, batch: Any, ckpt_idx: int) -> Any:
+        raise NotImplementedError
+
+    def iterate(
+        self, loader: Iterable, ckpt_idx: int, desc: str = "",
+    ) -> Iterator[torch.Tensor]:
+        """Yield the features of every batch of ``loader`` in order."""
+        for b in tqdm(loader, desc=desc or f"{self.which} grads", leave=False,
+                      disable=_disable(self.show_progress)):
+            yield self.batch(to_device(b, self.device), ckpt_idx)
+
+    def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
+        """Features ``(n, d)`` of the whole loader."""
+        parts = list(self.iterate(loader, ckpt_idx, desc))
+        if not parts:
+            msg = "the data loader yielded no batches; pass a non-empty loader."
+            raise DattriValueError(msg)
+        return torch.cat(parts)
+
+
+class Featurizer(LoaderFeatures):
     """Per-example gradient features of a task on one checkpoint.
 
     Args:
@@ -123,7 +152,7 @@ class Featurizer:
     def grads(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Per-example gradients ``(B, P)``: from layer factors when verified, else dense."""
         if self.factored_ok(batch, ckpt_idx):
-            fg = self.factored.batch(batch, ckpt_idx)
+            fg = self.factored.try_batch(batch, ckpt_idx)
             if fg is not None:
                 return fg.dense()
         return self.raw(batch, ckpt_idx)
@@ -134,22 +163,6 @@ class Featurizer:
         if self.transform is not None:
             g = self.transform(g, ckpt_idx)
         return g
-
-    def iterate(
-        self, loader: Iterable, ckpt_idx: int, desc: str = "",
-    ) -> Iterator[torch.Tensor]:
-        """Yield the features of every batch of ``loader`` in order."""
-        for b in tqdm(loader, desc=desc or f"{self.which} grads", leave=False,
-                      disable=_disable(self.show_progress)):
-            yield self.batch(to_device(b, self.device), ckpt_idx)
-
-    def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
-        """Features ``(n, d)`` of the whole loader."""
-        parts = list(self.iterate(loader, ckpt_idx, desc))
-        if not parts:
-            msg = "the data loader yielded no batches; pass a non-empty loader."
-            raise DattriValueError(msg)
-        return torch.cat(parts)
 
 
 def _disable(show_progress: bool | None) -> bool | None:

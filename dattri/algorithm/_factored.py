@@ -19,15 +19,14 @@ examples, batch statistics, weight sharing...) falls back to dense gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from dattri._loader import batch_size_of, to_device
-from dattri.algorithm._engine import _disable
+from dattri._loader import batch_size_of
+from dattri.algorithm._engine import LoaderFeatures
 from dattri.algorithm._hooks import LinearCapture
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -105,7 +104,7 @@ def _layers(task: AttributionTask, names: list[str]) -> list[tuple[str, bool, bo
     return [(m, w, b) for m, (w, b) in chosen.items()]
 
 
-class FactoredLinearFeaturizer:
+class FactoredLinearFeaturizer(LoaderFeatures):
     """Capture ``(A_l, D_l)`` per batch with module hooks on the task's model.
 
     Args:
@@ -127,7 +126,7 @@ class FactoredLinearFeaturizer:
     def supported(self) -> bool:
         return self.layers is not None
 
-    def batch(self, batch: Any, ckpt_idx: int) -> FactoredGrads | None:
+    def try_batch(self, batch: Any, ckpt_idx: int) -> FactoredGrads | None:
         """Factors of one batch, or None if the structure is not as assumed."""
         try:
             cap = self._capture.run(batch, ckpt_idx, self.which)
@@ -153,7 +152,7 @@ class FactoredLinearFeaturizer:
         small = slice_batch(batch, slice(0, min(4, batch_size_of(batch))))
         ok = False
         ref = dense(small, ckpt_idx)  # also moves the model to the device
-        fg = self.batch(small, ckpt_idx) if self.supported else None
+        fg = self.try_batch(small, ckpt_idx) if self.supported else None
         if fg is not None:
             got = fg.dense()
             ok = got.shape == ref.shape and torch.allclose(
@@ -161,13 +160,11 @@ class FactoredLinearFeaturizer:
         self._verified[ckpt_idx] = ok
         return ok
 
-    def iterate(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[FactoredGrads]:
-        for b in tqdm(loader, desc=desc or f"{self.which} factors", leave=False,
-                      disable=_disable(self.show_progress)):
-            b = to_device(b, self.device)
-            self.task.validate_batch(b, self.which, ckpt_idx)
-            fg = self.batch(b, ckpt_idx)
-            if fg is None:  # pragma: no cover - verified beforehand
-                msg = "factored gradients became unavailable mid-run"
-                raise RuntimeError(msg)
-            yield fg
+    def batch(self, batch: Any, ckpt_idx: int) -> FactoredGrads:
+        """Factors of one batch after validating the loss; for use once verified."""
+        self.task.validate_batch(batch, self.which, ckpt_idx)
+        fg = self.try_batch(batch, ckpt_idx)
+        if fg is None:  # pragma: no cover - verified beforehand
+            msg = "factored gradients became unavailable mid-run"
+            raise RuntimeError(msg)
+        return fg

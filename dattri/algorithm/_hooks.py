@@ -6,15 +6,14 @@ fast path of TracIn / Grad-Dot / Grad-Cos.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from dattri._loader import batch_size_of, to_device
-from dattri.algorithm._engine import ENSEMBLE_SEED, _check_finite
+from dattri._loader import batch_size_of
+from dattri.algorithm._engine import ENSEMBLE_SEED, LoaderFeatures, _check_finite
 from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
 from dattri.task import AttributionTask
 
@@ -131,7 +130,7 @@ class LinearCapture:
         return out
 
 
-class HookFeaturizer:
+class HookFeaturizer(LoaderFeatures):
     """Featurizer-compatible (``batch``/``iterate``/``all``) features from captures.
 
     Args:
@@ -143,22 +142,9 @@ class HookFeaturizer:
     def __init__(self, capture: LinearCapture, which: str,
                  transform: Callable[[dict, int], torch.Tensor]) -> None:
         self.capture, self.which, self.transform = capture, which, transform
+        self.device = capture.device
         self.show_progress: bool | None = None
 
     def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Features ``(B, K)`` of one batch already on the device."""
         return self.transform(self.capture.run(batch, ckpt_idx, self.which), ckpt_idx)
-
-    def iterate(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[torch.Tensor]:
-        """Features of every batch of ``loader`` in order."""
-        disable = None if self.show_progress is None else not self.show_progress
-        for b in tqdm(loader, desc=desc or f"{self.which} grads", leave=False, disable=disable):
-            yield self.batch(to_device(b, self.capture.device), ckpt_idx)
-
-    def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
-        """Features ``(n, K)`` of the whole loader."""
-        parts = list(self.iterate(loader, ckpt_idx, desc))
-        if not parts:
-            msg = "the data loader yielded no batches; pass a non-empty loader."
-            raise DattriValueError(msg)
-        return torch.cat(parts)
