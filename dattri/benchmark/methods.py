@@ -1,0 +1,285 @@
+"""The benchmarked attribution methods: how to build each for a setting, and its search space.
+
+One :class:`MethodSpec` per method of the paper's figures (Table 1, Sec. 4):
+IF-Explicit, IF-CG, IF-LiSSA, IF-Arnoldi, TracInCP-10, Grad-Dot, Grad-Cos,
+RPS-L2, TRAK-1, TRAK-10, TRAK-50. ``search_space`` is the hyper-parameter grid of
+Appendix C.1 (the benchmark reports the best value over it, with the chosen
+hyper-parameters); ``quick_space`` is a documented subset for quick runs.
+
+Checkpoints (the paper, Sec. 3.3): single-model methods attribute
+``models_full[0]``; TRAK-k ensembles ``models_half[:k]`` (the first 50 half-data
+models are the ensemble pool); TracInCP-10 sums over ``models_full[:10]`` with the
+optimiser's learning rate as weight (10 full-data models of different seeds: the
+retraining engine keeps final models, not a training trajectory).
+
+TRAK's projection is Gaussian up to ``DENSE_PROJECTION_MAX_PARAMS`` parameters
+and SJLT above (recorded with each result).
+
+Feasibility (the paper's red crosses): a method whose memory or time grows too
+fast with the parameter count P is marked infeasible above ``max_params``
+(dense Hessian P^2 for IF-Explicit; per-test-vector HVP solves for CG and LiSSA).
+``force=True`` in the runner tries anyway.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from dattri.algorithm import (
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    IFAttributorExplicit,
+    IFAttributorLiSSA,
+    RPSAttributor,
+    TracInAttributor,
+    TRAKAttributor,
+)
+from dattri.errors import DattriValueError
+from dattri.task import AttributionTask
+
+__all__ = [
+    "DENSE_PROJECTION_MAX_PARAMS",
+    "IF_REGULARIZATION",
+    "METHODS",
+    "MethodSpec",
+    "get_method",
+    "hyper_slug",
+    "infeasible_reason",
+    "num_parameters",
+    "search_space",
+]
+
+IF_REGULARIZATION = (1e-1, 1e-2, 5e-3, 1e-3, 1e-4, 1e-5)
+#: TRAK projects with a dense Gaussian matrix up to this many parameters and with
+#: a sparse JL transform (SJLT) above: a dense p x k block per batch costs 2pk
+#: flops per example plus p*k random numbers (16 s per 16 ResNet-9 gradients on
+#: a CPU against 0.2 s for SJLT); the published TRAK uses a CUDA projector instead.
+DENSE_PROJECTION_MAX_PARAMS = 1_000_000
+Builder = Callable[[Mapping[str, Any], Mapping[str, Any], dict], Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to benchmark one attribution method.
+
+    Attributes:
+        name: the label of the paper's figures.
+        family: ``"IF"``, ``"TracIn"``, ``"RPS"`` or ``"TRAK"``.
+        search_space: hyper-parameter dicts of Appendix C.1 (``({},)``: none).
+        quick_space: the subset used by ``search="quick"``.
+        build: ``(model_details, hyper, context) -> attributor`` (not yet cached).
+        checkpoints: ``"full"`` or ``"half"``: where its models come from.
+        num_models: checkpoints it needs (1, 10 or 50).
+        max_params: feasibility limit on the parameter count (None: none).
+        classification_only: needs a final linear classifier (RPS).
+        aliases: other accepted names (the published benchmark's).
+    """
+
+    name: str
+    family: str
+    search_space: tuple[Mapping[str, Any], ...]
+    quick_space: tuple[Mapping[str, Any], ...]
+    build: Builder
+    checkpoints: str = "full"
+    num_models: int = 1
+    max_params: int | None = None
+    classification_only: bool = False
+    aliases: tuple[str, ...] = ()
+
+
+def _grid(**axes: tuple[Any, ...]) -> tuple[dict[str, Any], ...]:
+    keys = list(axes)
+    return tuple(dict(zip(keys, values)) for values in itertools.product(*axes.values()))
+
+
+def hyper_slug(hyper: Mapping[str, Any]) -> str:
+    """A file-name-safe name of a hyper-parameter dict (``"default"`` when empty)."""
+    if not hyper:
+        return "default"
+    parts = [f"{k}={hyper[k]}" for k in sorted(hyper)]
+    return "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+# ----------------------------------------------------------------------------- builders
+def _task(md: Mapping[str, Any], ckpts: Any, loss: Any = None, target: Any = None) -> AttributionTask:
+    loss = md["loss_func"] if loss is None else loss
+    target = md["target_func"] if target is None else target
+    return AttributionTask(loss_func=loss, model=md["model"], checkpoints=ckpts,
+                           target_func=None if target is loss else target)
+
+
+class _SharedHessianExplicit(IFAttributorExplicit):
+    """IF-Explicit whose dense Hessian is computed once per checkpoint and shared.
+
+    The regularisation search of Appendix C.1 only changes ``(H + lambda I)^{-1}``;
+    the Hessian ``H`` itself (P basis-vector HVPs over the training set) is the
+    same, so it is kept in ``store`` (a dict owned by the runner, one per
+    setting and model) and only the inverse is recomputed per ``lambda``.
+    """
+
+    def __init__(self, task: AttributionTask, store: dict, **kwargs: Any) -> None:
+        super().__init__(task, **kwargs)
+        self._store = store
+
+    def _fit(self, ckpt: int) -> torch.Tensor:
+        from dattri.algorithm.influence_function import dense_hessian
+        from dattri.linalg.solvers import explicit_inverse
+
+        loss, theta = self._loss_and_theta(ckpt)
+        if theta.numel() ** 2 * theta.element_size() > self.max_bytes:
+            return super()._fit(ckpt)  # raises MemoryBudgetError with the advice
+        key = (ckpt, self.data.n)
+        if key not in self._store:
+            self._store[key] = dense_hessian(loss, theta, self.data)
+        return explicit_inverse(self._store[key], self.regularization)
+
+
+def _if_explicit(md, hyper, ctx):
+    store = ctx.setdefault("hessians", {})
+    return _SharedHessianExplicit(_task(md, md["models_full"][0]), store,
+                                  device=ctx.get("device", "cpu"), **hyper)
+
+
+def _if_cg(md, hyper, ctx):
+    return IFAttributorCG(_task(md, md["models_full"][0]), device=ctx.get("device", "cpu"), **hyper)
+
+
+def _if_lissa(md, hyper, ctx):
+    return IFAttributorLiSSA(_task(md, md["models_full"][0]), device=ctx.get("device", "cpu"),
+                             **hyper)
+
+
+def _if_arnoldi(md, hyper, ctx):
+    return IFAttributorArnoldi(_task(md, md["models_full"][0]), device=ctx.get("device", "cpu"),
+                               **hyper)
+
+
+def _tracin(num: int, normalized: bool) -> Builder:
+    def build(md, hyper, ctx):
+        ckpts = md["models_full"][:num]
+        rate = md["setting"].learning_rate if num > 1 else 1.0
+        return TracInAttributor(_task(md, ckpts if num > 1 else ckpts[0]), [rate] * num,
+                                normalized, device=ctx.get("device", "cpu"), **hyper)
+
+    return build
+
+
+def _rps(md, hyper, ctx):
+    task = AttributionTask(loss_func=F.cross_entropy, model=md["model"],
+                           checkpoints=md["models_full"][0])
+    return RPSAttributor(task, md["final_linear_layer_name"], device=ctx.get("device", "cpu"),
+                         **hyper)
+
+
+def _trak(num: int) -> Builder:
+    def build(md, hyper, ctx):
+        ckpts = md["models_half"][:num]
+        task = _task(md, ckpts if num > 1 else ckpts[0], md["margin_func"],
+                     md["margin_target_func"])
+        dense = num_parameters(md["model"]) <= DENSE_PROJECTION_MAX_PARAMS
+        proj = {"proj_dim": int(hyper["proj_dim"]), "proj_max_batch_size": 32,
+                "proj_seed": 0, "proj_type": "normal" if dense else "sjlt"}
+        return TRAKAttributor(task, md["correct_probability_func"], proj_params=proj,
+                              device=ctx.get("device", "cpu"))
+
+    return build
+
+
+# ----------------------------------------------------------------------------- the registry
+_REGS = _grid(regularization=IF_REGULARIZATION)
+_QUICK_REGS = _grid(regularization=(1e-2, 1e-3))
+_TRAK_SPACE = _grid(proj_dim=(512, 2048))
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec("IF-Explicit", "IF", _REGS, _QUICK_REGS, _if_explicit, max_params=20_000,
+               aliases=("if-explicit", "explicit")),
+    MethodSpec("IF-CG", "IF", _grid(regularization=IF_REGULARIZATION, max_iter=(10,)),
+               _grid(regularization=(1e-2, 1e-3), max_iter=(10,)), _if_cg,
+               max_params=2_000_000, aliases=("if-cg", "cg")),
+    MethodSpec("IF-LiSSA", "IF",
+               ({"recursion_depth": 500, "batch_size": 10},
+                {"recursion_depth": 500, "batch_size": 50}),
+               ({"recursion_depth": 500, "batch_size": 50},), _if_lissa,
+               max_params=2_000_000, aliases=("if-lissa", "lissa")),
+    MethodSpec("IF-Arnoldi", "IF", _grid(regularization=IF_REGULARIZATION, max_iter=(50,)),
+               _grid(regularization=(1e-2,), max_iter=(50,)), _if_arnoldi,
+               max_params=20_000_000, aliases=("if-arnoldi", "arnoldi")),
+    MethodSpec("TracInCP-10", "TracIn", ({},), ({},), _tracin(10, False), num_models=10,
+               aliases=("tracin", "tracincp")),
+    MethodSpec("Grad-Dot", "TracIn", ({},), ({},), _tracin(1, False), aliases=("graddot",)),
+    MethodSpec("Grad-Cos", "TracIn", ({},), ({},), _tracin(1, True), aliases=("gradcos",)),
+    MethodSpec("RPS-L2", "RPS",
+               _grid(l2_strength=(10.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4),
+                     normalize_preactivate=(True, False)),
+               _grid(l2_strength=(1e-2, 1e-3), normalize_preactivate=(False,)), _rps,
+               classification_only=True, aliases=("rps", "rps-l2")),
+    MethodSpec("TRAK-1", "TRAK", _TRAK_SPACE, _grid(proj_dim=(512,)), _trak(1),
+               checkpoints="half", aliases=("trak",)),
+    MethodSpec("TRAK-10", "TRAK", _TRAK_SPACE, _grid(proj_dim=(512,)), _trak(10),
+               checkpoints="half", num_models=10),
+    MethodSpec("TRAK-50", "TRAK", _TRAK_SPACE, _grid(proj_dim=(512,)), _trak(50),
+               checkpoints="half", num_models=50),
+)}
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name or alias (case-insensitive).
+
+    Raises:
+        DattriValueError: unknown method; the message lists them.
+    """
+    key = str(name).strip().lower()
+    for spec in METHODS.values():
+        if key == spec.name.lower() or key in spec.aliases:
+            return spec
+    msg = f"method: unknown method {name!r}; choose from {list(METHODS)}."
+    raise DattriValueError(msg)
+
+
+def search_space(spec: MethodSpec, search: str) -> tuple[Mapping[str, Any], ...]:
+    """``"paper"``: Appendix C.1's grid; ``"quick"``: its documented subset."""
+    if search == "paper":
+        return spec.search_space
+    if search == "quick":
+        return spec.quick_space
+    msg = f"search: expected 'paper' or 'quick', got {search!r}."
+    raise DattriValueError(msg)
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    """Distinct trainable parameters (tied weights counted once)."""
+    seen = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
+    return sum(seen.values())
+
+
+def infeasible_reason(spec: MethodSpec, md: Mapping[str, Any]) -> tuple[str, str, bool] | None:
+    """Why ``spec`` cannot run on these model details, or None when it can.
+
+    Returns:
+        ``(status, reason, forceable)``: status ``"n/a"`` (the method does not
+        apply, e.g. RPS without a classifier) or ``"infeasible"`` (too few
+        checkpoints, or above ``max_params``; only the latter is ``forceable``).
+    """
+    rec = md["setting"]
+    if spec.classification_only and (rec.task != "classification" or not rec.final_layer):
+        return "n/a", f"{spec.name} needs a classifier's final linear layer; {rec.name} has none", False
+    if spec.checkpoints == "full":
+        have = len(md["models_full"])
+    else:  # only the ensemble part: models_half[num_ensemble:] are the LDS ground truth
+        have = min(len(md["models_half"]), md["size"].num_ensemble)
+    if have < spec.num_models:
+        why = (f"{spec.name} needs {spec.num_models} {spec.checkpoints}-data models; size "
+               f"{md['size'].name!r} has {have}")
+        return "infeasible", why, False
+    p = num_parameters(md["model"])
+    if spec.max_params is not None and p > spec.max_params:
+        why = (f"{spec.name} is infeasible for {p:,} parameters (limit {spec.max_params:,}: "
+               "memory / time, the paper's red cross)")
+        return "infeasible", why, True
+    return None
