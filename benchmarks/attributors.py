@@ -150,6 +150,7 @@ def _last_linear(model) -> str:
 def flops(method: str, model_name: str, n: int, m: int) -> float:
     """FLOPs of the dominant step (per-example grads ~ 3 forward = 6P per example)."""
     p = 7850 if model_name == "lr" else 109386
+    factor_width = 795 if model_name == "lr" else 785 + 128 + 129 + 64 + 65 + 10
     grads = 6 * p
     hvp = 8 * p
     ckpts = {"tracin_cp_10": 10, "trak_10": 10, "trak_50": 50}.get(method, 1)
@@ -158,9 +159,10 @@ def flops(method: str, model_name: str, n: int, m: int) -> float:
         "cg": 10 * m * n * hvp,
         "lissa": 500 * 50 * m * hvp,
         "arnoldi": 50 * n * hvp + (n + m) * grads,
-        "grad_dot": (n + m) * grads + 2 * n * m * p,
-        "grad_cos": (n + m) * grads + 2 * n * m * p,
-        "tracin_cp_10": ckpts * ((n + m) * grads + 2 * n * m * p),
+        # factored nn.Linear inner products: sum over layers of (d_in + 1 + d_out)
+        "grad_dot": (n + m) * grads + 2 * n * m * factor_width,
+        "grad_cos": (n + m) * grads + 2 * n * m * factor_width,
+        "tracin_cp_10": ckpts * ((n + m) * grads + 2 * n * m * factor_width),
         "rps": 2 * n * m * 65,
     }
     if method.startswith("trak"):
