@@ -419,3 +419,20 @@ def test_arnoldi_low_rank_scoring_equals_generic(small_case, method):
     fast = att.attribute(tr, te, relatif_method=method)
     generic = _IFBase.attribute(att, tr, te, relatif_method=method)
     torch.testing.assert_close(fast, generic, rtol=1e-7, atol=1e-9)
+
+
+def test_explicit_hessian_store_reuses_the_hessian(lr_case, monkeypatch):
+    import dattri.algorithm.influence_function as IF
+
+    tr, te = loaders(lr_case["train"], lr_case["test"])
+    calls = []
+    real = IF.dense_hessian
+    monkeypatch.setattr(IF, "dense_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    store = {}
+    for reg in (1e-3, 1e-1):
+        att = IFAttributorExplicit(_task(lr_case), regularization=reg, hessian_store=store)
+        torch.testing.assert_close(att.cache(tr).attribute(tr, te), _exact_if(lr_case, reg),
+                                   rtol=1e-8, atol=1e-10)
+    assert len(calls) == 1
+    with pytest.raises(DattriValueError, match="hessian_store"):
+        IFAttributorExplicit(_task(lr_case), hessian_store=[])

@@ -173,16 +173,25 @@ class IFAttributorExplicit(_IFBase):
         task, layer_name, device: see :class:`BaseAttributor`.
         regularization: lambda added to the diagonal.
         max_bytes: memory budget for the dense Hessian (default 4 GiB).
+        hessian_store: optional dict shared by several attributors of the SAME task,
+            layer selection and training data (e.g. a search over
+            ``regularization``): the Hessian of each checkpoint is computed once,
+            kept there, and only ``(H + lambda I)^{-1}`` is recomputed.
     """
 
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",
         regularization: float = 0.0, max_bytes: int = 4 * 2**30,
+        hessian_store: dict | None = None,
     ) -> None:
         super().__init__(task, layer_name, device)
         _check_nonneg("regularization", regularization)
+        if hessian_store is not None and not isinstance(hessian_store, dict):
+            msg = f"hessian_store must be a dict or None, got {type(hessian_store).__name__}."
+            raise DattriValueError(msg)
         self.regularization = float(regularization)
         self.max_bytes = int(max_bytes)
+        self.hessian_store = hessian_store
 
     def _fit(self, ckpt: int) -> torch.Tensor:
         loss, theta = self._loss_and_theta(ckpt)
@@ -196,7 +205,13 @@ class IFAttributorExplicit(_IFBase):
                 "IFAttributorDataInf, or restrict layer_name=..."
             )
             raise MemoryBudgetError(msg)
-        h = dense_hessian(loss, theta, self.data)
+        key = (ckpt, self.data.n, p)
+        if self.hessian_store is not None and key in self.hessian_store:
+            h = self.hessian_store[key]
+        else:
+            h = dense_hessian(loss, theta, self.data)
+            if self.hessian_store is not None:
+                self.hessian_store[key] = h
         from dattri.linalg.solvers import explicit_inverse
 
         return explicit_inverse(h, self.regularization)

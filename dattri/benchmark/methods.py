@@ -114,36 +114,12 @@ def _task(md: Mapping[str, Any], ckpts: Any, loss: Any = None, target: Any = Non
                            target_func=None if target is loss else target)
 
 
-class _SharedHessianExplicit(IFAttributorExplicit):
-    """IF-Explicit whose dense Hessian is computed once per checkpoint and shared.
-
-    The regularisation search of Appendix C.1 only changes ``(H + lambda I)^{-1}``;
-    the Hessian ``H`` itself (P basis-vector HVPs over the training set) is the
-    same, so it is kept in ``store`` (a dict owned by the runner, one per
-    setting and model) and only the inverse is recomputed per ``lambda``.
-    """
-
-    def __init__(self, task: AttributionTask, store: dict, **kwargs: Any) -> None:
-        super().__init__(task, **kwargs)
-        self._store = store
-
-    def _fit(self, ckpt: int) -> torch.Tensor:
-        from dattri.algorithm.influence_function import dense_hessian
-        from dattri.linalg.solvers import explicit_inverse
-
-        loss, theta = self._loss_and_theta(ckpt)
-        if theta.numel() ** 2 * theta.element_size() > self.max_bytes:
-            return super()._fit(ckpt)  # raises MemoryBudgetError with the advice
-        key = (ckpt, self.data.n)
-        if key not in self._store:
-            self._store[key] = dense_hessian(loss, theta, self.data)
-        return explicit_inverse(self._store[key], self.regularization)
-
-
 def _if_explicit(md, hyper, ctx):
+    # the regularisation search of Appendix C.1 only changes (H + lambda I)^{-1}:
+    # one Hessian per setting and model, shared through hessian_store
     store = ctx.setdefault("hessians", {})
-    return _SharedHessianExplicit(_task(md, md["models_full"][0]), store,
-                                  device=ctx.get("device", "cpu"), **hyper)
+    return IFAttributorExplicit(_task(md, md["models_full"][0]), hessian_store=store,
+                                device=ctx.get("device", "cpu"), **hyper)
 
 
 def _if_cg(md, hyper, ctx):
