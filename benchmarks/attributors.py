@@ -7,7 +7,8 @@ Usage::
     python benchmarks/attributors.py --n-train 1000 --n-test 100   # quick
 
 Each (model, method) runs in a fresh subprocess so that its peak resident memory
-is its own; one JSON object per line goes to stdout (and ``--out``). Each line
+is its own; the one-time cost of torch's first ``torch.func`` transform in a
+process (~1.2 s of imports) is paid before the timer and reported apart; one JSON object per line goes to stdout (and ``--out``). Each line
 holds ``seconds`` (cache + attribute), ``peak_rss_mib``, the estimated FLOPs of
 the dominant step, the achieved GFLOP/s and the machine's measured float32
 matmul rate, so that ``floor_seconds = flops / matmul_rate`` can be put beside
@@ -178,6 +179,11 @@ def worker(model_name: str, method: str, data_file: str, rate: float) -> dict:
     n, m = len(data["y_train"]), len(data["y_test"])
     if method == "explicit" and model_name == "mlp":
         pass  # it refuses at once; measured like the others
+    # one-time process cost, excluded from the timing and reported: torch imports
+    # its compiler stack (dynamo, sympy) on the first torch.func transform (~1.2 s)
+    t_warm = time.perf_counter()
+    torch.func.vmap(torch.func.grad(lambda v: (v * v).sum()))(torch.ones(2, 2))
+    warmup = time.perf_counter() - t_warm
     att = build(method, model_name, data["ckpts"])
     tr = DataLoader(TensorDataset(data["x_train"], data["y_train"]), batch_size=500)
     te = DataLoader(TensorDataset(data["x_test"], data["y_test"]), batch_size=500)
@@ -196,6 +202,7 @@ def worker(model_name: str, method: str, data_file: str, rate: float) -> dict:
     return {
         "model": model_name, "method": method, "n_train": n, "n_test": m,
         "status": status, "seconds": round(secs, 3), "cache_seconds": round(t_cache, 3),
+        "process_warmup_seconds": round(warmup, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "dominant_gflop": round(f / 1e9, 2), "achieved_gflops": round(f / 1e9 / secs, 2),
         "matmul_gflops": round(rate, 1), "floor_seconds": round(f / 1e9 / rate, 3),

@@ -69,14 +69,24 @@ class FactoredGrads:
 
     def dense(self) -> torch.Tensor:
         """``(B, P)`` flat gradients in the task's parameter order (for checks)."""
-        parts = []
+        b = self.factors[0][1].shape[0]
+        widths = [(a.shape[1] - (1 if bs else 0)) * d.shape[1] * ws + d.shape[1] * bs
+                  for (a, d), (ws, bs) in zip(self.factors, self.layout)]
+        d0 = self.factors[0][1]
+        out = torch.empty(b, sum(widths), dtype=d0.dtype, device=d0.device)
+        start = 0
         for (a, d), (w_sel, b_sel) in zip(self.factors, self.layout):
+            o = d.shape[1]
             if w_sel:
                 w_in = a[:, :-1] if b_sel else a
-                parts.append(torch.einsum("bo,bi->boi", d, w_in).reshape(d.shape[0], -1))
+                i = w_in.shape[1]
+                # outer products written in place: no per-layer copy, no concatenation
+                torch.mul(d[:, :, None], w_in[:, None, :], out=out[:, start:start + o * i].view(b, o, i))
+                start += o * i
             if b_sel:
-                parts.append(d)
-        return torch.cat(parts, dim=1)
+                out[:, start:start + o] = d
+                start += o
+        return out
 
     @staticmethod
     def cat(parts: Sequence[FactoredGrads]) -> FactoredGrads:
