@@ -15,7 +15,7 @@ from dattri._loader import batch_size_of
 from dattri.errors import CheckpointError, DattriValueError, InvalidLossError, LayerNameError
 from dattri.func.utils import ParamSpec, partial_param
 
-__all__ = ["AttributionTask", "load_state_dict_file"]
+__all__ = ["AttributionTask", "batch_of_one", "load_state_dict_file"]
 
 Checkpoint = Union[Mapping[str, torch.Tensor], str, os.PathLike]
 
@@ -41,7 +41,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _batch_of_one(example: Any) -> Any:
+def batch_of_one(example: Any) -> Any:
+    """Add a leading batch dimension of size 1 to every tensor of one example."""
     return tree_map(
         lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example,
     )
@@ -149,6 +150,22 @@ class AttributionTask:
         }
         self.current_checkpoint_idx = ckpt_idx
 
+    def load_checkpoint(
+        self, ckpt_idx: int, device: str | torch.device | None = None, force: bool = False,
+    ) -> None:
+        """Load checkpoint ``ckpt_idx`` into the model, on ``device`` if given.
+
+        Re-reads the weights when ``force`` is set (the model may be shared with
+        another task), or when the checkpoint or the parameters' device changed.
+        """
+        if device is not None:
+            device = torch.device(device)
+            self.model.to(device)
+            force = force or any(p.device != device for p in self.named_parameters.values())
+        if force:
+            self.current_checkpoint_idx = None
+        self._load_checkpoints(ckpt_idx)
+
     # ------------------------------------------------------------------ parameters
     def _resolve_layer_name(self, layer_name: str | Sequence[str] | None) -> list[str]:
         if not self.named_parameters:
@@ -236,7 +253,7 @@ class AttributionTask:
     @staticmethod
     def _per_example(flat_func: Callable, in_dims: Any) -> Callable:
         def one(theta: torch.Tensor, example: Any) -> torch.Tensor:
-            return flat_func(theta, _batch_of_one(example))
+            return flat_func(theta, batch_of_one(example))
 
         # "same": a model with active dropout uses one mask for every example of a
         # call; the engine seeds each call per checkpoint (dropout ensembles).

@@ -117,8 +117,7 @@ class Featurizer(LoaderFeatures):
     def _grad_fn(self, ckpt_idx: int) -> tuple[Callable, torch.Tensor]:
         if ckpt_idx not in self._fn:
             task = self.task
-            task.model.to(self.device)
-            task.current_checkpoint_idx = None  # re-read params on the device
+            task.load_checkpoint(ckpt_idx, self.device, force=True)
             theta, _ = task.get_param(ckpt_idx, self.layer_name)
             get = task.get_grad_loss_func if self.which == "loss" else task.get_grad_target_func
             fn = get(layer_name=self.layer_name, ckpt_idx=ckpt_idx)

@@ -71,12 +71,9 @@ class LinearCapture:
         self._ckpt: int | None = None
 
     def _prepare(self, ckpt: int) -> None:
-        task = self.task
-        if self._ckpt != ckpt or task.current_checkpoint_idx != ckpt:
-            task.model.to(self.device)
-            task.current_checkpoint_idx = None  # re-read params on the device
-            task._load_checkpoints(ckpt)
-            self._ckpt = ckpt
+        # once per capture and checkpoint, then only when the task switched checkpoints
+        self.task.load_checkpoint(ckpt, self.device, force=self._ckpt != ckpt)
+        self._ckpt = ckpt
 
     def run(self, batch: Any, ckpt: int, which: str = "loss",
             func: Callable | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

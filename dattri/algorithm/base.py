@@ -33,7 +33,6 @@ class BaseAttributor:
             back on this device.
     """
 
-    #: number of checkpoints used (set by subclasses that ensemble)
     def __init__(
         self,
         task: AttributionTask,

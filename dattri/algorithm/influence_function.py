@@ -101,8 +101,7 @@ class _IFBase(BaseAttributor):
 
     def _loss_and_theta(self, ckpt: int) -> tuple[Callable, torch.Tensor]:
         task = self.task
-        task.model.to(self.device)
-        task.current_checkpoint_idx = None
+        task.load_checkpoint(ckpt, self.device, force=True)
         theta, _ = task.get_param(ckpt, self.layer_name)
         self.task.validate_batch(self.data.batches[0], "loss", ckpt)
         return task.get_loss_func(self.layer_name, ckpt), theta.to(self.device)

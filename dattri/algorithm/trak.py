@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 from torch.func import vmap
-from torch.utils._pytree import tree_map
 
 from dattri._loader import to_device
 from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwargs
 from dattri.errors import DattriValueError, NotCachedError
-from dattri.task import AttributionTask
+from dattri.task import AttributionTask, batch_of_one
 
 __all__ = ["TRAKAttributor", "kernel_factor", "kernel_scores", "psd_inverse"]
 
@@ -115,8 +114,7 @@ class TRAKAttributor(BaseAttributor):
         params = dict(task.named_parameters)
 
         def one(example: Any) -> torch.Tensor:
-            ex = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
-            return self.correct_probability_func(params, ex).reshape(())
+            return self.correct_probability_func(params, batch_of_one(example)).reshape(())
 
         with torch.no_grad():
             return vmap(one, randomness="same")(batch)

@@ -32,12 +32,9 @@ from tqdm.auto import tqdm
 from dattri._loader import batch_size_of, check_loader, slice_batch, to_device
 from dattri.errors import DattriValueError, GroundTruthError, InvalidLossError
 from dattri.model_util._retrain_store import load_metadata, load_model_file
+from dattri.task import batch_of_one
 
 __all__ = ["calculate_lds_ground_truth", "calculate_loo_ground_truth", "per_example_target"]
-
-
-def _batch_of_one(example: Any) -> Any:
-    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
 
 
 def _check_scalar(out: Any) -> torch.Tensor:
@@ -79,7 +76,7 @@ def per_example_target(
                         lambda t: 0 if isinstance(t, torch.Tensor) and t.dim() > 0 else None,
                         batch,
                     )
-                    vals = vmap(lambda ex: _check_scalar(target_func(params, _batch_of_one(ex))),
+                    vals = vmap(lambda ex: _check_scalar(target_func(params, batch_of_one(ex))),
                                 in_dims=(dims,))(batch)
                     out.append(vals.reshape(-1).to("cpu", torch.float64))
                     continue
