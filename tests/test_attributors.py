@@ -238,6 +238,36 @@ def test_trak_identity_projection_closed_form(lr_case):
     torch.testing.assert_close(att.attribute(tr, te), got)
 
 
+@pytest.mark.parametrize(("n", "k"), [(40, 9), (9, 40)])  # primal and dual forms
+def test_trak_kernel_factor_matches_dense_float64(n, k):
+    from dattri.algorithm.trak import gram64, kernel_factor, kernel_scores
+
+    g = torch.Generator().manual_seed(n * k)
+    phi = torch.randn(n, k, generator=g)
+    test = torch.randn(5, k, generator=g)
+    f, t = phi.double(), test.double()
+    torch.testing.assert_close(gram64(phi), f.T @ f, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gram64(phi, transpose=True), f @ f.T, rtol=1e-12, atol=1e-12)
+    lam = 0.3
+    expect = f @ torch.linalg.solve(f.T @ f + lam * torch.eye(k, dtype=torch.float64), t.T)
+    form, solve = kernel_factor(phi, lam)
+    assert form == ("primal" if k <= n else "dual")
+    got = kernel_scores(phi, form, solve, test)
+    assert got.dtype == phi.dtype
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_trak_projected_self_attribute_is_diagonal(lr_case):
+    task, prob, _ = _margin_task(lr_case)
+    tr, _ = loaders(lr_case["train"], lr_case["test"])
+    for dim in (8, 400):  # fewer / more features than the 120 examples: primal / dual
+        att = TRAKAttributor(task, prob, regularization=1e-3,
+                             proj_params={"proj_dim": dim, "proj_type": "normal"}).cache(tr)
+        full = att.attribute(tr, tr)
+        torch.testing.assert_close(att.self_attribute(tr), torch.diagonal(full),
+                                   rtol=1e-6, atol=1e-9)
+
+
 def test_invariance_batch_size_and_dict_batches(lr_case):
     tr, te = loaders(lr_case["train"], lr_case["test"])
     ref = IFAttributorExplicit(_task(lr_case), regularization=REG).cache(tr).attribute(tr, te)

