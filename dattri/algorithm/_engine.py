@@ -40,6 +40,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    # a finite sum implies finite entries (NaN and inf propagate through the sum);
+    # one reduction instead of a boolean tensor the size of t
+    if t.numel() and torch.isfinite(t.sum()):
+        return t
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).any(dim=-1).sum()) if t.dim() > 1 else -1
         msg = (
@@ -158,6 +162,11 @@ class Featurizer(LoaderFeatures):
 
     def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Features ``(B, d)`` of one batch (already on the device)."""
+        sketch = getattr(self.transform, "project_factored", None)
+        if sketch is not None and self.factored_ok(batch, ckpt_idx):
+            fg = self.factored.batch(batch, ckpt_idx)  # validates the loss on the batch
+            return _check_finite(sketch(fg, ckpt_idx),
+                                 f"{self.which} gradient sketches (checkpoint {ckpt_idx})")
         g = self.grads(batch, ckpt_idx)
         if self.transform is not None:
             g = self.transform(g, ckpt_idx)

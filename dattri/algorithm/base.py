@@ -133,6 +133,8 @@ def make_projection(kw: dict[str, Any] | None, device: torch.device):
     """
     if kw is None:
         return None
+    if kw.get("proj_type") == "tensorsketch":
+        return _tensor_sketch_transform(kw)
     from dattri.func.projection import random_project
 
     state: dict[int, Any] = {}
@@ -143,4 +145,25 @@ def make_projection(kw: dict[str, Any] | None, device: torch.device):
             state[p] = random_project(g, g.shape[0], device=device, **kw)
         return state[p](g, ensemble_id=ckpt_idx)
 
+    return transform
+
+
+def _tensor_sketch_transform(kw: dict[str, Any]):
+    """``proj_type="tensorsketch"``: a transform that sketches the factors of
+    ``nn.Linear`` gradients (``project_factored``) and refuses dense gradients."""
+    from dattri.func.sketch import TensorSketch
+
+    sketch = TensorSketch(int(kw["proj_dim"]), int(kw.get("proj_seed", 0)))
+
+    def transform(g: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
+        msg = (
+            "proj_type='tensorsketch' sketches per-example gradients of nn.Linear layers "
+            "from their factors, but this task's selected parameters are not all nn.Linear "
+            "layers applied once to 2-D inputs (or the factored check failed); use "
+            "proj_type='sjlt' or 'normal', or restrict layer_name to linear layers."
+        )
+        raise DattriValueError(msg)
+
+    transform.project_factored = lambda fg, ckpt_idx: sketch.project(fg.factors, ckpt_idx)
+    transform.sketch = sketch
     return transform

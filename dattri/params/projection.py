@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 ProjType = Literal["identity", "normal", "rademacher", "sjlt", "random_mask", "grass"]
-_PROJ_TYPES = get_args(ProjType)
+#: ``tensorsketch`` acts on factored nn.Linear gradients (dattri.func.sketch)
+_PROJ_TYPES = (*get_args(ProjType), "tensorsketch")
 
 
 def _is_int(value: object) -> bool:
