@@ -235,17 +235,40 @@ def dense_hessian(
     return (h + h.T) / 2
 
 
+#: memory bound of an ``IFAttributorCG`` ``shift_store`` (bytes)
+SHIFT_STORE_BYTES = 2 * 2**30
+
+
 class IFAttributorCG(_IFBase):
     """Influence function with conjugate gradients (Martens 2010).
 
     Solves ``(H + lambda I) X = G_test`` for all test gradients together (block
     CG), ``max_iter`` iterations or until every residual is below ``tol``.
+
+    Args:
+        task, layer_name, device: see :class:`BaseAttributor`.
+        max_iter, tol: CG iterations and relative residual tolerance.
+        mode: ``"rev-rev"`` or ``"rev-fwd"`` Hessian-vector products.
+        regularization: lambda added to the diagonal.
+        shift_store: optional dict shared by several attributors of the SAME task,
+            layer selection and training data that differ only in
+            ``regularization`` (a search over it), given together with ``shifts``:
+            one multi-shift CG (:func:`~dattri.linalg.cg_multishift_solve`) solves
+            for every shift at the cost of one CG, and the solutions are kept there
+            with their right-hand side; an attributor whose right-hand side is equal
+            takes its own. Each entry holds ``len(shifts) + 1`` blocks of the
+            right-hand side's size; the oldest go when they exceed
+            ``SHIFT_STORE_BYTES`` (2 GiB), so a search's self-influence (one block per
+            training chunk) is shared too when it fits.
+        shifts: the regularizations sharing ``shift_store``; must contain
+            ``regularization``.
     """
 
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",
         max_iter: int = 10, tol: float = 1e-7, mode: str = "rev-rev",
-        regularization: float = 0.0,
+        regularization: float = 0.0, shift_store: dict | None = None,
+        shifts: Sequence[float] | None = None,
     ) -> None:
         super().__init__(task, layer_name, device)
         _check_choice("mode", mode, _MODES)
@@ -253,18 +276,49 @@ class IFAttributorCG(_IFBase):
         if not isinstance(max_iter, int) or max_iter < 1:
             msg = f"max_iter={max_iter!r} must be an int >= 1."
             raise DattriValueError(msg)
+        if shift_store is not None and not isinstance(shift_store, dict):
+            msg = f"shift_store must be a dict or None, got {type(shift_store).__name__}."
+            raise DattriValueError(msg)
+        if (shift_store is None) != (shifts is None):
+            msg = (f"shift_store and shifts go together, got shift_store={type(shift_store).__name__}"
+                   f" and shifts={shifts!r}; pass both or neither.")
+            raise DattriValueError(msg)
         self.max_iter, self.tol, self.mode = max_iter, float(tol), mode
         self.regularization = float(regularization)
+        self.shift_store, self.shifts = shift_store, None
+        if shifts is not None:
+            from dattri.linalg.solvers import _check_shifts
+
+            self.shifts = tuple(sorted(_check_shifts(shifts)))
+            if self.regularization not in self.shifts:
+                msg = (f"regularization={regularization!r} is not one of shifts={shifts!r}; "
+                       "add it to shifts.")
+                raise DattriValueError(msg)
 
     def _fit(self, ckpt: int) -> Callable:
         loss, theta = self._loss_and_theta(ckpt)
         return dataset_matmat(loss, theta, self.data, self.mode)
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
-        from dattri.linalg.solvers import cg_solve
+        from dattri.linalg.solvers import cg_multishift_solve, cg_solve
 
-        return cg_solve(self._state[ckpt], v, max_iter=self.max_iter, tol=self.tol,
-                        regularization=self.regularization)
+        if self.shift_store is None:
+            return cg_solve(self._state[ckpt], v, max_iter=self.max_iter, tol=self.tol,
+                            regularization=self.regularization)
+        key = (ckpt, self.max_iter, self.tol, self.mode, self.shifts, tuple(v.shape),
+               v.dtype, str(v.device), self.data.n)
+        entries = self.shift_store.setdefault("entries", [])
+        for k, v_ref, sols in entries:
+            if k == key and torch.equal(v_ref, v):
+                return sols[self.regularization]
+        sols = cg_multishift_solve(self._state[ckpt], v, self.shifts,
+                                   max_iter=self.max_iter, tol=self.tol)
+        entries.append((key, v, sols))
+        # bounded: oldest entries go first (self-influence solves one block per chunk)
+        size = v.numel() * v.element_size() * (len(self.shifts) + 1)
+        while len(entries) > 1 and size * len(entries) > SHIFT_STORE_BYTES:
+            entries.pop(0)
+        return sols[self.regularization]
 
 
 class IFAttributorLiSSA(_IFBase):

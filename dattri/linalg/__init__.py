@@ -5,6 +5,7 @@ See :mod:`dattri.linalg.solvers` for the formulas.
 
 from dattri.linalg.solvers import (
     arnoldi,
+    cg_multishift_solve,
     cg_solve,
     explicit_inverse,
     explicit_solve,
@@ -14,6 +15,7 @@ from dattri.linalg.solvers import (
 
 __all__ = [
     "arnoldi",
+    "cg_multishift_solve",
     "cg_solve",
     "explicit_inverse",
     "explicit_solve",

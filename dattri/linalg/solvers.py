@@ -9,6 +9,8 @@ block per iteration, never a Python loop over the rows.
 
 - :func:`cg_solve`: block of independent conjugate-gradient runs
   (Hestenes & Stiefel 1952; Martens 2010 for Hessian-free use).
+- :func:`cg_multishift_solve`: the same CG for several shifts
+  :math:`A + s_j I` from one sequence of products (Jegerlehner 1996; Frommer 2003).
 - :func:`lissa_solve`: the stochastic Neumann-series recursion LiSSA
   (Agarwal, Bullins & Hazan 2017; Koh & Liang 2017).
 - :func:`arnoldi`: top eigenpairs from an Arnoldi / Krylov basis
@@ -20,7 +22,7 @@ block per iteration, never a Python loop over the rows.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +31,7 @@ from dattri.errors import DattriValueError, NonFiniteError
 
 __all__ = [
     "arnoldi",
+    "cg_multishift_solve",
     "cg_solve",
     "explicit_inverse",
     "explicit_solve",
@@ -63,6 +66,21 @@ def _check_posint(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         msg = f"`{name}` must be a positive integer, got {value!r}."
         raise DattriValueError(msg)
+
+
+def _cg_step(op, Pdir, R, rs, idx, tiny):
+    """One CG step on the rows ``idx``: ``(P_a, ok, alpha, R_a, rs_new, beta)``;
+    ``ok`` is False where ``p^T A p`` is zero or not finite (breakdown: alpha = 0)."""
+    P_a = Pdir[idx]
+    AP = op(P_a)
+    pAp = (P_a * AP).sum(dim=1)
+    ok = (pAp != 0) & torch.isfinite(pAp)
+    rs_a = rs[idx]
+    alpha = torch.where(ok, rs_a / torch.where(ok, pAp, 1.0), 0.0)
+    R_a = R[idx] - alpha[:, None] * AP
+    rs_new = (R_a * R_a).sum(dim=1)
+    beta = torch.where(rs_a > 0, rs_new / rs_a.clamp_min(tiny), 0.0)
+    return P_a, ok, alpha, R_a, rs_new, beta
 
 
 def cg_solve(
@@ -126,21 +144,131 @@ def cg_solve(
         idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        P_a = Pdir[idx]
-        AP = op(P_a)
-        pAp = (P_a * AP).sum(dim=1)
-        ok = (pAp != 0) & torch.isfinite(pAp)
-        rs_a = rs[idx]
-        alpha = torch.where(ok, rs_a / torch.where(ok, pAp, 1.0), 0.0)
+        P_a, ok, alpha, R_a, rs_new, beta = _cg_step(op, Pdir, R, rs, idx, tiny)
         X[idx] = X[idx] + alpha[:, None] * P_a
-        R_a = R[idx] - alpha[:, None] * AP
-        rs_new = (R_a * R_a).sum(dim=1)
-        beta = torch.where(rs_a > 0, rs_new / rs_a.clamp_min(tiny), 0.0)
         R[idx] = R_a
         Pdir[idx] = R_a + beta[:, None] * P_a
         rs[idx] = rs_new
         active[idx] = ok & (rs_new.sqrt() > thresh[idx])
     return X[0] if single else X
+
+
+def _check_shifts(shifts: Iterable[float]) -> list[float]:
+    """``shifts`` as a list of distinct non-negative floats (order kept)."""
+    try:
+        vals = [float(s) for s in shifts]
+    except (TypeError, ValueError):
+        msg = f"`shifts` must be a sequence of numbers, got {shifts!r}; pass e.g. (1e-2, 1e-3)."
+        raise DattriValueError(msg) from None
+    if not vals:
+        msg = f"`shifts` must not be empty, got {shifts!r}; pass at least one shift."
+        raise DattriValueError(msg)
+    for i, s in enumerate(vals):
+        _check_nonneg(f"shifts[{i}]", s)
+    dup = sorted({s for s in vals if vals.count(s) > 1})
+    if dup:
+        msg = f"`shifts` contains duplicates {dup} (got {shifts!r}); pass each shift once."
+        raise DattriValueError(msg)
+    return vals
+
+
+def cg_multishift_solve(
+    matmat: Callable[[torch.Tensor], torch.Tensor],
+    B: torch.Tensor,
+    shifts: Iterable[float],
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    progress: bool = False,
+) -> dict[float, torch.Tensor]:
+    r"""Solve :math:`(A + s_j I) x_{j,r} = b_r` for every shift and row by one CG run.
+
+    Krylov spaces are shift invariant, :math:`\mathcal K_m(A + sI, b) = \mathcal K_m(A, b)`,
+    so with :math:`x_0 = 0` the CG iterates of every shift come from the products of
+    one base CG on :math:`A_0 = A + s_0 I`, :math:`s_0 = \min_j s_j` (Jegerlehner 1996;
+    Frommer 2003). With the base step sizes :math:`\alpha_k, \beta_k` (as in
+    :func:`cg_solve`) and :math:`\sigma = s_j - s_0 \ge 0`, the shifted residual is
+    :math:`r^\sigma_k = \zeta_k r_k` with :math:`\zeta_k = 1/R_k(-\sigma)` (``R_k`` the
+    base residual polynomial), :math:`\zeta_{-1} = \zeta_0 = 1`, and
+
+    .. math:: \zeta_{k+1} = \frac{\zeta_k \zeta_{k-1}}
+              {\zeta_{k-1}(1 + \alpha_k \sigma) + c_k (\zeta_{k-1} - \zeta_k)},
+              \qquad c_k = \beta_{k-1}\alpha_k / \alpha_{k-1}\ (c_0 = 0),
+
+    .. math:: x^\sigma_{k+1} = x^\sigma_k + \alpha_k \tfrac{\zeta_{k+1}}{\zeta_k} p^\sigma_k,
+              \qquad p^\sigma_{k+1} = \zeta_{k+1} r_{k+1}
+              + \beta_k \big(\tfrac{\zeta_{k+1}}{\zeta_k}\big)^2 p^\sigma_k.
+
+    In exact arithmetic ``X[s]`` equals ``cg_solve(matmat, B, max_iter, tol,
+    regularization=s)``, including its stopping rule: shift ``s`` of row ``r`` stops
+    once :math:`|\zeta|\,\|r_r\| \le \mathrm{tol}\cdot\max(\|b_r\|, \epsilon)`; the base
+    recursion of a row runs while any of its shifts does, and ``matmat`` is called
+    only on those rows (``max_iter`` calls at most). A breakdown of the base
+    (:math:`p^\top A_0 p` zero or non-finite) freezes every shift of that row. Memory:
+    one solution and one direction per shift, plus four blocks, all of ``B``'s size.
+
+    Args:
+        matmat: maps a ``(m, P)`` block to ``(m, P)``, row ``r`` to ``A @ row_r``
+            (``A`` symmetric positive semi-definite; ``m`` varies between calls).
+        B: right-hand sides, ``(k, P)`` or ``(P,)``.
+        shifts: the distinct :math:`s_j \ge 0`, in any order.
+        max_iter: maximum number of CG iterations (= calls of ``matmat``).
+        tol: relative residual tolerance.
+        progress: show a tqdm bar over the iterations.
+
+    Returns:
+        ``{float(s): X_s}`` for every shift, each ``X_s`` with the shape of ``B``.
+
+    Raises:
+        DattriValueError: for a bad shape or setting (empty, negative or duplicate shifts).
+    """
+    _check_posint("max_iter", max_iter)
+    _check_nonneg("tol", tol)
+    vals = _check_shifts(shifts)
+    Bm, single = _as_rows(B)
+    base = min(vals)
+
+    def op(V: torch.Tensor) -> torch.Tensor:
+        out = matmat(V)
+        return out + base * V if base else out
+
+    sigma = torch.tensor([s - base for s in vals], dtype=Bm.dtype, device=Bm.device)[:, None]
+    tiny = torch.finfo(Bm.dtype).tiny if Bm.is_floating_point() else 1e-30
+    thresh = tol * Bm.norm(dim=1).clamp_min(tiny)
+    R, rs = Bm.clone(), (Bm * Bm).sum(dim=1)
+    Pdir = R.clone()
+    Xs = [torch.zeros_like(Bm) for _ in vals]
+    Ps = [Bm.clone() for _ in vals]
+    zeta = torch.ones(len(vals), Bm.shape[0], dtype=Bm.dtype, device=Bm.device)
+    zeta_old = zeta.clone()
+    alpha_old, beta_old = torch.ones_like(rs), torch.zeros_like(rs)
+    active = (rs.sqrt() > thresh).expand_as(zeta).clone()  # (shift, row)
+    for _ in tqdm(range(max_iter), desc="multi-shift CG", disable=not progress):
+        idx = active.any(dim=0).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        P_a, ok, alpha, R_a, rs_new, beta = _cg_step(op, Pdir, R, rs, idx, tiny)
+        z, zo = zeta[:, idx], zeta_old[:, idx]
+        c = beta_old[idx] * alpha / alpha_old[idx]
+        z_new = z * zo / (zo * (1 + alpha * sigma) + c * (zo - z))
+        ratio = z_new / z
+        a_s, b_s = alpha * ratio, beta * ratio * ratio
+        run = active[:, idx] & ok & torch.isfinite(a_s) & torch.isfinite(b_s)
+        for j in range(len(vals)):  # a few shifts; the rows stay one block
+            sel = run[j]
+            if idx.numel() == Bm.shape[0] and bool(sel.all()):  # the usual case: in place
+                Xs[j].add_(a_s[j, :, None] * Ps[j])
+                Ps[j].mul_(b_s[j, :, None]).add_(z_new[j, :, None] * R_a)
+                continue
+            rows = idx[sel]
+            P_j = Ps[j][rows]
+            Xs[j][rows] = Xs[j][rows] + a_s[j, sel, None] * P_j
+            Ps[j][rows] = z_new[j, sel, None] * R_a[sel] + b_s[j, sel, None] * P_j
+        R[idx], rs[idx] = R_a, rs_new
+        Pdir[idx] = R_a + beta[:, None] * P_a
+        zeta_old[:, idx], zeta[:, idx] = z, z_new
+        alpha_old[idx], beta_old[idx] = alpha, beta
+        active[:, idx] = run & (z_new.abs() * rs_new.sqrt() > thresh[idx])
+    return {s: (X[0] if single else X) for s, X in zip(vals, Xs)}
 
 
 def lissa_solve(
