@@ -17,6 +17,7 @@ from dattri.benchmark.methods import (
     get_method,
     infeasible_reason,
     search_space,
+    trak_projection_type,
 )
 from dattri.benchmark.settings import (
     SETTINGS,
@@ -208,9 +209,27 @@ def test_infeasibility_marks():
     status, reason, forceable = infeasible_reason(METHODS["IF-Explicit"], mlp)
     assert status == "infeasible" and forceable and "109,386 parameters" in reason
     assert infeasible_reason(METHODS["IF-CG"], mlp) is None
+    assert infeasible_reason(METHODS["IF-CG"], mlp, ["lds", "loo"]) is None
+    # self-influence needs one solve per training example: CG/LiSSA AUC on the MLP
+    status, reason, forceable = infeasible_reason(METHODS["IF-LiSSA"], mlp, ["auc"])
+    assert status == "infeasible" and forceable and "self-influence" in reason
+    lr = details("mnist_lr", nn.Linear(784, 10))
+    assert infeasible_reason(METHODS["IF-CG"], lr, ["auc"]) is None
     assert infeasible_reason(METHODS["TRAK-50"], mlp)[:3:2] == ("infeasible", False)
     gpt = details("shakespeare_nanogpt", nn.Linear(2, 2))
     assert infeasible_reason(METHODS["RPS-L2"], gpt)[0] == "n/a"
+
+
+def test_trak_projection_choice():
+    # all-linear models are sketched from their factors; others are projected densely
+    # (small) or sparsely (large)
+    assert trak_projection_type(create_mlp_model()) == "tensorsketch"
+    assert trak_projection_type(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(),
+                                              nn.Linear(4, 2))) == "normal"
+    assert trak_projection_type(nn.Sequential(nn.Embedding(2000, 600), nn.Linear(600, 2))) == "sjlt"
+    frozen = nn.Sequential(nn.Embedding(3, 4), nn.Linear(4, 2))
+    frozen[0].weight.requires_grad_(False)  # only trainable parameters count
+    assert trak_projection_type(frozen) == "tensorsketch"
 
 
 def test_language_model_functions_take_tied_checkpoints():

@@ -12,8 +12,9 @@ models are the ensemble pool); TracInCP-10 sums over ``models_full[:10]`` with t
 optimiser's learning rate as weight (10 full-data models of different seeds: the
 retraining engine keeps final models, not a training trajectory).
 
-TRAK's projection is Gaussian up to ``DENSE_PROJECTION_MAX_PARAMS`` parameters
-and SJLT above (recorded with each result).
+TRAK's projection (recorded with each result) is a TensorSketch of the layer
+factors for models made of ``nn.Linear`` layers (MNIST LR and MLP), else Gaussian up
+to ``DENSE_PROJECTION_MAX_PARAMS`` parameters and SJLT above.
 
 Feasibility (the paper's red crosses): a method whose memory or time grows too
 fast with the parameter count P is marked infeasible above ``max_params``
@@ -53,6 +54,7 @@ __all__ = [
     "infeasible_reason",
     "num_parameters",
     "search_space",
+    "trak_projection_type",
 ]
 
 IF_REGULARIZATION = (1e-1, 1e-2, 5e-3, 1e-3, 1e-4, 1e-5)
@@ -79,6 +81,10 @@ class MethodSpec:
         max_params: feasibility limit on the parameter count (None: none).
         classification_only: needs a final linear classifier (RPS).
         aliases: other accepted names (the published benchmark's).
+        max_params_self: feasibility limit for self-influence (the AUC metric), which
+            needs one inverse-HVP per *training* example: ten times the test side
+            for CG and LiSSA (MNIST MLP: ~25 min per configuration at this CPU's
+            matmul rate, against 2.5 min for the 500 test points).
     """
 
     name: str
@@ -91,6 +97,7 @@ class MethodSpec:
     max_params: int | None = None
     classification_only: bool = False
     aliases: tuple[str, ...] = ()
+    max_params_self: int | None = None
 
 
 def _grid(**axes: tuple[Any, ...]) -> tuple[dict[str, Any], ...]:
@@ -123,7 +130,13 @@ def _if_explicit(md, hyper, ctx):
 
 
 def _if_cg(md, hyper, ctx):
-    return IFAttributorCG(_task(md, md["models_full"][0]), device=ctx.get("device", "cpu"), **hyper)
+    # CG for (H + lambda I) sees one Krylov space for every lambda: the first
+    # configuration runs one multi-shift CG for all of IF_REGULARIZATION, the others
+    # take their solution from ctx (held: 7 blocks of n_test x P, 1.5 GB on the MNIST
+    # MLP), so that one's "attribute" seconds carry the whole search's CG
+    return IFAttributorCG(_task(md, md["models_full"][0]), device=ctx.get("device", "cpu"),
+                          shift_store=ctx.setdefault("cg_shifts", {}),
+                          shifts=IF_REGULARIZATION, **hyper)
 
 
 def _if_lissa(md, hyper, ctx):
@@ -153,14 +166,26 @@ def _rps(md, hyper, ctx):
                          **hyper)
 
 
+def trak_projection_type(model: torch.nn.Module) -> str:
+    """TRAK's projection in the benchmark: ``"tensorsketch"`` when every trainable
+    parameter sits in an ``nn.Linear`` (sketched from the layer factors without
+    forming gradients; its inner-product error at k = 2,048 is that of a dense
+    Gaussian projection, ``benchmarks/projection.py``), else ``"normal"`` up to
+    ``DENSE_PROJECTION_MAX_PARAMS`` parameters, else ``"sjlt"``."""
+    linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
+              for p in m.parameters(recurse=False)}
+    if all(id(p) in linear for p in model.parameters() if p.requires_grad):
+        return "tensorsketch"
+    return "normal" if num_parameters(model) <= DENSE_PROJECTION_MAX_PARAMS else "sjlt"
+
+
 def _trak(num: int) -> Builder:
     def build(md, hyper, ctx):
         ckpts = md["models_half"][:num]
         task = _task(md, ckpts if num > 1 else ckpts[0], md["margin_func"],
                      md["margin_target_func"])
-        dense = num_parameters(md["model"]) <= DENSE_PROJECTION_MAX_PARAMS
         proj = {"proj_dim": int(hyper["proj_dim"]), "proj_max_batch_size": 32,
-                "proj_seed": 0, "proj_type": "normal" if dense else "sjlt"}
+                "proj_seed": 0, "proj_type": trak_projection_type(md["model"])}
         return TRAKAttributor(task, md["correct_probability_func"], proj_params=proj,
                               device=ctx.get("device", "cpu"))
 
@@ -177,12 +202,12 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
                aliases=("if-explicit", "explicit")),
     MethodSpec("IF-CG", "IF", _grid(regularization=IF_REGULARIZATION, max_iter=(10,)),
                _grid(regularization=(1e-2, 1e-3), max_iter=(10,)), _if_cg,
-               max_params=2_000_000, aliases=("if-cg", "cg")),
+               max_params=2_000_000, max_params_self=20_000, aliases=("if-cg", "cg")),
     MethodSpec("IF-LiSSA", "IF",
                ({"recursion_depth": 500, "batch_size": 10},
                 {"recursion_depth": 500, "batch_size": 50}),
                ({"recursion_depth": 500, "batch_size": 50},), _if_lissa,
-               max_params=2_000_000, aliases=("if-lissa", "lissa")),
+               max_params=2_000_000, max_params_self=20_000, aliases=("if-lissa", "lissa")),
     MethodSpec("IF-Arnoldi", "IF", _grid(regularization=IF_REGULARIZATION, max_iter=(50,)),
                _grid(regularization=(1e-2,), max_iter=(50,)), _if_arnoldi,
                max_params=20_000_000, aliases=("if-arnoldi", "arnoldi")),
@@ -234,8 +259,9 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def infeasible_reason(spec: MethodSpec, md: Mapping[str, Any]) -> tuple[str, str, bool] | None:
-    """Why ``spec`` cannot run on these model details, or None when it can.
+def infeasible_reason(spec: MethodSpec, md: Mapping[str, Any],
+                      metrics: tuple[str, ...] | list[str] = ()) -> tuple[str, str, bool] | None:
+    """Why ``spec`` cannot run on these model details (for ``metrics``), or None.
 
     Returns:
         ``(status, reason, forceable)``: status ``"n/a"`` (the method does not
@@ -257,5 +283,10 @@ def infeasible_reason(spec: MethodSpec, md: Mapping[str, Any]) -> tuple[str, str
     if spec.max_params is not None and p > spec.max_params:
         why = (f"{spec.name} is infeasible for {p:,} parameters (limit {spec.max_params:,}: "
                "memory / time, the paper's red cross)")
+        return "infeasible", why, True
+    if "auc" in metrics and spec.max_params_self is not None and p > spec.max_params_self:
+        why = (f"{spec.name} self-influence (AUC) is infeasible for {p:,} parameters (limit "
+               f"{spec.max_params_self:,}: one inverse-HVP solve per training example, "
+               "time budget; --force runs it)")
         return "infeasible", why, True
     return None

@@ -227,7 +227,7 @@ def _run_group(cfg, setting, metrics, specs, bar, results, counts) -> None:
     prints = {m: _fingerprint(md, m, gts[m]) for m in metrics}
     for spec in specs:
         ctx: dict[str, Any] = {"device": cfg.device}
-        why = infeasible_reason(spec, md)
+        why = infeasible_reason(spec, md, metrics)
         if why is not None and not (cfg.force and why[2]):
             status, reason, _ = why
             for m in metrics:
