@@ -415,6 +415,24 @@ def test_factored_falls_back_when_loss_couples_examples():
     torch.testing.assert_close(got, expect)
 
 
+def test_factored_falls_back_when_loss_calls_another_model_instance():
+    # published-dattri style: the loss closes over its own copy of the architecture;
+    # the task's model is never called, so its hooks capture nothing -> dense path
+    model, train, test = _mlp_case()
+    twin = copy.deepcopy(model)
+
+    def loss(params, data):
+        x, y = data
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(twin, params, (x,)), y)
+
+    tr, te = loaders(train, test, bs_train=10, bs_test=7)
+    att = TracInAttributor(AttributionTask(loss, model, model.state_dict()), [1.0], False)
+    got = att.attribute(tr, te)
+    assert att.train_features.factored._verified == {0: False}
+    expect = per_example_grads(model, loss, *train) @ per_example_grads(model, loss, *test).T
+    torch.testing.assert_close(got, expect)
+
+
 def test_rps_representer_decomposition():
     """After L2 fine-tuning, sum_j alpha_j k(h_j, h_t) reproduces the pre-activation."""
     from dattri.algorithm import RPSAttributor

@@ -108,15 +108,16 @@ class LinearCapture:
                     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                         msg = "the loss/target function must return a scalar batch mean."
                         raise InvalidLossError(msg)
-                    leaves = [store[n][0][1] for n in self.modules if store[n]]
+                    missing = [n for n in self.modules if not store[n]]
+                    if missing:  # e.g. the loss calls another instance of the model
+                        msg = (f"modules {missing} were not called by the loss function "
+                               "(does it call task.model?); drop them from module_name.")
+                        raise DattriValueError(msg)
+                    leaves = [store[n][0][1] for n in self.modules]
                     grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in self.modules if not store[n]]
-        if missing:
-            msg = f"modules {missing} were not called by the loss function; drop them from module_name."
-            raise DattriValueError(msg)
         b = batch_size_of(batch)
         out, it = {}, iter(grads)
         for n in self.modules:
