@@ -132,6 +132,11 @@ def test_best_results_table_and_figures(tmp_path):
     table = format_table(list(rows.values()))
     assert "0.4000" in table and "regularization=0.01" in table and "INFEASIBLE" in table
     assert "n1" in table
+    # the paper's value sits beside ours at the paper's size only
+    line = next(x for x in table.splitlines() if "IF-Explicit" in x)
+    assert "0.80" in line
+    reduced = format_table([{**rows[("lds", "IF-Explicit")], "size": "reduced"}])
+    assert "0.80" not in reduced
     pytest.importorskip("matplotlib")
     files = plot_results(list(rows.values()), tmp_path)
     assert sorted(f.name for f in files) == ["figure2_loo_lds_mnist.png", "figure4_auc.png"]

@@ -20,7 +20,20 @@ from typing import Any
 
 from dattri.benchmark.methods import METHODS
 
-__all__ = ["FIGURES", "format_table", "plot_results"]
+__all__ = ["FIGURES", "PAPER_VALUES", "format_table", "plot_results"]
+
+#: the paper's LDS for MNIST-10 (read off its Figure 2; "~" values there), drawn as
+#: black ticks beside our bars and printed in the table's "paper" column
+PAPER_VALUES: dict[tuple[str, str], dict[str, float]] = {
+    ("mnist_lr", "lds"): {
+        "IF-Explicit": 0.80, "IF-CG": 0.80, "IF-LiSSA": 0.80, "IF-Arnoldi": 0.31,
+        "TracInCP-10": 0.33, "Grad-Dot": 0.33, "Grad-Cos": 0.19, "RPS-L2": 0.19,
+        "TRAK-1": 0.42, "TRAK-10": 0.64, "TRAK-50": 0.68},
+    ("mnist_mlp", "lds"): {
+        "IF-CG": 0.26, "IF-LiSSA": 0.14, "IF-Arnoldi": 0.09, "TracInCP-10": 0.15,
+        "Grad-Dot": 0.10, "Grad-Cos": 0.12, "RPS-L2": 0.09, "TRAK-1": 0.11,
+        "TRAK-10": 0.33, "TRAK-50": 0.45},
+}
 
 FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
     "figure2_loo_lds_mnist": (("mnist_lr", "loo"), ("mnist_lr", "lds"),
@@ -55,7 +68,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     Returns:
         The table, then the distinct notes (sizes, stand-in data, LOO subsets).
     """
-    head = ("setting", "size", "metric", "method", "value", "best hyper-parameters", "time")
+    head = ("setting", "size", "metric", "method", "value", "paper", "best hyper-parameters",
+            "time")
     lines = [head]
     key = lambda r: (r["setting"], r["metric"], _order(r["method"]))
     for r in sorted(rows, key=key):
@@ -67,8 +81,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         else:
             value, took = str(r.get("status", "?")).upper(), ""
             hyper = str(r.get("reason", ""))[:70]
+        paper = PAPER_VALUES.get((r["setting"], r["metric"]), {}).get(r["method"])
+        paper = f"{paper:.2f}" if paper is not None and r["size"] == "full" else ""
         lines.append((r["setting"], r["size"], _METRIC.get(r["metric"], r["metric"]),
-                      r["method"], value, hyper, took))
+                      r["method"], value, paper, hyper, took))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -91,6 +107,12 @@ def _panel(ax: Any, rows: list[dict[str, Any]], setting: str, metric: str) -> No
             ax.text(x, v, f"{v:.2f}", ha="center", va="bottom" if v >= 0 else "top", fontsize=7)
         else:
             ax.plot([x], [0.0], marker="x", color="red", markersize=10, mew=2.5)
+    paper = PAPER_VALUES.get((setting, metric), {}) if rows[0].get("size") == "full" else {}
+    marks = [(x, paper[n]) for x, n in zip(xs, names) if n in paper]
+    if marks:
+        ax.scatter([x for x, _ in marks], [v for _, v in marks], marker="_", s=260,
+                   color="black", linewidths=2.0, zorder=3, label="paper")
+        ax.legend(fontsize=7, loc="upper right", frameon=False)
     ax.axhline(0.0, color="black", linewidth=0.6)
     if metric == "auc":
         ax.axhline(0.5, color="gray", linewidth=0.6, linestyle="--")
@@ -100,7 +122,7 @@ def _panel(ax: Any, rows: list[dict[str, Any]], setting: str, metric: str) -> No
     suffix = "" if size == "full" else f" [{size}]"
     ax.set_title(f"{_METRIC.get(metric, metric)}: {_TITLES.get(setting, setting)}{suffix}",
                  fontsize=9)
-    finite = [v for v in values if math.isfinite(v)]
+    finite = [v for v in values if math.isfinite(v)] + [v for _, v in marks]
     if finite and metric != "auc":
         low, high = min(0.0, *finite), max(0.0, *finite)
         pad = 0.15 * (high - low or 1.0)
