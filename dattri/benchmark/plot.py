@@ -83,8 +83,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             hyper = str(r.get("reason", ""))[:70]
         paper = PAPER_VALUES.get((r["setting"], r["metric"]), {}).get(r["method"])
         paper = f"{paper:.2f}" if paper is not None and r["size"] == "full" else ""
-        lines.append((r["setting"], r["size"], _METRIC.get(r["metric"], r["metric"]),
-                      r["method"], value, paper, hyper, took))
+        label = _METRIC.get(r["metric"], r["metric"])
+        if r["metric"] == "loo" and r.get("loo_points"):  # LOO on a sample: say so
+            label += f" ({r['loo_points']} left out)"
+        lines.append((r["setting"], r["size"], label, r["method"], value, paper, hyper, took))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
