@@ -170,7 +170,7 @@ def trak_projection_type(model: torch.nn.Module) -> str:
     """TRAK's projection in the benchmark: ``"tensorsketch"`` when every trainable
     parameter sits in an ``nn.Linear`` (sketched from the layer factors without
     forming gradients; its inner-product error at k = 2,048 is that of a dense
-    Gaussian projection, ``benchmarks/projection.py``), else ``"normal"`` up to
+    Gaussian projection, ``benchmarks/sketch_accuracy.py``), else ``"normal"`` up to
     ``DENSE_PROJECTION_MAX_PARAMS`` parameters, else ``"sjlt"``."""
     linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
               for p in m.parameters(recurse=False)}
