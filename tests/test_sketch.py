@@ -91,6 +91,37 @@ def test_trak_tensorsketch_equals_dense_formula(lr_case):  # noqa: F811 - the fi
     torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-9)
 
 
+def test_trak_tensorsketch_dense_fallback_is_the_same_sketch():
+    # when the factors are unavailable (failed numerical check, or turned off), the
+    # same sketch is applied to dense gradients: identical scores
+    from test_attributors import _mlp_case
+
+    model, train, test = _mlp_case()
+
+    def margin(params, data):
+        out = torch.func.functional_call(model, params, (data[0],))
+        logp = torch.log_softmax(out, -1).gather(1, data[1][:, None]).squeeze(1)
+        return (logp - torch.log(-torch.expm1(logp))).mean()
+
+    def prob(params, data):
+        out = torch.func.functional_call(model, params, (data[0],))
+        return torch.softmax(out, -1).gather(1, data[1][:, None]).squeeze(1)
+
+    tr, te = loaders(train, test, bs_train=10, bs_test=7)
+    proj = {"proj_dim": 16, "proj_type": "tensorsketch", "proj_seed": 2}
+    sd = {k: v.clone() for k, v in model.state_dict().items()}  # not aliasing the model
+    ckpts = [sd, {k: v * 1.1 for k, v in sd.items()}]
+    fast = TRAKAttributor(AttributionTask(margin, model, ckpts), prob, regularization=1e-3,
+                          proj_params=proj)
+    slow = TRAKAttributor(AttributionTask(margin, model, ckpts), prob, regularization=1e-3,
+                          proj_params=proj)
+    slow.train_features.use_factored = slow.test_features.use_factored = False
+    got = slow.attribute(tr, te)
+    torch.testing.assert_close(got, fast.attribute(tr, te), rtol=1e-6, atol=1e-9)
+    assert fast.train_features.factored._verified == {0: True, 1: True}
+    assert slow.train_features.factored._verified == {}  # the dense path ran
+
+
 def test_trak_tensorsketch_refuses_non_linear_parameters():
     class Scale(nn.Module):
         def __init__(self):

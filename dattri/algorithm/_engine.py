@@ -167,6 +167,11 @@ class Featurizer(LoaderFeatures):
             fg = self.factored.batch(batch, ckpt_idx)  # validates the loss on the batch
             return _check_finite(sketch(fg, ckpt_idx),
                                  f"{self.which} gradient sketches (checkpoint {ckpt_idx})")
+        if sketch is not None and self.factored is not None:
+            # linear layers whose factors failed the numerical check on this
+            # checkpoint: the same sketch from dense gradients
+            return self.transform.project_dense(self.raw(batch, ckpt_idx),
+                                                self.factored.layer_sizes(), ckpt_idx)
         g = self.grads(batch, ckpt_idx)
         if self.transform is not None:
             g = self.transform(g, ckpt_idx)

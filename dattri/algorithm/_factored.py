@@ -136,6 +136,11 @@ class FactoredLinearFeaturizer(LoaderFeatures):
     def supported(self) -> bool:
         return self.layers is not None
 
+    def layer_sizes(self) -> list[tuple[int, int, bool, bool]]:
+        """``(d_in, d_out, weight_selected, bias_selected)`` of each captured layer."""
+        mods = dict(self.task.get_model().named_modules())
+        return [(mods[m].in_features, mods[m].out_features, w, b) for m, w, b in self.layers]
+
     def try_batch(self, batch: Any, ckpt_idx: int) -> FactoredGrads | None:
         """Factors of one batch, or None if the structure is not as assumed."""
         try:

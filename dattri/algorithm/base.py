@@ -164,6 +164,21 @@ def _tensor_sketch_transform(kw: dict[str, Any]):
         )
         raise DattriValueError(msg)
 
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def dense(g: torch.Tensor, layers: list[tuple[int, int, bool, bool]], ckpt_idx: int) -> torch.Tensor:
+        # the same sketch from dense gradients (factors failed their numerical check)
+        from dattri.func.sketch import dense_buckets
+
+        key = (ckpt_idx, tuple(layers))
+        if key not in cache:
+            cache.clear()
+            cache[key] = dense_buckets(sketch, layers, ckpt_idx)
+        bucket, sign = (t.to(g.device) for t in cache[key])
+        out = g.new_zeros(g.shape[0], sketch.proj_dim)
+        return out.index_add_(1, bucket, g * sign.to(g.dtype))
+
     transform.project_factored = lambda fg, ckpt_idx: sketch.project(fg.factors, ckpt_idx)
+    transform.project_dense = dense
     transform.sketch = sketch
     return transform

@@ -32,7 +32,7 @@ import torch
 
 from dattri.errors import DattriValueError
 
-__all__ = ["TensorSketch", "tensor_sketch_matrix"]
+__all__ = ["TensorSketch", "dense_buckets", "tensor_sketch_matrix"]
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -96,6 +96,30 @@ class TensorSketch:
             fd = torch.fft.rfft(self._count_sketch(d, ensemble_id, layer, 1), n=k)
             spec = fa * fd if spec is None else spec.addcmul_(fa, fd)
         return torch.fft.irfft(spec, n=k)
+
+
+def dense_buckets(sketch: TensorSketch, layers: Sequence[tuple[int, int, bool, bool]],
+                  ensemble_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket and sign of every coordinate of a dense flat gradient, so that
+    ``zeros(B, k).index_add_(1, bucket, g * sign)`` equals :meth:`TensorSketch.project`
+    of the same gradients' factors (the fallback when factors are unavailable).
+
+    ``layers``: ``(d_in, d_out, weight_selected, bias_selected)`` per ``nn.Linear``
+    layer, in the flat layout ``[W (d_out x d_in) row-major, b]`` layer after layer;
+    the bias is the ones column appended to the layer input.
+    """
+    k, buckets, signs = sketch.proj_dim, [], []
+    for layer, (d_in, d_out, w_sel, b_sel) in enumerate(layers):
+        width = (d_in if w_sel else 0) + (1 if b_sel else 0)
+        ha, sa = sketch.hashes(ensemble_id, layer, 0, width, torch.device("cpu"))
+        hd, sd = sketch.hashes(ensemble_id, layer, 1, d_out, torch.device("cpu"))
+        if w_sel:
+            buckets.append((hd[:, None] + ha[None, :d_in]).remainder(k).reshape(-1))
+            signs.append((sd[:, None] * sa[None, :d_in]).reshape(-1))
+        if b_sel:
+            buckets.append((hd + ha[-1]).remainder(k))
+            signs.append(sd * sa[-1])
+    return torch.cat(buckets), torch.cat(signs)
 
 
 def tensor_sketch_matrix(sketch: TensorSketch, layer_sizes: Sequence[tuple[int, int]],
