@@ -114,7 +114,7 @@ def _panel(ax: Any, rows: list[dict[str, Any]], setting: str, metric: str) -> No
     if marks:
         ax.scatter([x for x, _ in marks], [v for _, v in marks], marker="_", s=260,
                    color="black", linewidths=2.0, zorder=3, label="paper")
-        ax.legend(fontsize=7, loc="upper right", frameon=False)
+        ax.legend(fontsize=7, loc="best", frameon=True, framealpha=0.8)
     ax.axhline(0.0, color="black", linewidth=0.6)
     if metric == "auc":
         ax.axhline(0.5, color="gray", linewidth=0.6, linestyle="--")
