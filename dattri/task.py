@@ -100,6 +100,16 @@ class AttributionTask:
                     "be a state dict or a path to one."
                 )
                 raise CheckpointError(msg)
+        if len(ckpts) > 1:
+            # a state dict from model.state_dict() aliases the model's tensors: loading
+            # another checkpoint would overwrite it, so such entries are copied
+            live = {t.data_ptr() for t in model.state_dict().values() if t.numel()}
+            ckpts = [
+                {k: (v.clone() if isinstance(v, torch.Tensor) and v.numel()
+                     and v.data_ptr() in live else v) for k, v in c.items()}
+                if isinstance(c, Mapping) else c
+                for c in ckpts
+            ]
         self.checkpoints = ckpts
         self.checkpoints_load_func = checkpoints_load_func
         self.current_checkpoint_idx: int | None = None

@@ -109,7 +109,7 @@ def test_trak_tensorsketch_dense_fallback_is_the_same_sketch():
 
     tr, te = loaders(train, test, bs_train=10, bs_test=7)
     proj = {"proj_dim": 16, "proj_type": "tensorsketch", "proj_seed": 2}
-    sd = {k: v.clone() for k, v in model.state_dict().items()}  # not aliasing the model
+    sd = model.state_dict()  # aliases the model: the task copies it (several checkpoints)
     ckpts = [sd, {k: v * 1.1 for k, v in sd.items()}]
     fast = TRAKAttributor(AttributionTask(margin, model, ckpts), prob, regularization=1e-3,
                           proj_params=proj)

@@ -161,3 +161,15 @@ def test_checkpoint_key_mismatch_error(tmp_path):
         AttributionTask(loss, model, [])
     with pytest.raises(CheckpointError, match=r"checkpoints\[1\] is a int"):
         AttributionTask(loss, model, [model.state_dict(), 3])
+
+
+def test_checkpoint_aliasing_the_model_is_copied():
+    # [model.state_dict(), other]: loading `other` must not overwrite checkpoint 0
+    model = torch.nn.Linear(3, 2)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    other = {k: v + 1.0 for k, v in original.items()}
+    task = AttributionTask(lambda p, d: torch.zeros(()), model, [model.state_dict(), other])
+    task._load_checkpoints(1)
+    task._load_checkpoints(0)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, original[k])
