@@ -42,6 +42,14 @@ PAPER_A40_SECONDS = {  # Table 4, MNIST-10 + MLP, A40 GPU
 }
 
 
+def emit(line: str, out: str | None) -> None:
+    """Print one JSON line and append it to ``out`` (when given)."""
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(line + "\n")
+
+
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -250,10 +258,7 @@ def main() -> None:
             line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else json.dumps(
                 {"model": model_name, "method": method, "status": "crashed",
                  "stderr": res.stderr[-400:]})
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as fh:
-                    fh.write(line + "\n")
+            emit(line, args.out)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 
 def run(cache_dir: str | None, momentum: float, num_models: int) -> dict:
@@ -88,12 +93,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append JSON lines to this file too")
     ap.add_argument("--num-models", type=int, default=50)
     args = ap.parse_args()
+    from attributors import emit  # the sibling benchmark script
+
     for momentum in (0.9, 0.0):
-        line = json.dumps(run(args.cache_dir, momentum, args.num_models))
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(line + "\n")
+        emit(json.dumps(run(args.cache_dir, momentum, args.num_models)), args.out)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,7 @@ from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwa
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.task import AttributionTask, batch_of_one
 
-__all__ = ["TRAKAttributor", "gram64", "kernel_factor", "kernel_scores", "psd_inverse"]
-
-
-def psd_inverse(k: torch.Tensor, regularization: float) -> torch.Tensor:
-    """``(K + lambda I)^{-1}`` of a Gram matrix, in float64.
-
-    Cholesky when ``K + lambda I`` is positive definite, else (with a warning) the
-    eigen pseudo-inverse, which is the closed form of TRAK at lambda = 0 for
-    rank-deficient features. A small ``regularization`` avoids that slower path.
-    """
-    from dattri.linalg.solvers import explicit_inverse
-
-    return explicit_inverse(k.to(torch.float64), regularization)
+__all__ = ["TRAKAttributor", "gram64", "kernel_factor", "kernel_scores"]
 
 
 def gram64(f: torch.Tensor, transpose: bool = False) -> torch.Tensor:

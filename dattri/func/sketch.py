@@ -129,13 +129,8 @@ def tensor_sketch_matrix(sketch: TensorSketch, layer_sizes: Sequence[tuple[int, 
     ``layer_sizes`` are ``(d_in, d_out)`` per layer; rows follow the row-major
     outer products ``D (x) A`` layer after layer (``P = sum d_in * d_out``).
     """
-    k, blocks = sketch.proj_dim, []
-    for layer, (d_in, d_out) in enumerate(layer_sizes):
-        ha, sa = sketch.hashes(ensemble_id, layer, 0, d_in, torch.device("cpu"))
-        hd, sd = sketch.hashes(ensemble_id, layer, 1, d_out, torch.device("cpu"))
-        rows = (hd[:, None] + ha[None, :]).remainder(k).reshape(-1)
-        signs = (sd[:, None] * sa[None, :]).reshape(-1).to(dtype)
-        m = torch.zeros(d_in * d_out, k, dtype=dtype)
-        m[torch.arange(d_in * d_out), rows] = signs
-        blocks.append(m)
-    return torch.cat(blocks)
+    bucket, sign = dense_buckets(sketch, [(i, o, True, False) for i, o in layer_sizes],
+                                 ensemble_id)
+    m = torch.zeros(bucket.numel(), sketch.proj_dim, dtype=dtype)
+    m[torch.arange(bucket.numel()), bucket] = sign.to(dtype)
+    return m
