@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dattri._loader import batch_size_of
-from dattri.algorithm._engine import ENSEMBLE_SEED, LoaderFeatures, _check_finite
+from dattri.algorithm._engine import LoaderFeatures, _check_finite, ensemble_rng
 from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
 from dattri.task import AttributionTask
 
@@ -101,20 +101,18 @@ class LinearCapture:
 
         handles = [mods[n].register_forward_hook(make_hook(n)) for n in self.modules]
         try:
-            with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
-                torch.manual_seed(ENSEMBLE_SEED + ckpt)
-                with torch.enable_grad():
-                    loss = func(dict(task.named_parameters), batch)
-                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                        msg = "the loss/target function must return a scalar batch mean."
-                        raise InvalidLossError(msg)
-                    missing = [n for n in self.modules if not store[n]]
-                    if missing:  # e.g. the loss calls another instance of the model
-                        msg = (f"modules {missing} were not called by the loss function "
-                               "(does it call task.model?); drop them from module_name.")
-                        raise DattriValueError(msg)
-                    leaves = [store[n][0][1] for n in self.modules]
-                    grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
+            with ensemble_rng(ckpt, self.device), torch.enable_grad():
+                loss = func(dict(task.named_parameters), batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    msg = "the loss/target function must return a scalar batch mean."
+                    raise InvalidLossError(msg)
+                missing = [n for n in self.modules if not store[n]]
+                if missing:  # e.g. the loss calls another instance of the model
+                    msg = (f"modules {missing} were not called by the loss function "
+                           "(does it call task.model?); drop them from module_name.")
+                    raise DattriValueError(msg)
+                leaves = [store[n][0][1] for n in self.modules]
+                grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
