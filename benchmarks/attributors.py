@@ -195,6 +195,8 @@ def worker(model_name: str, method: str, data_file: str, rate: float,
     # one-time process cost, excluded from the timing and reported: torch imports
     # its compiler stack (dynamo, sympy) on the first torch.func transform (~1.2 s)
     t_warm = time.perf_counter()
+    import dattri  # noqa: F401 - first: it asks scipy's OpenBLAS not to spin (see dattri/__init__)
+
     torch.func.vmap(torch.func.grad(lambda v: (v * v).sum()))(torch.ones(2, 2))
     # one-time process cost too: scipy's BLAS (TRAK's float64 Gram), ~0.5 s to import
     import scipy.linalg  # noqa: F401

@@ -170,8 +170,17 @@ class FactoredLinearFeaturizer(LoaderFeatures):
         fg = self.try_batch(small, ckpt_idx) if self.supported else None
         if fg is not None:
             got = fg.dense()
-            ok = got.shape == ref.shape and torch.allclose(
-                got, ref.to(got.dtype), rtol=1e-4, atol=1e-6 * float(ref.abs().max().clamp_min(1e-30)))
+            # per example, in norm: a structural mismatch (coupled examples, a shared
+            # layer, dropout) is O(1); float32 rounding of the two computation orders
+            # is not, but it reaches ~1e-4 through an ill-conditioned output function
+            # (the TRAK margin log(p / (1 - p)) at p ~ 1: 5.7e-5 measured on one
+            # checkpoint of 50), which an element-wise 1e-4 test took for a mismatch
+            ok = got.shape == ref.shape
+            if ok:
+                ref = ref.to(got.dtype)
+                err = (got - ref).norm(dim=1)
+                scale = ref.norm(dim=1)
+                ok = bool((err <= 1e-3 * scale + 1e-6 * float(scale.max().clamp_min(1e-30))).all())
         self._verified[ckpt_idx] = ok
         return ok
 

@@ -20,60 +20,50 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from dattri._loader import to_device
+from dattri.algorithm._engine import ensemble_rng
 from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwargs
 from dattri.errors import DattriValueError, NotCachedError
+from dattri.linalg import gram
+from dattri.linalg.gram import GramCholesky
 from dattri.task import AttributionTask, batch_of_one
 
-__all__ = ["TRAKAttributor", "gram64", "kernel_factor", "kernel_scores"]
+__all__ = ["TRAKAttributor", "kernel_factor", "kernel_scores"]
 
 
-def gram64(f: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """Float64 Gram matrix ``f^T f`` (``transpose=False``) or ``f f^T``.
-
-    On the CPU it is BLAS ``dsyrk`` (half the flops of a general product: 0.90 s
-    against 1.80 s for a 5,000 x 2,048 matrix on 2 cores); elsewhere a matmul.
-    """
-    f = f.to(torch.float64)
-    if f.device.type == "cpu":
-        import numpy as np
-        from scipy.linalg import blas
-
-        # dsyrk(trans=1) forms a^T a; a Fortran-ordered copy avoids a transpose copy
-        a = np.asfortranarray(f.numpy())
-        c = blas.dsyrk(1.0, a, trans=0 if transpose else 1, lower=0)
-        upper = torch.from_numpy(c).triu()
-        return upper + upper.triu(1).T
-    return f @ f.T if transpose else f.T @ f
-
-
-def kernel_factor(phi: torch.Tensor, regularization: float) -> tuple[str, Callable]:
+def kernel_factor(phi: torch.Tensor, regularization: float) -> tuple[str, GramCholesky]:
     """Factor the Gram matrix (float64) in the cheaper of the primal (k x k) or dual
     (n x n) form: ``Phi (Phi^T Phi + lambda I)^{-1} = (Phi Phi^T + lambda I)^{-1} Phi``.
 
-    Returns ``(form, solve)``: ``solve(B)`` maps rows ``b_r`` to
-    ``(K + lambda I)^{-1} b_r`` through a Cholesky factor (no explicit inverse: the
-    inverse would cost three times the factorisation), or through the eigen
-    pseudo-inverse, with a warning, when ``K + lambda I`` is singular.
-
-    The Gram matrix is formed in float64: in float32 its rounding (~1e-7 of its
-    norm) can make a well-posed but ill-conditioned Gram look indefinite (measured
-    on the MNIST MLP: condition number 4e9, Cholesky fails from float32, succeeds
-    from float64).
+    Returns ``(form, factor)``: ``factor.solve(B)`` maps rows ``b_r`` to
+    ``(K + lambda I)^{-1} b_r`` through a Cholesky factor in packed storage
+    (:class:`dattri.linalg.GramCholesky`; no explicit inverse, which would cost three
+    times the factorisation), or through the eigen pseudo-inverse, with a warning,
+    when ``K + lambda I`` is singular. Float64, because in float32 the rounding of
+    an ill-conditioned Gram matrix (MNIST MLP: condition number 4e9) makes it look
+    indefinite.
     """
-    from dattri.linalg.solvers import factorize
-
     n, k = phi.shape
     form = "primal" if k <= n else "dual"
-    return form, factorize(gram64(phi, transpose=form == "dual"), regularization)
+    return form, GramCholesky(phi, regularization, transpose=form == "dual")
 
 
-def kernel_scores(phi: torch.Tensor, form: str, solve: Callable, test: torch.Tensor) -> torch.Tensor:
+def kernel_scores(phi: torch.Tensor, form: str, factor: GramCholesky, test: torch.Tensor) -> torch.Tensor:
     """``Phi (Phi^T Phi + lambda I)^{-1} test^T`` as ``(n, m)`` (float64 inside,
-    smallest products first), returned in ``phi``'s dtype."""
-    f, t = phi.to(torch.float64), test.to(torch.float64)
-    out = f @ solve(t).T if form == "primal" else solve((f @ t.T).T).T
-    return out.to(phi.dtype)
+    smallest products first), returned in ``phi``'s dtype.
+
+    The product with ``Phi`` stays in float64: in float32 it would add a relative
+    error of ~5e-4 on the MNIST MLP (the ill-conditioned solve amplifies it), a
+    thousand times the scores' sensitivity to rounding ``Phi`` itself.
+    """
+    t = test.to(torch.float64)
+    if form == "dual":
+        return factor.solve((phi.to(torch.float64) @ t.T).T).T.to(phi.dtype)
+    x = factor.solve(t).T.to(phi.device)  # (k, m)
+    out = phi.new_empty(phi.shape[0], t.shape[0])
+    step = max(1, gram.BLOCK_ELEMENTS // max(1, phi.shape[1]))  # float64 row blocks
+    for start in range(0, phi.shape[0], step):
+        out[start:start + step] = phi[start:start + step].to(torch.float64) @ x
+    return out
 
 
 class TRAKAttributor(BaseAttributor):
@@ -117,7 +107,7 @@ class TRAKAttributor(BaseAttributor):
         self.train_features.transform = transform
         self.test_features.transform = transform
         self._phi: list[torch.Tensor] = []
-        self._inv: list[tuple[str, Callable]] = []
+        self._inv: list[tuple[str, GramCholesky]] = []
         self._q: torch.Tensor | None = None
 
     def _probabilities(self, batch: Any, ckpt: int) -> torch.Tensor:
@@ -128,18 +118,25 @@ class TRAKAttributor(BaseAttributor):
         def one(example: Any) -> torch.Tensor:
             return self.correct_probability_func(params, batch_of_one(example)).reshape(())
 
-        with torch.no_grad():
+        with torch.no_grad(), ensemble_rng(ckpt, self.device):
             return vmap(one, randomness="same")(batch)
 
     def _cache(self, train_loader: Iterable) -> None:
         self._phi, self._inv, q = [], [], None
         for c in range(self.num_checkpoints):
-            phi = self.train_features.all(train_loader, c, "train grads")
+            # one pass over the loader per checkpoint gives the features and Q
+            feats, qc = [], []
+            for b, f in self.train_features.iterate(train_loader, c, "train grads", with_batch=True):
+                feats.append(f)
+                qc.append(1 - self._probabilities(b, c))
+            if not feats:
+                msg = "train_loader yielded no batches; pass a non-empty loader."
+                raise DattriValueError(msg)
+            phi = torch.cat(feats)
+            del feats
             self._phi.append(phi)
             self._inv.append(kernel_factor(phi, self.regularization))
-            qc = torch.cat([1 - self._probabilities(to_device(b, self.device), c)
-                            for b in train_loader])
-            q = qc if q is None else q + qc
+            q = torch.cat(qc) if q is None else q + torch.cat(qc)
         self._q = q / self.num_checkpoints
 
     def attribute(self, *loaders: Iterable) -> torch.Tensor:
@@ -174,10 +171,10 @@ class TRAKAttributor(BaseAttributor):
         total = None
         for c in range(self.num_checkpoints):
             ft = self.test_features.all(train_loader, c, "self grads").to(torch.float64)
-            form, solve = self._inv[c]
+            form, factor = self._inv[c]
             f = self._phi[c].to(torch.float64)
             # row i of Phi K^{-1} (primal; K symmetric) or of K^{-1} Phi (dual)
-            r = solve(f) if form == "primal" else solve(f.T).T
+            r = (factor.solve(f) if form == "primal" else factor.solve(f.T).T).to(f.device)
             s = (r * ft).sum(dim=1).to(self._phi[c].dtype)
             total = s if total is None else total + s
         return self._q.to(total.dtype) * total / self.num_checkpoints

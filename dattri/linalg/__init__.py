@@ -3,6 +3,7 @@
 See :mod:`dattri.linalg.solvers` for the formulas.
 """
 
+from dattri.linalg.gram import GramCholesky
 from dattri.linalg.solvers import (
     arnoldi,
     cg_multishift_solve,
@@ -14,6 +15,7 @@ from dattri.linalg.solvers import (
 )
 
 __all__ = [
+    "GramCholesky",
     "arnoldi",
     "cg_multishift_solve",
     "cg_solve",
