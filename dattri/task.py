@@ -20,6 +20,10 @@ __all__ = ["AttributionTask", "batch_of_one", "load_state_dict_file"]
 Checkpoint = Union[Mapping[str, torch.Tensor], str, os.PathLike]
 
 
+#: a checkpoint file up to this size stays in memory after it is read (the last one only)
+STATE_CACHE_BYTES = 1 << 30
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict from a ``.safetensors`` file or a torch file (weights only)."""
     path = os.fspath(path)
@@ -115,6 +119,9 @@ class AttributionTask:
         self.current_checkpoint_idx: int | None = None
         self.named_parameters: dict[str, torch.Tensor] = {}
         self._validated: set[str] = set()
+        # the last checkpoint file read, keyed by (path, mtime, size): a forced
+        # reload (the model may be shared) copies from memory instead of re-reading
+        self._last_file: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def get_checkpoints(self) -> list[Checkpoint]:
@@ -140,7 +147,7 @@ class AttributionTask:
             if isinstance(model, nn.Module):
                 self.model = model
         else:
-            state = load_state_dict_file(ckpt) if not isinstance(ckpt, Mapping) else ckpt
+            state = self._read(ckpt) if not isinstance(ckpt, Mapping) else ckpt
             try:
                 self.model.load_state_dict(state)
             except RuntimeError as e:
@@ -159,6 +166,22 @@ class AttributionTask:
             k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad
         }
         self.current_checkpoint_idx = ckpt_idx
+
+    def _read(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The state dict in ``path``; the last one read is kept (up to
+        ``STATE_CACHE_BYTES``) while the file is unchanged."""
+        try:
+            st = os.stat(path)
+            key = (os.fspath(path), st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key is not None and self._last_file is not None and self._last_file[0] == key:
+            return self._last_file[1]
+        state = load_state_dict_file(path)
+        self._last_file = None
+        if key is not None and key[2] <= STATE_CACHE_BYTES:
+            self._last_file = (key, state)
+        return state
 
     def load_checkpoint(
         self, ckpt_idx: int, device: str | torch.device | None = None, force: bool = False,

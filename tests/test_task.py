@@ -173,3 +173,39 @@ def test_checkpoint_aliasing_the_model_is_copied():
     task._load_checkpoints(0)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, original[k])
+
+
+def test_forced_reload_reads_a_checkpoint_file_once_until_it_changes(tmp_path, monkeypatch):
+    import os
+
+    import dattri.task as task_mod
+
+    model, loss, x, y = _setup()
+    sd1 = {k: v.clone() for k, v in model.state_dict().items()}
+    p1, p2 = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(sd1, p1)
+    torch.save({k: 2 * v for k, v in sd1.items()}, p2)
+    reads = []
+    real = task_mod.load_state_dict_file
+    monkeypatch.setattr(task_mod, "load_state_dict_file", lambda p: reads.append(p) or real(p))
+    task = AttributionTask(loss, model, [str(p1), str(p2)])
+    ref = task.get_param(0)[0].clone()
+    with torch.no_grad():  # another task sharing the model changes its weights
+        for prm in model.parameters():
+            prm.zero_()
+    task.load_checkpoint(0, force=True)  # reloads the weights, from memory
+    torch.testing.assert_close(task.get_param(0)[0], ref)
+    assert len(reads) == 1
+    torch.testing.assert_close(task.get_param(1)[0], 2 * ref)  # another file: read
+    assert len(reads) == 2
+    # a rewritten file is read again (size and mtime change)
+    torch.save({k: 3 * v for k, v in sd1.items()}, p2)
+    os.utime(p2, ns=(1, 1))
+    task.load_checkpoint(1, force=True)
+    torch.testing.assert_close(task.get_param(1)[0], 3 * ref)
+    assert len(reads) == 3
+    # files over the cap are not kept
+    monkeypatch.setattr(task_mod, "STATE_CACHE_BYTES", 0)
+    task.load_checkpoint(0, force=True)
+    task.load_checkpoint(0, force=True)
+    assert len(reads) == 5
