@@ -162,10 +162,10 @@ class _IFBase(BaseAttributor):
 
 
 class IFAttributorExplicit(_IFBase):
-    """Influence function with the exact Hessian, inverted once (Koh & Liang 2017).
+    """Influence function with the exact Hessian, factored once (Koh & Liang 2017).
 
     ``H`` (P x P) is formed from forward-over-reverse products with basis vectors
-    and inverted via Cholesky (eigen pseudo-inverse when indefinite). Refuses at
+    and factored by Cholesky (eigen pseudo-inverse when indefinite). Refuses at
     once when ``H`` would exceed ``max_bytes`` and says what to use instead.
 
     Args:
@@ -208,15 +208,24 @@ class IFAttributorExplicit(_IFBase):
         if self.hessian_store is not None and key in self.hessian_store:
             h = self.hessian_store[key]
         else:
-            h = dense_hessian(loss, theta, self.data)
+            from dattri.algorithm._linear_hessian import linear_layer_hessian
+
+            # one nn.Linear selected (logistic regression, a last layer): the
+            # Kronecker form, checked against HVPs; otherwise basis-vector HVPs
+            h = linear_layer_hessian(self.task, self.task._resolve_layer_name(self.layer_name),
+                                     self.data, ckpt, dataset_matmat(loss, theta, self.data), theta)
+            if h is None:
+                h = dense_hessian(loss, theta, self.data)
             if self.hessian_store is not None:
                 self.hessian_store[key] = h
-        from dattri.linalg.solvers import explicit_inverse
+        from dattri.linalg.solvers import factorize
 
-        return explicit_inverse(h, self.regularization)
+        # Cholesky solves, no explicit inverse (which costs twice the factorisation
+        # again: 4.7 s on top of 2.4 s for the 7,850-parameter MNIST LR)
+        return factorize(h, self.regularization)
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
-        return v @ self._state[ckpt].to(v.dtype)
+        return self._state[ckpt](v).to(v.dtype)
 
 
 def dense_hessian(
