@@ -108,6 +108,20 @@ def test_lissa_converges_to_dense_solve(small_case):
     torch.testing.assert_close(att.attribute(tr, te), _exact_if(small_case, 0.2), rtol=1e-5, atol=1e-7)
 
 
+def test_lissa_row_blocks_share_each_steps_minibatch(small_case, monkeypatch):
+    tr, te = loaders(small_case["train"], small_case["test"], bs_train=60)
+    top = torch.linalg.eigvalsh(small_case["H"]).max().item()
+
+    def run():
+        att = IFAttributorLiSSA(_task(small_case), batch_size=20, recursion_depth=40,
+                                damping=0.2 / (1.5 * top), scaling=1.5 * top).cache(tr)
+        return att.attribute(tr, te)
+
+    whole = run()
+    monkeypatch.setattr("dattri.algorithm.influence_function.LISSA_CHUNK", 2)
+    torch.testing.assert_close(run(), whole, rtol=1e-10, atol=1e-12)
+
+
 def test_lissa_minibatch_is_unbiased_estimate(small_case):
     """Small minibatches: noisy, but still close to the exact solve on average."""
     tr, te = loaders(small_case["train"], small_case["test"], bs_train=60)

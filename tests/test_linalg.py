@@ -133,6 +133,32 @@ def test_lissa_stochastic_steps_and_repeats():
     assert (X - ref).norm() / ref.norm() < 0.1
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50])
+def test_lissa_row_blocks_equal_the_whole_block(chunk):
+    # rows recurse independently: blocks updated in place give the same iterates,
+    # each block of a step seeing that step's minibatch
+    gen = torch.Generator().manual_seed(4)
+    pieces = [(lambda M: M @ M.T / 10 + 0.5 * torch.eye(10, dtype=torch.float64))(
+        torch.randn(10, 10, generator=gen, dtype=torch.float64)) for _ in range(5)]
+    B = torch.randn(7, 10, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def sample(V, step):
+        calls.append((step, V.shape[0]))
+        return V @ pieces[step % 5]
+
+    whole = lissa_solve(sample, B, recursion_depth=60, scaling=10.0, damping=0.01, num_repeat=2)
+    calls.clear()
+    got = lissa_solve(sample, B, recursion_depth=60, scaling=10.0, damping=0.01, num_repeat=2,
+                      chunk=chunk)
+    torch.testing.assert_close(got, whole, rtol=1e-13, atol=1e-13)
+    per_step = -(-7 // chunk)
+    assert [s for s, _ in calls] == [s for s in range(1, 121) for _ in range(per_step)]
+    assert sum(r for _, r in calls) == 7 * 120
+    with pytest.raises(DattriValueError, match="chunk"):
+        lissa_solve(sample, B, recursion_depth=3, chunk=0)
+
+
 def test_lissa_diverges_with_small_scaling():
     A, _, _ = _spd(10, cond=10.0)
     with pytest.raises(NonFiniteError, match="scaling"):

@@ -374,9 +374,14 @@ class IFAttributorLiSSA(_IFBase):
         draws = [torch.randperm(n, generator=gen)[:bs]
                  for _ in range(self.recursion_depth * self.num_repeat)]
 
+        last: list = [None, None]  # (step, its recorded HVP), shared by the row blocks
+
         def sample_matmat(v: torch.Tensor, step: int) -> torch.Tensor:
-            idx = draws[step % len(draws)].to(self.device)
-            return hvp_matmat(loss, theta, slice_batch(pool, idx), self.mode)(v)
+            if last[0] != step:
+                idx = draws[step % len(draws)].to(self.device)
+                last[:] = step, hvp_matmat(loss, theta, slice_batch(pool, idx), self.mode,
+                                           chunk=LISSA_CHUNK)
+            return last[1](v)
 
         return sample_matmat
 
@@ -384,7 +389,11 @@ class IFAttributorLiSSA(_IFBase):
         from dattri.linalg.solvers import lissa_solve
 
         return lissa_solve(self._state[ckpt], v, self.recursion_depth, damping=self.damping,
-                           scaling=self.scaling, num_repeat=self.num_repeat)
+                           scaling=self.scaling, num_repeat=self.num_repeat, chunk=LISSA_CHUNK)
+
+
+#: test vectors per LiSSA product (blocks updated in place)
+LISSA_CHUNK = 64
 
 
 class IFAttributorArnoldi(_IFBase):

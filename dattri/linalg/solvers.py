@@ -279,6 +279,7 @@ def lissa_solve(
     scaling: float = 50.0,
     num_repeat: int = 1,
     progress: bool = False,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     r"""LiSSA: stochastic Neumann series for :math:`(A + d\,s\,I)^{-1} b`.
 
@@ -309,6 +310,12 @@ def lissa_solve(
         scaling: ``s > 0``.
         num_repeat: number of independent repeats averaged.
         progress: show a tqdm bar over the steps.
+        chunk: rows of ``B`` per ``sample_matmat`` call (None: all). The rows'
+            recursions are independent, so each step then calls ``sample_matmat``
+            once per block of rows with the same ``step`` (it must return the same
+            minibatch's product for a step) and updates the block in place: no
+            temporaries of the size of ``B`` (MNIST MLP, 500 x 109,386: they cost
+            0.6 s a step in page faults and memory traffic).
 
     Returns:
         The estimate, with the shape of ``B``.
@@ -323,13 +330,22 @@ def lissa_solve(
     if not scaling > 0:
         msg = f"`scaling` must be > 0, got {scaling!r}; use a value above the largest eigenvalue."
         raise DattriValueError(msg)
+    if chunk is not None:
+        _check_posint("chunk", chunk)
     Bm, single = _as_rows(B)
+    rows = Bm.shape[0]
+    block = rows if chunk is None else chunk
     total = torch.zeros_like(Bm)
     bar = tqdm(total=num_repeat * recursion_depth, desc="LiSSA", disable=not progress)
     for rep in range(num_repeat):
         h = Bm.clone()
         for t in range(1, recursion_depth + 1):
-            h = Bm + (1.0 - damping) * h - sample_matmat(h, rep * recursion_depth + t) / scaling
+            for s in range(0, rows, block):
+                hs = h[s:s + block]
+                ahs = sample_matmat(hs, rep * recursion_depth + t)
+                # h <- b + (1 - d) h - A h / s, in place
+                hs.mul_(1.0 - damping).add_(Bm[s:s + block]).sub_(ahs.to(hs.dtype), alpha=1.0 / scaling)
+                del ahs
             bar.update(1)
         if not torch.isfinite(h).all():
             bar.close()
