@@ -10,9 +10,10 @@ Each (model, method) runs in a fresh subprocess so that its peak resident memory
 is its own; the one-time cost of torch's first ``torch.func`` transform in a
 process (~1.2 s of imports) is paid before the timer and reported apart; one JSON object per line goes to stdout (and ``--out``). Each line
 holds ``seconds`` (cache + attribute), ``peak_rss_mib``, the estimated FLOPs of
-the dominant step, the achieved GFLOP/s and the machine's measured float32
-matmul rate, so that ``floor_seconds = flops / matmul_rate`` can be put beside
-the measured time. Hyper-parameters are the paper's (Appendix C.1 / Table 4):
+the dominant step, the achieved GFLOP/s and the machine's measured float32 and
+float64 matmul rates; ``floor_seconds`` is the float32 FLOPs at the float32 rate
+plus the float64 FLOPs (TRAK's kernel) at the float64 rate, to put beside the
+measured time. Hyper-parameters are the paper's (Appendix C.1 / Table 4):
 CG 10 iterations, LiSSA depth 500 batch 50, Arnoldi 50 iterations,
 TRAK projection 2048, TracInCP-10 ten checkpoints.
 """
@@ -50,8 +51,8 @@ def emit(line: str, out: str | None) -> None:
             fh.write(line + "\n")
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     t = time.perf_counter()
     for _ in range(reps):
@@ -164,8 +165,12 @@ def flops(method: str, model_name: str, n: int, m: int) -> float:
     grads = 6 * p
     hvp = 8 * p
     ckpts = {"tracin_cp_10": 10, "trak_10": 10, "trak_50": 50}.get(method, 1)
+    # IF-Explicit on LR: the Kronecker Hessian of one nn.Linear (C = 10 classes,
+    # d = 785 inputs with the bias: n d^2 C (C + 1) for the blocks c' >= c), on the
+    # MLP: P basis-vector HVPs; then Cholesky, the solves and the scores
+    hessian = n * 785**2 * 110 if model_name == "lr" else p * n * hvp
     table = {
-        "explicit": p * n * hvp + p**3 / 3 + 2 * p * p * m,
+        "explicit": hessian + p**3 / 3 + 2 * p * p * m + 2 * n * m * p,
         "cg": 10 * m * n * hvp,
         "lissa": 500 * 50 * m * hvp,
         "arnoldi": 50 * n * hvp + (n + m) * grads,
@@ -177,15 +182,23 @@ def flops(method: str, model_name: str, n: int, m: int) -> float:
     }
     if method.startswith("trak"):
         # per checkpoint: factored gradients (one batched forward/backward), the
-        # TensorSketch (O(k log k) per example, negligible), the float64 Gram by
-        # syrk (n k^2), its Cholesky (k^3 / 3), and the scores (2 n m k + 2 k^2 m)
-        k = 2048
-        return ckpts * ((n + m) * grads + n * k * k + k**3 / 3 + 2 * n * m * k + 2 * k * k * m)
+        # TensorSketch (O(k log k) per example, negligible), and in float64
+        # (flops64): the Gram by syrk (n k^2), its Cholesky (k^3 / 3), the scores
+        # (2 n m k + 2 k^2 m)
+        return ckpts * (n + m) * grads + flops64(method, n, m)
     return float(table[method])
 
 
+def flops64(method: str, n: int, m: int) -> float:
+    """The float64 part of :func:`flops` (TRAK's kernel), timed at the float64 rate."""
+    if not method.startswith("trak"):
+        return 0.0
+    k, ckpts = 2048, int(method.split("_")[1])
+    return ckpts * (n * k * k + k**3 / 3 + 2 * n * m * k + 2 * k * k * m)
+
+
 def worker(model_name: str, method: str, data_file: str, rate: float,
-           trak_proj: str = "tensorsketch") -> dict:
+           trak_proj: str = "tensorsketch", rate64: float = 0.0) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     data = torch.load(data_file, weights_only=False)
@@ -216,14 +229,16 @@ def worker(model_name: str, method: str, data_file: str, rate: float,
     except Exception as e:  # noqa: BLE001 - reported, e.g. explicit on the MLP
         status, t_cache, finite = f"{type(e).__name__}: {str(e)[:160]}", float("nan"), False
     secs = time.perf_counter() - t0
-    f = flops(method, model_name, n, m)
+    f, f64 = flops(method, model_name, n, m), flops64(method, n, m)
+    floor = (f - f64) / 1e9 / rate + (f64 / 1e9 / rate64 if f64 else 0.0)
     return {
         "model": model_name, "method": method, "n_train": n, "n_test": m,
         "status": status, "seconds": round(secs, 3), "cache_seconds": round(t_cache, 3),
         "process_warmup_seconds": round(warmup, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "dominant_gflop": round(f / 1e9, 2), "achieved_gflops": round(f / 1e9 / secs, 2),
-        "matmul_gflops": round(rate, 1), "floor_seconds": round(f / 1e9 / rate, 3),
+        "matmul_gflops": round(rate, 1), "matmul_gflops_float64": round(rate64, 1),
+        "float64_gflop": round(f64 / 1e9, 2), "floor_seconds": round(floor, 3),
         "paper_a40_seconds_mlp": PAPER_A40_SECONDS.get(method), "finite": finite,
         "trak_projection": trak_proj if method.startswith("trak") else None,
         "threads": torch.get_num_threads(),
@@ -240,13 +255,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append JSON lines to this file too")
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "DATA"), help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--rate64", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--trak-proj", default="tensorsketch", choices=["tensorsketch", "sjlt", "normal"],
                     help="TRAK's projection (default: TensorSketch of the layer factors)")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.rate, args.trak_proj)), flush=True)
+        print(json.dumps(worker(*args.worker, args.rate, args.trak_proj, args.rate64)), flush=True)
         return
-    rate = matmul_gflops()
+    rate, rate64 = matmul_gflops(), matmul_gflops(dtype=torch.float64)
     n_ckpt = 50 if any(mm == "trak_50" for mm in args.methods) else (
         10 if any(mm in ("trak_10", "tracin_cp_10") for mm in args.methods) else 1)
     for model_name in args.models:
@@ -255,7 +271,7 @@ def main() -> None:
         torch.save(data, data_file)
         for method in args.methods:
             cmd = [sys.executable, __file__, "--worker", model_name, method, str(data_file),
-                   "--rate", str(rate), "--trak-proj", args.trak_proj]
+                   "--rate", str(rate), "--rate64", str(rate64), "--trak-proj", args.trak_proj]
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else json.dumps(
                 {"model": model_name, "method": method, "status": "crashed",
