@@ -98,3 +98,17 @@ def test_dattri_parks_openblas_threads_unless_the_user_chose(preset, expect):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == expect
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_full_storage_path_of_accelerators_agrees(transpose, monkeypatch):
+    # accelerators factor in full storage with torch; exercised here on the CPU
+    g = torch.Generator().manual_seed(7)
+    f = torch.randn(30, 12, generator=g)
+    b = torch.randn(3, 12 if not transpose else 30, generator=g, dtype=torch.float64)
+    packed = GramCholesky(f, 0.1, transpose=transpose)
+    monkeypatch.setattr(GramCholesky, "_factor_rfp", GramCholesky._factor_full)
+    full = GramCholesky(f, 0.1, transpose=transpose)
+    assert full._rfp is None and full._full is not None
+    assert full.nbytes == 8 * full.size**2
+    torch.testing.assert_close(full.solve(b), packed.solve(b), rtol=1e-10, atol=1e-12)
