@@ -118,7 +118,7 @@ class GramCholesky:
 
     # -- other devices, and the pseudo-inverse fallback ------------------------------
     def _factor_full(self, f: torch.Tensor, transpose: bool) -> None:
-        from dattri.linalg.solvers import _eig_inverse, _warn_fallback
+        from dattri.linalg.solvers import _eig_inverse
 
         g = gram64(f.detach(), transpose)
         g.diagonal().add_(self.regularization)
@@ -126,7 +126,15 @@ class GramCholesky:
         if int(info) == 0:
             self._full = L
             return
-        _warn_fallback()
+        import warnings
+
+        warnings.warn(
+            f"GramCholesky: the {self.size} x {self.size} Gram matrix + regularization*I "
+            f"(regularization={self.regularization}) is not positive definite in float64 "
+            "(the features are linearly dependent or nearly so); using the eigendecomposition "
+            "pseudo-inverse instead. A regularization > 0 makes it well posed (and faster).",
+            RuntimeWarning, stacklevel=4,
+        )
         self._pinv = _eig_inverse(g)
 
     @property
