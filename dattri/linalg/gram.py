@@ -89,17 +89,17 @@ class GramCholesky:
             self._factor_full(f, transpose)
 
     # -- CPU: rectangular full packed storage through LAPACK ------------------------
-    def _factor_rfp(self, f: torch.Tensor, transpose: bool) -> None:
+    def _gram_rfp(self, f: torch.Tensor, transpose: bool):
+        """``K + lambda I`` (lower triangle, RFP) accumulated over blocks of the inner
+        dimension, each cast to float64 on its own (~16 MiB) instead of a float64 copy
+        of all of F."""
         import numpy as np
         from scipy.linalg import lapack
 
-        f = f.detach()
         arf = np.empty(self.size * (self.size + 1) // 2)
-        # accumulate over blocks of the inner dimension, each cast to float64 on its
-        # own (~16 MiB), instead of a float64 copy of all of F. A row-major block
-        # ``a`` (r, c) is, as a.T, a column-major (c, r) matrix without a copy:
-        # dsfrk(trans='N') adds a.T a = F_rows^T F_rows (primal), trans='T' adds
-        # a a.T = F_cols F_cols^T (dual)
+        # a row-major block ``a`` (r, c) is, as a.T, a column-major (c, r) matrix
+        # without a copy: dsfrk(trans='N') adds a.T a = F_rows^T F_rows (primal),
+        # trans='T' adds a a.T = F_cols F_cols^T (dual)
         inner = f.shape[1] if transpose else f.shape[0]
         step = max(1, BLOCK_ELEMENTS // max(1, self.size))
         for i, start in enumerate(range(0, inner, step)):
@@ -110,13 +110,26 @@ class GramCholesky:
                                trans="T" if transpose else "N", overwrite_c=1)
         if self.regularization:
             arf[rfp_diagonal(self.size).numpy()] += self.regularization
-        chol, info = lapack.dpftrf(self.size, arf, transr="N", uplo="L", overwrite_a=1)
+        return arf
+
+    def _factor_rfp(self, f: torch.Tensor, transpose: bool) -> None:
+        from scipy.linalg import lapack
+
+        from dattri.linalg.solvers import _eig_inverse
+
+        f = f.detach()
+        chol, info = lapack.dpftrf(self.size, self._gram_rfp(f, transpose), transr="N",
+                                   uplo="L", overwrite_a=1)
         if info == 0:
             self._rfp = chol
             return
-        self._factor_full(f, transpose)  # not positive definite: the dense fallback
+        # not positive definite: dpftrf overwrote the matrix, so form it again and
+        # unpack its lower triangle (what eigh reads) for the pseudo-inverse
+        low, _ = lapack.dtfttr(self.size, self._gram_rfp(f, transpose), transr="N", uplo="L")
+        self._warn_singular()
+        self._pinv = _eig_inverse(torch.from_numpy(low))
 
-    # -- other devices, and the pseudo-inverse fallback ------------------------------
+    # -- other devices ----------------------------------------------------------------
     def _factor_full(self, f: torch.Tensor, transpose: bool) -> None:
         from dattri.linalg.solvers import _eig_inverse
 
@@ -126,6 +139,10 @@ class GramCholesky:
         if int(info) == 0:
             self._full = L
             return
+        self._warn_singular()
+        self._pinv = _eig_inverse(g)
+
+    def _warn_singular(self) -> None:
         import warnings
 
         warnings.warn(
@@ -133,9 +150,8 @@ class GramCholesky:
             f"(regularization={self.regularization}) is not positive definite in float64 "
             "(the features are linearly dependent or nearly so); using the eigendecomposition "
             "pseudo-inverse instead. A regularization > 0 makes it well posed (and faster).",
-            RuntimeWarning, stacklevel=4,
+            RuntimeWarning, stacklevel=5,
         )
-        self._pinv = _eig_inverse(g)
 
     @property
     def nbytes(self) -> int:
