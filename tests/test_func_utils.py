@@ -65,3 +65,16 @@ def test_partial_param_freezes_the_rest():
     # a changed selected parameter changes the value; the frozen ones come from full
     sub2 = {"2.bias": full["2.bias"] + 1}
     assert not torch.allclose(g(sub2, x), f(full, x))
+
+
+def test_all_finite_including_an_overflowing_sum():
+    from dattri.func.utils import all_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum is inf
+    assert all_finite(big)
+    assert all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(5)
+        t[2] = bad
+        assert not all_finite(t)
+        assert not all_finite(torch.cat([big, t]))

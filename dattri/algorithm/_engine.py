@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dattri._loader import batch_size_of, check_loader, to_device
 from dattri.errors import DattriValueError, NonFiniteError
+from dattri.func.utils import all_finite
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -65,11 +66,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
-    # a finite sum implies finite entries (NaN and inf propagate through the sum);
-    # one reduction instead of a boolean tensor the size of t
-    if t.numel() and torch.isfinite(t.sum()):
-        return t
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).any(dim=-1).sum()) if t.dim() > 1 else -1
         msg = (
             f"{what} contain NaN or inf ({bad} rows affected). Check the model "

@@ -16,11 +16,19 @@ from torch import nn
 
 __all__ = [
     "ParamSpec",
+    "all_finite",
     "flatten_func",
     "flatten_params",
     "partial_param",
     "unflatten_params",
 ]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, with one reduction in the usual case:
+    a finite sum implies finite entries (NaN and inf propagate through it); only a
+    sum that overflows, or a tensor that is not finite, needs the element-wise test."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class ParamSpec:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from dattri.errors import DattriValueError, NonFiniteError
+from dattri.func.utils import all_finite
 
 __all__ = ["BLOCK_ELEMENTS", "GramCholesky", "gram64", "rfp_diagonal"]
 
@@ -76,7 +77,7 @@ class GramCholesky:
         if not regularization >= 0:  # also rejects NaN
             msg = f"regularization={regularization!r} must be >= 0."
             raise DattriValueError(msg)
-        if not bool(torch.isfinite(f.sum())) and not bool(torch.isfinite(f).all()):
+        if not all_finite(f):
             msg = "`f` contains inf/NaN; check the features it was built from."
             raise NonFiniteError(msg)
         self.size = f.shape[0] if transpose else f.shape[1]

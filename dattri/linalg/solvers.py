@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dattri.errors import DattriValueError, NonFiniteError
+from dattri.func.utils import all_finite
 
 __all__ = [
     "arnoldi",
@@ -463,7 +464,7 @@ def _regularized(H: torch.Tensor, regularization: float) -> torch.Tensor:
         msg = f"`H` must be a square (P, P) matrix, got shape {tuple(H.shape)}."
         raise DattriValueError(msg)
     _check_nonneg("regularization", regularization)
-    if not torch.isfinite(H.sum()) and not torch.isfinite(H).all():  # one reduction when finite
+    if not all_finite(H):
         msg = "`H` contains inf/NaN; check the loss and the parameters it was built at."
         raise NonFiniteError(msg)
     Hr = torch.add(H, H.T).mul_(0.5)  # one new matrix (P = 7,850: 1.3 s -> 0.3 s)
