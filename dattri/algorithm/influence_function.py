@@ -211,9 +211,14 @@ class IFAttributorExplicit(_IFBase):
             from dattri.algorithm._linear_hessian import linear_layer_hessian
 
             # one nn.Linear selected (logistic regression, a last layer): the
-            # Kronecker form, checked against HVPs; otherwise basis-vector HVPs
+            # Kronecker form, checked against HVPs; otherwise basis-vector HVPs.
+            # The check's operator records every batch's gradient graph, so it is
+            # built only when the check runs (not when the structure is declined)
+            def check(v: torch.Tensor) -> torch.Tensor:
+                return dataset_matmat(loss, theta, self.data)(v)
+
             h = linear_layer_hessian(self.task, self.task._resolve_layer_name(self.layer_name),
-                                     self.data, ckpt, dataset_matmat(loss, theta, self.data), theta)
+                                     self.data, ckpt, check, theta)
             if h is None:
                 h = dense_hessian(loss, theta, self.data)
             if self.hessian_store is not None:
