@@ -7,16 +7,33 @@ batch dimension.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import hashlib
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils import data as tud
 from torch.utils._pytree import tree_flatten, tree_map
 
-from dattri.errors import DattriValueError, ShuffledLoaderError
+from dattri.errors import (
+    DattriValueError,
+    LoaderError,
+    LoaderMismatchError,
+    OnePassLoaderError,
+    ShuffledLoaderError,
+)
 
-__all__ = ["batch_size_of", "check_loader", "slice_batch", "to_device"]
+__all__ = [
+    "LoaderFingerprint",
+    "batch_size_of",
+    "check_loader",
+    "check_same_loader",
+    "count_examples",
+    "hash_batch",
+    "loader_fingerprint",
+    "slice_batch",
+    "to_device",
+]
 
 _RANDOM_SAMPLERS = (
     tud.RandomSampler,
@@ -34,6 +51,16 @@ def _sampler_is_random(sampler: Any) -> bool:
     return inner is not None and inner is not sampler and _sampler_is_random(inner)
 
 
+def _is_empty(loader: Iterable) -> bool:
+    """Whether ``loader`` yields nothing (from ``len`` where it has one, without
+    loading data; else from its first batch)."""
+    try:
+        return len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:  # no __len__ (e.g. a DataLoader over an IterableDataset)
+        pass
+    return next(iter(loader), None) is None
+
+
 def check_loader(loader: Iterable, name: str = "train_loader") -> None:
     """Raise :class:`ShuffledLoaderError` if ``loader`` iterates in a random order.
 
@@ -43,6 +70,9 @@ def check_loader(loader: Iterable, name: str = "train_loader") -> None:
 
     Raises:
         ShuffledLoaderError: the loader uses a random sampler.
+        OnePassLoaderError: ``loader`` is a generator or another iterator (its
+            first pass would be consumed by the next).
+        LoaderError: ``loader`` yields no batches.
         DattriValueError: ``loader`` is not iterable.
     """
     if not isinstance(loader, Iterable):
@@ -51,6 +81,17 @@ def check_loader(loader: Iterable, name: str = "train_loader") -> None:
             f"got {type(loader).__name__}."
         )
         raise DattriValueError(msg)
+    if isinstance(loader, Iterator):  # generators, iter(...), map(...): one pass only
+        msg = (
+            f"{name} is a one-pass {type(loader).__name__} (an iterator): dattri "
+            "iterates its loaders several times (a check, the curvature, the scores), "
+            "so the first pass would consume it. Pass a re-iterable loader: "
+            f"list({name}) of batches, or a torch.utils.data.DataLoader."
+        )
+        raise OnePassLoaderError(msg)
+    if _is_empty(loader):
+        msg = f"{name} is empty (it yields no batches); pass a loader with at least one example."
+        raise LoaderError(msg)
     if isinstance(loader, tud.DataLoader):
         for s in (loader.sampler, loader.batch_sampler):
             if s is not None and _sampler_is_random(s):
@@ -87,3 +128,84 @@ def slice_batch(batch: Any, index: slice | torch.Tensor) -> Any:
         lambda t: t[index] if isinstance(t, torch.Tensor) and t.dim() > 0 else t,
         batch,
     )
+
+
+def hash_batch(h: Any, batch: Any, max_examples: int | None = None) -> None:
+    """Feed the structure, dtypes, shapes and bytes of ``batch`` (its first
+    ``max_examples`` examples when given) into the ``hashlib`` object ``h``."""
+    leaves, spec = tree_flatten(batch)
+    h.update(str(spec).encode())
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach()
+            if max_examples is not None and t.dim() > 0:
+                t = t[:max_examples]
+            t = t.cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(leaf).encode())
+
+
+def count_examples(loader: Iterable) -> int:
+    """Number of examples ``loader`` yields, without loading data when it is a
+    map-style ``DataLoader`` (from its sampler or batch sampler); otherwise by
+    iterating it."""
+    if isinstance(loader, tud.DataLoader) and not isinstance(loader.dataset, tud.IterableDataset):
+        try:
+            if loader.batch_size is not None and loader.drop_last:
+                return len(loader) * loader.batch_size
+            if loader.batch_size is not None:
+                return len(loader.sampler)
+            return sum(len(b) for b in loader.batch_sampler)
+        except TypeError:  # a sampler without __len__
+            pass
+    return sum(batch_size_of(b) for b in loader)
+
+
+class LoaderFingerprint(NamedTuple):
+    """What :func:`loader_fingerprint` records about a loader."""
+
+    n: int
+    digest: str
+
+
+#: examples of the first batch hashed into a loader fingerprint
+FINGERPRINT_EXAMPLES = 8
+
+
+def loader_fingerprint(loader: Iterable, name: str = "train_loader") -> LoaderFingerprint:
+    """A cheap identity of a loader: its number of examples and a hash of the first
+    ``FINGERPRINT_EXAMPLES`` examples of its first batch.
+
+    Raises:
+        LoaderError: the loader yields no batches (the message names it).
+    """
+    first = next(iter(loader), None)
+    if first is None:
+        msg = f"{name} yielded no batches; pass a non-empty loader."
+        raise LoaderError(msg)
+    h = hashlib.sha256()
+    hash_batch(h, first, FINGERPRINT_EXAMPLES)
+    return LoaderFingerprint(count_examples(loader), h.hexdigest()[:16])
+
+
+def check_same_loader(
+    cached: LoaderFingerprint | None, loader: Iterable, owner: str, name: str = "train_loader",
+) -> None:
+    """Raise :class:`LoaderMismatchError` unless ``loader`` looks like the loader
+    that ``cached`` was taken from (same size, same first examples)."""
+    if cached is None:
+        return
+    now = loader_fingerprint(loader, name)
+    if now == cached:
+        return
+    what = (f"has {now.n} examples, the cached one {cached.n}" if now.n != cached.n
+            else f"has the same size ({now.n}) but different examples in its first batch")
+    msg = (
+        f"{owner}: the {name} given to this call differs from the one given to "
+        f"cache() ({what}); its scores come from the cached training set. Call "
+        f"{owner}.cache({name}) with this loader first (or pass the cached loader). "
+        "If the data is the same, make the loader deterministic (no random transforms)."
+    )
+    raise LoaderMismatchError(msg)

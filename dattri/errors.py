@@ -12,12 +12,17 @@ __all__ = [
     "DattriError",
     "DattriRuntimeError",
     "DattriValueError",
+    "DeviceError",
     "GroundTruthError",
+    "InvalidBatchError",
     "InvalidLossError",
     "LayerNameError",
+    "LoaderError",
+    "LoaderMismatchError",
     "MemoryBudgetError",
     "NonFiniteError",
     "NotCachedError",
+    "OnePassLoaderError",
     "ShuffledLoaderError",
 ]
 
@@ -38,8 +43,29 @@ class InvalidLossError(DattriValueError):
     """``loss_func`` / ``target_func`` does not return a scalar on a batch of one."""
 
 
-class ShuffledLoaderError(DattriValueError):
+class LoaderError(DattriValueError):
+    """A data loader cannot be used as given (empty, one-pass, shuffled, ...)."""
+
+
+class ShuffledLoaderError(LoaderError):
     """A data loader iterates in a random order."""
+
+
+class OnePassLoaderError(LoaderError):
+    """A loader is a one-pass iterable (a generator or iterator): dattri iterates
+    its loaders more than once, so the first pass would consume it."""
+
+
+class LoaderMismatchError(LoaderError):
+    """A train loader given to ``attribute`` differs from the one given to ``cache``."""
+
+
+class InvalidBatchError(DattriValueError):
+    """A batch of a loader does not fit the model (feature size, label range, ...)."""
+
+
+class DeviceError(DattriValueError):
+    """The requested device is not available in this torch build or machine."""
 
 
 class LayerNameError(DattriValueError):

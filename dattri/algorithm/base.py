@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dattri._loader import check_loader
+from dattri._loader import check_loader, check_same_loader, loader_fingerprint
 from dattri.algorithm._engine import Featurizer, resolve_device
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -32,6 +32,11 @@ class BaseAttributor:
         device: where features, curvature and scores are computed; scores come
             back on this device.
     """
+
+    #: True where ``attribute`` scores the train loader it is given (only the
+    #: curvature is cached); otherwise a loader that differs from the cached one
+    #: is refused (:class:`~dattri.errors.LoaderMismatchError`)
+    _scores_given_train = False
 
     def __init__(
         self,
@@ -76,6 +81,7 @@ class BaseAttributor:
         """
         check_loader(train_loader, "train_loader")
         self._cache(train_loader)
+        self._train_fingerprint = loader_fingerprint(train_loader, "train_loader")
         self._cached = True
         return self
 
@@ -83,6 +89,10 @@ class BaseAttributor:
         """Subclasses override; the default has nothing to precompute."""
 
     def _ensure_cached(self, train_loader: Iterable) -> None:
+        check_loader(train_loader, "train_loader")
+        if self._cached and not self._scores_given_train:
+            check_same_loader(getattr(self, "_train_fingerprint", None), train_loader,
+                              type(self).__name__)
         if not self._cached:
             warnings.warn(
                 f"{type(self).__name__}.attribute called before cache(train_loader); "

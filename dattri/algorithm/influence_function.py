@@ -86,7 +86,12 @@ def dataset_matmat(
 
 
 class _IFBase(BaseAttributor):
-    """Shared IF logic: subclasses implement ``_fit(ckpt)`` and ``_ihvp(V, ckpt)``."""
+    """Shared IF logic: subclasses implement ``_fit(ckpt)`` and ``_ihvp(V, ckpt)``.
+
+    ``attribute`` scores the train loader it is given (the curvature is that of
+    the cached training set)."""
+
+    _scores_given_train = True
 
     def __init__(self, task: AttributionTask, layer_name=None, device="cpu") -> None:
         super().__init__(task, layer_name, device)
@@ -445,14 +450,16 @@ class IFAttributorArnoldi(_IFBase):
         vecs, vals = self._state[ckpt]
         return ((v @ vecs.T.to(v.dtype)) / vals.to(v.dtype)) @ vecs.to(v.dtype) / self.norm_constant
 
+    def _project_train(self, train_loader: Iterable, ckpt: int) -> torch.Tensor:
+        vecs = self._state[ckpt][0]
+        return torch.cat([g @ vecs.T.to(g.dtype)
+                          for g in self.train_features.iterate(train_loader, ckpt)])
+
     def _cache(self, train_loader: Iterable) -> None:
         """Curvature eigenbasis, then the training gradients projected on it once."""
         super()._cache(train_loader)
-        self._train_proj = {}
-        for c in range(self.num_checkpoints):
-            vecs = self._state[c][0]
-            self._train_proj[c] = torch.cat(
-                [g @ vecs.T.to(g.dtype) for g in self.train_features.iterate(train_loader, c)])
+        self._train_proj = {c: self._project_train(train_loader, c)
+                            for c in range(self.num_checkpoints)}
 
     def attribute(
         self, train_loader: Iterable, test_loader: Iterable,
@@ -461,15 +468,19 @@ class IFAttributorArnoldi(_IFBase):
         """Scores through the rank-r eigenbasis: ``(G_tr U^T) diag(1/(lambda+reg)) (G_te U^T)^T``.
 
         The training side was projected in :meth:`cache`; only test gradients are
-        computed here (cost ``n r + m P r`` instead of ``n m P``).
+        computed here (cost ``n r + m P r`` instead of ``n m P``). A train loader
+        that differs from the cached one (size or first examples) is projected here.
         """
+        from dattri._loader import loader_fingerprint
+
         self._check_pair(train_loader, test_loader)
         _check_choice("relatif_method", relatif_method, _RELATIF)
         self._ensure_cached(train_loader)
+        same = loader_fingerprint(train_loader) == self._train_fingerprint
         total = None
         for c in range(self.num_checkpoints):
             vecs, vals = self._state[c]
-            tr = self._train_proj[c]
+            tr = self._train_proj[c] if same else self._project_train(train_loader, c)
             inv = (1.0 / (vals * self.norm_constant)).to(tr.dtype)
             ft = self.test_features.all(test_loader, c, "test grads") @ vecs.T.to(tr.dtype)
             s = (tr * inv) @ ft.T

@@ -1,0 +1,133 @@
+"""No silent wrong answer: every bad input gets a typed error or the correct rows
+(issue 13). Each test asserts the error type and what it names, or the rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import digits, l2_loss_factory, loaders, make_lr, train_full_batch
+from torch.utils.data import DataLoader, TensorDataset
+
+from dattri.algorithm import (
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    KNNShapleyAttributor,
+    RPSAttributor,
+    TracInAttributor,
+    TRAKAttributor,
+)
+from dattri.errors import LoaderError, LoaderMismatchError, OnePassLoaderError
+from dattri.task import AttributionTask
+
+
+@pytest.fixture(scope="module")
+def lr_setup():
+    (xtr, ytr), (xte, yte) = digits(64, 8, classes=3, dim=10)
+    model = make_lr(10, 3)
+    loss = l2_loss_factory(model)
+    train_full_batch(model, loss, xtr, ytr)
+    return model, loss, (xtr, ytr), (xte, yte)
+
+
+def _task(setup):
+    model, loss, _, _ = setup
+    return AttributionTask(loss_func=loss, model=model,
+                           checkpoints={k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _prob(model):
+    def p(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        return torch.softmax(out, -1).gather(1, y.reshape(-1, 1)).squeeze(1).mean()
+    return p
+
+
+def _rps_task(setup):
+    model, _, _, _ = setup
+
+    def loss(pre, y):
+        return torch.nn.functional.cross_entropy(pre, y)
+
+    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+
+
+# -------------------------------------------------------- cached train loader
+def _cached_row_attributors(setup):
+    model = setup[0]
+    return {
+        "trak": lambda: TRAKAttributor(_task(setup), _prob(model),
+                                       proj_params={"proj_type": "identity"}, regularization=1e-3),
+        "knn": lambda: KNNShapleyAttributor(k_neighbors=3),
+        "rps": lambda: RPSAttributor(_rps_task(setup), "", epoch=20),
+    }
+
+
+@pytest.mark.parametrize("which", ["trak", "knn", "rps"])
+def test_cached_rows_refuse_a_different_train_loader(lr_setup, which):
+    make = _cached_row_attributors(lr_setup)[which]
+    (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
+    train, test = loaders((xtr, ytr), (xte, yte))
+    att = make().cache(train)
+    assert att.attribute(train, test).shape == (64, 8)
+    smaller = DataLoader(TensorDataset(xtr[:40], ytr[:40]), batch_size=32)
+    with pytest.raises(LoaderMismatchError, match=r"40 examples, the cached one 64"):
+        att.attribute(smaller, test)
+    same_size = DataLoader(TensorDataset(xtr.flip(0), ytr.flip(0)), batch_size=32)
+    with pytest.raises(LoaderMismatchError, match="different examples"):
+        att.attribute(same_size, test)
+    # the same data in a new loader object (another batch size) is accepted
+    again = DataLoader(TensorDataset(xtr, ytr), batch_size=16)
+    torch.testing.assert_close(att.attribute(again, test), att.attribute(train, test))
+
+
+def test_arnoldi_scores_the_train_loader_it_is_given(lr_setup):
+    (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
+    train, test = loaders((xtr, ytr), (xte, yte))
+    att = IFAttributorArnoldi(_task(lr_setup), proj_dim=20, max_iter=40,
+                              regularization=1e-3).cache(train)
+    full = att.attribute(train, test)
+    part = att.attribute(DataLoader(TensorDataset(xtr[:40], ytr[:40]), batch_size=32), test)
+    assert part.shape == (40, 8)
+    torch.testing.assert_close(part, full[:40])
+    flipped = att.attribute(DataLoader(TensorDataset(xtr.flip(0), ytr.flip(0)), batch_size=32), test)
+    torch.testing.assert_close(flipped, full.flip(0))
+
+
+# -------------------------------------------------------- one-pass iterables
+def _gen(x, y, bs=16):
+    return ((x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs))
+
+
+@pytest.mark.parametrize("method", ["cache", "attribute_train", "attribute_test", "self"])
+def test_one_pass_iterables_are_refused(lr_setup, method):
+    (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
+    train, test = loaders((xtr, ytr), (xte, yte))
+    att = TracInAttributor(_task(lr_setup), weight_list=[1.0], normalized_grad=False)
+    cg = IFAttributorCG(_task(lr_setup), regularization=1e-2)
+    name = "test_loader" if method == "attribute_test" else "train_loader"
+    with pytest.raises(OnePassLoaderError, match=rf"{name} is a one-pass \w+.*list\("):
+        if method == "cache":
+            cg.cache(_gen(xtr, ytr))
+        elif method == "attribute_train":
+            att.attribute(_gen(xtr, ytr), test)
+        elif method == "attribute_test":
+            att.attribute(train, _gen(xte, yte))
+        else:
+            cg.cache(train).self_attribute(iter(list(train)))
+    # the list of the same batches gives every row
+    assert att.attribute(list(_gen(xtr, ytr)), test).shape == (64, 8)
+
+
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_empty_loaders_are_named(lr_setup, empty):
+    (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
+    train, test = loaders((xtr, ytr), (xte, yte))
+    nothing = DataLoader(TensorDataset(xtr[:0], ytr[:0]), batch_size=4)
+    att = TracInAttributor(_task(lr_setup), weight_list=[1.0], normalized_grad=True)
+    name = f"{empty}_loader"
+    with pytest.raises(LoaderError, match=rf"{name} is empty"):
+        if empty == "train":
+            att.attribute(nothing, test)
+        else:
+            att.attribute(train, [])
