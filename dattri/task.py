@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -11,11 +12,12 @@ from torch import nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
+from dattri._convention import BatchedFunction, as_batched
 from dattri._loader import batch_size_of
 from dattri.errors import CheckpointError, DattriValueError, InvalidLossError, LayerNameError
 from dattri.func.utils import ParamSpec, partial_param
 
-__all__ = ["AttributionTask", "batch_of_one", "load_state_dict_file"]
+__all__ = ["AttributionTask", "batch_of_one", "check_state_dict", "load_state_dict_file"]
 
 Checkpoint = Union[Mapping[str, torch.Tensor], str, os.PathLike]
 
@@ -30,11 +32,29 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         msg = f"checkpoints: no file at {path!r}; pass an existing path or a state dict."
         raise CheckpointError(msg)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path, device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = (
+            f"checkpoints: {path!r} holds objects other than tensors (a pickled model or "
+            "optimizer?), which a weights-only load refuses. Save model.state_dict() "
+            "instead (torch.save(model.state_dict(), path)), or load the file yourself "
+            "and pass the state dict."
+        )
+        raise CheckpointError(msg) from e
+    except Exception as e:  # noqa: BLE001 - any parse failure: not a readable checkpoint
+        kind = "safetensors" if path.endswith(".safetensors") else "torch"
+        first = str(e).splitlines()[0] if str(e) else ""
+        msg = (
+            f"checkpoints: {path!r} cannot be read as a {kind} checkpoint: the file is "
+            f"corrupt or truncated ({type(e).__name__}: {first[:200]}). Save it again "
+            "(torch.save(model.state_dict(), path) or safetensors.torch.save_file)."
+        )
+        raise CheckpointError(msg) from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(
         obj["state_dict"], Mapping,
     ):
@@ -43,6 +63,37 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         msg = f"checkpoints: {path!r} holds a {type(obj).__name__}, not a state dict."
         raise CheckpointError(msg)
     return dict(obj)
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless ``model.load_state_dict(state)`` would
+    load every entry: the same keys, tensors of the same shapes. Nothing is loaded,
+    so the model is unchanged when the checkpoint is refused."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        msg = (
+            f"{what} does not match the model: missing keys {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected keys "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}). "
+            "Pass a state dict of this model (model.state_dict() keys), or a "
+            "checkpoints_load_func. The model was not changed."
+        )
+        raise CheckpointError(msg)
+    for key, ref in own.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            msg = (f"{what}[{key!r}] is a {type(value).__name__}, not a tensor; pass a "
+                   "state dict of tensors. The model was not changed.")
+            raise CheckpointError(msg)
+        if value.shape != ref.shape:
+            msg = (
+                f"{what}[{key!r}] has shape {tuple(value.shape)} but the model's "
+                f"{key!r} has shape {tuple(ref.shape)}; pass a checkpoint of this "
+                "architecture (same layer sizes). The model was not changed."
+            )
+            raise CheckpointError(msg)
 
 
 def batch_of_one(example: Any) -> Any:
@@ -88,8 +139,14 @@ class AttributionTask:
             msg = f"model must be a torch.nn.Module, got {type(model).__name__}."
             raise DattriValueError(msg)
         self.model = model
-        self.original_loss_func = loss_func
-        self.original_target_func = target_func if target_func is not None else loss_func
+        # the user's functions as given; the original_* ones are batched whatever
+        # convention the user wrote (0.3.0's single-example style is detected on the
+        # first batch: dattri._convention)
+        self.user_loss_func = loss_func
+        self.user_target_func = target_func if target_func is not None else loss_func
+        self.original_loss_func = as_batched(loss_func, "loss_func")
+        self.original_target_func = (as_batched(target_func, "target_func")
+                                     if target_func is not None else self.original_loss_func)
         if isinstance(checkpoints, (list, tuple)):
             ckpts = list(checkpoints)
         else:
@@ -148,20 +205,8 @@ class AttributionTask:
                 self.model = model
         else:
             state = self._read(ckpt) if not isinstance(ckpt, Mapping) else ckpt
-            try:
-                self.model.load_state_dict(state)
-            except RuntimeError as e:
-                own = set(self.model.state_dict().keys())
-                given = set(state.keys())
-                missing = sorted(own - given)[:5]
-                unexpected = sorted(given - own)[:5]
-                msg = (
-                    f"checkpoints[{ckpt_idx}] does not match the model: missing keys "
-                    f"{missing}, unexpected keys {unexpected}. Pass a state dict of "
-                    "this model, or a checkpoints_load_func. Original error: "
-                    f"{str(e).splitlines()[0]}"
-                )
-                raise CheckpointError(msg) from e
+            check_state_dict(self.model, state, f"checkpoints[{ckpt_idx}]")
+            self.model.load_state_dict(state)
         self.named_parameters = {
             k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad
         }
@@ -255,8 +300,10 @@ class AttributionTask:
 
     # ------------------------------------------------------------------ functions
     def _flat_func(
-        self, func: Callable, layer_name: str | Sequence[str] | None, ckpt_idx: int,
+        self, func: Callable, layer_name: str | Sequence[str] | None, ckpt_idx: int | None,
     ) -> Callable:
+        if ckpt_idx is None:  # 0.3.0's default: the checkpoint loaded now
+            ckpt_idx = self.current_checkpoint_idx or 0
         self._load_checkpoints(ckpt_idx)
         names = self._resolve_layer_name(layer_name)
         spec = ParamSpec({n: self.named_parameters[n] for n in names})
@@ -333,6 +380,8 @@ class AttributionTask:
         func = self.original_loss_func if which == "loss" else self.original_target_func
         name = "loss_func" if which == "loss" else "target_func"
         self._load_checkpoints(ckpt_idx)
+        if isinstance(func, BatchedFunction):
+            func.resolve(dict(self.named_parameters), batch)
         one = tree_map(
             lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch,
         )

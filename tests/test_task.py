@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -67,7 +69,8 @@ def test_custom_load_func_is_used():
 def test_target_defaults_to_loss_and_can_differ():
     model, loss, x, y = _setup()
     task = AttributionTask(loss, model, model.state_dict())
-    assert task.original_target_func is loss
+    assert task.user_target_func is loss  # as given; original_* are the batched views
+    assert task.original_target_func is task.original_loss_func
 
     def target(params, data):
         return torch.func.functional_call(model, params, (data[0],))[:, 0].mean()
@@ -209,3 +212,66 @@ def test_forced_reload_reads_a_checkpoint_file_once_until_it_changes(tmp_path, m
     task.load_checkpoint(0, force=True)
     task.load_checkpoint(0, force=True)
     assert len(reads) == 5
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+@pytest.mark.parametrize("edit", ["extra", "missing", "shape", "not_tensor"])
+def test_rejected_checkpoint_leaves_the_model_unchanged(edit):
+    model, loss, _, _ = _setup()
+    before = _snapshot(model)
+    sd = {k: v + 1.0 for k, v in before.items()}  # loading any key would show
+    if edit == "extra":
+        sd["head.weight"] = torch.zeros(2)
+        match = r"unexpected keys \['head.weight'\]"
+    elif edit == "missing":
+        del sd["fc2.bias"]
+        match = r"missing keys \['fc2.bias'\]"
+    elif edit == "shape":
+        sd["fc2.weight"] = torch.zeros(7, 2, dtype=torch.float64)
+        shape = tuple(before["fc2.weight"].shape)
+        match = (r"\['fc2.weight'\] has shape \(7, 2\) but the model's 'fc2.weight' has "
+                 + re.escape(f"shape {shape}"))
+    else:
+        sd["fc1.bias"] = [0.0] * 4
+        match = r"\['fc1.bias'\] is a list"
+    with pytest.raises(CheckpointError, match=match):
+        AttributionTask(loss, model, sd).get_param()
+    _assert_unchanged(model, before)
+    # an ensemble whose second checkpoint is bad: the error names it
+    with pytest.raises(CheckpointError, match=r"checkpoints\[1\]"):
+        AttributionTask(loss, model, [before, sd])._load_checkpoints(1)
+
+
+@pytest.mark.parametrize("damage", ["truncated_pt", "garbage_pt", "pickled_model",
+                                    "truncated_safetensors", "garbage_safetensors"])
+def test_unreadable_checkpoint_files_give_one_typed_error(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    model, loss, _, _ = _setup()
+    before = _snapshot(model)
+    if damage.endswith("safetensors"):
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in before.items()}, str(path))
+    else:
+        path = tmp_path / "w.pt"
+        torch.save(model if damage == "pickled_model" else before, path)
+    blob = path.read_bytes()
+    if damage.startswith("truncated"):
+        path.write_bytes(blob[: len(blob) // 2])
+    elif damage.startswith("garbage"):
+        path.write_bytes(b"\x00not a checkpoint" * 20)
+    want = "objects other than tensors" if damage == "pickled_model" else "corrupt or truncated"
+    with pytest.raises(CheckpointError, match=rf"{path.name}.*{want}") as info:
+        AttributionTask(loss, model, str(path)).get_param()
+    assert "weights_only=False" not in str(info.value)
+    _assert_unchanged(model, before)

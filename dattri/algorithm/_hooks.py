@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dattri._convention import capture_per_example, is_unbatched
 from dattri._loader import batch_size_of
 from dattri.algorithm._engine import LoaderFeatures, _check_finite, ensemble_rng
 from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
@@ -83,6 +84,8 @@ class LinearCapture:
         if func is None:
             task.validate_batch(batch, which, ckpt)
             func = task.original_loss_func if which == "loss" else task.original_target_func
+        if is_unbatched(func) and batch_size_of(batch) > 1:  # 0.3.0's single-example style
+            return capture_per_example(lambda one: self.run(one, ckpt, which, func), batch)
         mods = dict(task.model.named_modules())
         store: dict[str, list] = {n: [] for n in self.modules}
 

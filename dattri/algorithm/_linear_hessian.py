@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from dattri._convention import is_unbatched
 from dattri.algorithm._engine import DataCache, ensemble_rng
 from dattri.algorithm._factored import _layers
 from dattri.task import AttributionTask
@@ -31,6 +32,8 @@ __all__ = ["linear_layer_hessian"]
 
 def _batch_terms(task: AttributionTask, module: str, batch, ckpt: int, device: torch.device):
     """``(A (B, d_in), Lambda (B, C, C))`` of one batch, or None (not one 2-D call)."""
+    if is_unbatched(task.original_loss_func):  # hooks cannot see inside its vmap
+        return None
     mod = dict(task.model.named_modules())[module]
     seen: list = []
 

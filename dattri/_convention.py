@@ -1,0 +1,146 @@
+"""Which calling convention a user's loss / target function follows (private).
+
+dattri's functions take a *batch* (a leading batch dimension) and return the mean
+over it. The published 0.3.0 release's TracIn, TRAK and RPS examples write them
+for ONE example without a batch dimension (``image.unsqueeze(0)`` inside). A
+:class:`BatchedFunction` wraps the user's function so that every consumer sees the
+batched convention; the convention is detected once, on the first batch:
+
+- the function is called on a batch of one (the first example, keeping the batch
+  dimension); a scalar means the batched convention, used as given;
+- otherwise it is called on the first example without the batch dimension; a
+  scalar there, and no scalar on the whole batch (a function that takes the whole
+  batch but not a batch of one is a batched one with a bug, reported as such),
+  means the single-example convention. Then a batch of one is passed as the
+  example itself, and a batch of ``B`` as ``vmap`` of the function over the batch,
+  averaged: ``F(batch) = (1/B) sum_i f(example_i)``.
+
+Scores are then identical for both forms of the same function (the batched form's
+per-example gradient is taken on batches of one, which become the bare example).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["BatchedFunction", "as_batched", "capture_per_example", "is_unbatched", "user_function"]
+
+
+def _first(batch: Any, keep_dim: bool) -> Any:
+    def one(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t[:1] if keep_dim else t[0]
+        return t
+
+    return tree_map(one, batch)
+
+
+def _size(args: Sequence[Any]) -> int | None:
+    leaves = [t for t in tree_flatten(list(args))[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return int(leaves[0].shape[0]) if leaves else None
+
+
+def _is_scalar(out: Any) -> bool:
+    return isinstance(out, torch.Tensor) and out.numel() == 1
+
+
+class BatchedFunction:
+    """A user function seen in the batched convention, whichever it was written in.
+
+    Args:
+        func: the user's function.
+        name: its argument name (``"loss_func"``, ...), for messages.
+        batched_args: positions of the arguments that carry the batch (``(1,)`` for
+            ``f(params, data)``; ``(0, 1)`` for RPS's ``f(pre_activation, label)``).
+
+    Attributes:
+        unbatched: ``None`` until detected, then whether ``func`` takes one example.
+    """
+
+    def __init__(self, func: Callable, name: str, batched_args: Sequence[int] = (1,)) -> None:
+        self.func, self.name = func, name
+        self.batched_args = tuple(batched_args)
+        self.unbatched: bool | None = None
+        self.__wrapped__ = func
+        self.__name__ = getattr(func, "__name__", name)
+        self.__doc__ = getattr(func, "__doc__", None)
+
+    def _split(self, args: tuple) -> tuple[list[Any], list[Any]]:
+        return [args[i] for i in self.batched_args], list(args)
+
+    def _with(self, args: tuple, parts: list[Any]) -> list[Any]:
+        out = list(args)
+        for i, p in zip(self.batched_args, parts):
+            out[i] = p
+        return out
+
+    def resolve(self, *args: Any) -> bool:
+        """Detect the convention on a real batch (once); returns ``unbatched``."""
+        if self.unbatched is not None:
+            return self.unbatched
+        batched, _ = self._split(args)
+        unbatched = False
+        with torch.no_grad():
+            try:
+                out = self.func(*self._with(args, [_first(b, True) for b in batched]))
+            except Exception:  # noqa: BLE001 - the other convention is tried next
+                out = None
+            if not _is_scalar(out):
+                try:
+                    single = self.func(*self._with(args, [_first(b, False) for b in batched]))
+                except Exception:  # noqa: BLE001 - the batched error is the one reported
+                    single = None
+                unbatched = _is_scalar(single)
+            if unbatched and (_size(batched) or 1) > 1:
+                # a function that fails on a batch of one but takes the whole batch
+                # is a batched one with a bug: keep it batched (the error says why)
+                try:
+                    unbatched = not _is_scalar(self.func(*args))
+                except Exception:  # noqa: BLE001 - expected of a single-example function
+                    unbatched = True
+        self.unbatched = unbatched
+        return unbatched
+
+    def __call__(self, *args: Any) -> Any:
+        if self.unbatched is None:
+            self.resolve(*args)
+        if not self.unbatched:
+            return self.func(*args)
+        batched, _ = self._split(args)
+        n = _size(batched)
+        if n == 1:  # a batch of one is the example itself (hooks see one call)
+            return self.func(*self._with(args, [_first(b, False) for b in batched]))
+        in_dims = tuple(0 if i in self.batched_args else None for i in range(len(args)))
+        per = vmap(self.func, in_dims=in_dims, randomness="same")(*args)
+        return per.mean()
+
+
+def as_batched(func: Callable | None, name: str, batched_args: Sequence[int] = (1,)):
+    """Wrap ``func`` (idempotent; ``None`` stays ``None``)."""
+    if func is None or isinstance(func, BatchedFunction):
+        return func
+    return BatchedFunction(func, name, batched_args)
+
+
+def user_function(func: Callable) -> Callable:
+    """The function the user gave (unwraps a :class:`BatchedFunction`)."""
+    return func.func if isinstance(func, BatchedFunction) else func
+
+
+def is_unbatched(func: Any) -> bool:
+    """Whether ``func`` is a wrapped function detected as single-example."""
+    return isinstance(func, BatchedFunction) and bool(func.unbatched)
+
+
+def capture_per_example(run_one: Callable[[Any], dict], batch: Any) -> dict:
+    """Layer captures ``{module: (a, s)}`` of a single-example function on a batch:
+    one call per example (forward hooks cannot see inside ``vmap``), concatenated."""
+    from dattri._loader import batch_size_of, slice_batch
+
+    parts = [run_one(slice_batch(batch, slice(i, i + 1))) for i in range(batch_size_of(batch))]
+    return {k: tuple(torch.cat([p[k][j] for p in parts]) for j in range(2)) for k in parts[0]}
