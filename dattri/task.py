@@ -39,6 +39,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(path, device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a refused class: damaged bytes
+            raise _unreadable(path, e) from e
         msg = (
             f"checkpoints: {path!r} holds objects other than tensors (a pickled model or "
             "optimizer?), which a weights-only load refuses. Save model.state_dict() "
@@ -47,14 +49,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
         raise CheckpointError(msg) from e
     except Exception as e:  # noqa: BLE001 - any parse failure: not a readable checkpoint
-        kind = "safetensors" if path.endswith(".safetensors") else "torch"
-        first = str(e).splitlines()[0] if str(e) else ""
-        msg = (
-            f"checkpoints: {path!r} cannot be read as a {kind} checkpoint: the file is "
-            f"corrupt or truncated ({type(e).__name__}: {first[:200]}). Save it again "
-            "(torch.save(model.state_dict(), path) or safetensors.torch.save_file)."
-        )
-        raise CheckpointError(msg) from e
+        raise _unreadable(path, e) from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(
         obj["state_dict"], Mapping,
     ):
@@ -63,6 +58,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         msg = f"checkpoints: {path!r} holds a {type(obj).__name__}, not a state dict."
         raise CheckpointError(msg)
     return dict(obj)
+
+
+def _unreadable(path: str, e: Exception) -> CheckpointError:
+    kind = "safetensors" if path.endswith(".safetensors") else "torch"
+    first = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, pickle.UnpicklingError):  # torch's text advises an unsafe load
+        first = "not a valid pickle stream"
+    return CheckpointError(
+        f"checkpoints: {path!r} cannot be read as a {kind} checkpoint: the file is "
+        f"corrupt or truncated ({type(e).__name__}: {first[:120]}). Save it again "
+        "(torch.save(model.state_dict(), path) or safetensors.torch.save_file).")
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "checkpoint") -> None:

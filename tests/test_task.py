@@ -273,5 +273,5 @@ def test_unreadable_checkpoint_files_give_one_typed_error(tmp_path, damage):
     want = "objects other than tensors" if damage == "pickled_model" else "corrupt or truncated"
     with pytest.raises(CheckpointError, match=rf"{path.name}.*{want}") as info:
         AttributionTask(loss, model, str(path)).get_param()
-    assert "weights_only=False" not in str(info.value)
+    assert "weights_only" not in str(info.value)
     _assert_unchanged(model, before)
