@@ -63,7 +63,20 @@ def _cached_row_attributors(setup):
     }
 
 
-@pytest.mark.parametrize("which", ["trak", "knn", "rps"])
+def test_knn_scores_or_refuses_a_different_train_loader(lr_setup):
+    (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
+    train, test = loaders((xtr, ytr), (xte, yte))
+    att = KNNShapleyAttributor(k_neighbors=3).cache(train)
+    for other in (DataLoader(TensorDataset(xtr[:40], ytr[:40]), batch_size=32),
+                  DataLoader(TensorDataset(xtr.flip(0), ytr.flip(0)), batch_size=32)):
+        try:
+            got = att.attribute(other, test)
+        except LoaderMismatchError:
+            continue
+        torch.testing.assert_close(got, KNNShapleyAttributor(k_neighbors=3).attribute(other, test))
+
+
+@pytest.mark.parametrize("which", ["trak", "rps"])
 def test_cached_rows_refuse_a_different_train_loader(lr_setup, which):
     make = _cached_row_attributors(lr_setup)[which]
     (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
@@ -131,3 +144,25 @@ def test_empty_loaders_are_named(lr_setup, empty):
             att.attribute(nothing, test)
         else:
             att.attribute(train, [])
+
+
+# -------------------------------------------------------- weight_list
+@pytest.mark.parametrize("weights", [[float("nan")], [float("inf")], ["0.1"], [None]])
+def test_bad_weight_list_is_refused(lr_setup, weights):
+    from dattri.errors import DattriValueError
+
+    with pytest.raises(DattriValueError, match="weight_list="):
+        TracInAttributor(_task(lr_setup), weight_list=weights, normalized_grad=False)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_grad_cos_is_unit_at_any_gradient_scale(lr_setup, fast_path):
+    # gradients ~1e-14 (loss x 1e-13): still cosines; a zero gradient stays 0
+    model, loss, (xtr, ytr), _ = lr_setup
+    ref_task = _task(lr_setup)
+    tiny = AttributionTask(lambda p, d: 1e-13 * loss(p, d), model, ref_task.get_checkpoints()[0])
+    train = DataLoader(TensorDataset(xtr[:20], ytr[:20]), batch_size=8)
+    ref = TracInAttributor(ref_task, [1.0], True, fast_path=fast_path).attribute(train, train)
+    got = TracInAttributor(tiny, [1.0], True, fast_path=fast_path).attribute(train, train)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.diagonal(got), torch.ones(20, dtype=got.dtype))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dattri._loader import to_device
+from dattri._loader import check_loader, to_device
 from dattri.algorithm._engine import score_stream
 from dattri.algorithm._factored import FactoredGrads
 from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwargs
@@ -25,8 +25,14 @@ from dattri.task import AttributionTask
 __all__ = ["TracInAttributor"]
 
 
+def _nonzero(n: torch.Tensor) -> torch.Tensor:
+    # a zero row stays zero; any other norm, however small, divides (scale-free)
+    return torch.where(n > 0, n, torch.ones_like(n))
+
+
 def _unit_rows(g: torch.Tensor) -> torch.Tensor:
-    return g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    g = g / _nonzero(g.abs().amax(dim=1, keepdim=True))  # no underflow in the norm
+    return g / _nonzero(g.norm(dim=1, keepdim=True))
 
 
 class TracInAttributor(BaseAttributor):
@@ -53,7 +59,16 @@ class TracInAttributor(BaseAttributor):
         fast_path: bool = True,
     ) -> None:
         super().__init__(task, layer_name, device)
-        w = torch.as_tensor(weight_list, dtype=torch.float64).reshape(-1)
+        try:
+            w = torch.as_tensor(weight_list, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            msg = (f"weight_list={weight_list!r} must be numbers (one learning rate per "
+                   "checkpoint), e.g. [0.1, 0.1] or torch.ones(len(checkpoints)).")
+            raise DattriValueError(msg) from e
+        if not torch.isfinite(w).all():
+            msg = (f"weight_list={w.tolist()} has NaN or inf entries; pass finite "
+                   "weights (the learning rates of the checkpoints).")
+            raise DattriValueError(msg)
         if w.numel() != self.num_checkpoints:
             msg = (
                 f"weight_list has {w.numel()} weight(s) but the task has "
@@ -87,7 +102,7 @@ class TracInAttributor(BaseAttributor):
     def _unit(self, fg: FactoredGrads) -> FactoredGrads:
         if not self.normalized_grad:
             return fg
-        return fg.scale_rows(fg.sq_norms().sqrt().clamp_min(1e-12).reciprocal())
+        return fg.scale_rows(_nonzero(fg.sq_norms().sqrt()).reciprocal())
 
     def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
         """Scores ``(n_train, n_test)`` = weighted sum over checkpoints."""
@@ -107,6 +122,7 @@ class TracInAttributor(BaseAttributor):
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``sum_c eta_c <g_loss^c(z_i), g_target^c(z_i)>`` as ``(n_train,)``."""
+        check_loader(train_loader, "train_loader")
         same = self.task.original_target_func is self.task.original_loss_func
         total = None
         for c in range(self.num_checkpoints):
