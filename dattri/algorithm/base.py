@@ -38,6 +38,12 @@ class BaseAttributor:
     #: is refused (:class:`~dattri.errors.LoaderMismatchError`)
     _scores_given_train = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        from dattri.algorithm._compat import install
+
+        install(cls)  # the published keyword names (train_dataloader=, ...)
+
     def __init__(
         self,
         task: AttributionTask,
@@ -192,3 +198,18 @@ def _tensor_sketch_transform(kw: dict[str, Any]):
     transform.project_dense = dense
     transform.sketch = sketch
     return transform
+
+
+from dattri.algorithm._compat import install as _install_compat  # noqa: E402
+
+_install_compat(BaseAttributor)  # subclasses get it from __init_subclass__
+
+
+def __getattr__(name: str) -> type:
+    # the published name of the IF family's base class (defined after this module)
+    if name == "BaseInnerProductAttributor":
+        from dattri.algorithm.influence_function import _IFBase
+
+        return _IFBase
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -150,8 +150,10 @@ class _IFBase(BaseAttributor):
             return x.norm(dim=1).clamp_min(1e-12)
         return (g * x).sum(dim=1).abs().sqrt().clamp_min(1e-12)
 
-    def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
-        """Self-influence ``g_loss(z_i)^T (H + lambda I)^{-1} g_target(z_i)``, ``(n_train,)``."""
+    def self_attribute(self, train_loader: Iterable, relatif_method: str | None = None) -> torch.Tensor:
+        """Self-influence ``g_loss(z_i)^T (H + lambda I)^{-1} g_target(z_i)``, ``(n_train,)``;
+        with ``relatif_method`` divided by the RelatIF norm of ``g_loss(z_i)``."""
+        _check_choice("relatif_method", relatif_method, _RELATIF)
         self._ensure_cached(train_loader)
         same = self.task.original_target_func is self.task.original_loss_func
         total = None
@@ -160,7 +162,10 @@ class _IFBase(BaseAttributor):
             targets = None if same else self.test_features.iterate(train_loader, c)
             for g in self.train_features.iterate(train_loader, c, "self-influence"):
                 gt = g if targets is None else next(targets)
-                parts.append((self._ihvp(g, c) * gt).sum(dim=1))
+                si = (self._ihvp(g, c) * gt).sum(dim=1)
+                if relatif_method is not None:
+                    si = si / self._relatif_norm(g, c, relatif_method)
+                parts.append(si)
             s = torch.cat(parts)
             total = s if total is None else total + s
         return total / self.num_checkpoints
@@ -490,3 +495,18 @@ class IFAttributorArnoldi(_IFBase):
                 s = s / (tr * inv).norm(dim=1).clamp_min(1e-12)[:, None]
             total = s if total is None else total + s
         return total / self.num_checkpoints
+
+
+def __getattr__(name: str) -> type:
+    # DataInf and EK-FAC live in their own modules (which import this one); the
+    # published package exports them from here too
+    if name == "IFAttributorDataInf":
+        from dattri.algorithm.datainf import IFAttributorDataInf
+
+        return IFAttributorDataInf
+    if name == "IFAttributorEKFAC":
+        from dattri.algorithm.ekfac import IFAttributorEKFAC
+
+        return IFAttributorEKFAC
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

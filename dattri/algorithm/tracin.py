@@ -16,9 +16,11 @@ from typing import Any
 import torch
 
 from dattri._loader import check_loader, to_device
+from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import score_stream
 from dattri.algorithm._factored import FactoredGrads
-from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwargs
+from dattri.algorithm.base import BaseAttributor, make_projection
+from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
 
@@ -46,6 +48,9 @@ class TracInAttributor(BaseAttributor):
             ``None`` for exact inner products.
         layer_name: restrict to these parameters.
         device: computation device.
+        projector_kwargs: 0.3.0's name for ``proj_params`` (a dict; its ``device``
+            is ignored). 0.3.0 projected to 512 dimensions by default; dattri's
+            default is exact inner products (``projector_kwargs={}`` projects).
     """
 
     def __init__(
@@ -57,7 +62,9 @@ class TracInAttributor(BaseAttributor):
         layer_name: str | Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         fast_path: bool = True,
+        projector_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        proj_params = projector_settings(proj_params, projector_kwargs, "TracInAttributor")
         super().__init__(task, layer_name, device)
         try:
             w = torch.as_tensor(weight_list, dtype=torch.float64).reshape(-1)
@@ -79,7 +86,7 @@ class TracInAttributor(BaseAttributor):
         self.weight_list = w
         self.normalized_grad = bool(normalized_grad)
         self.proj_params = proj_params
-        transform = make_projection(projector_kwargs(proj_params), self.device)
+        transform = make_projection(projection_settings(proj_params), self.device)
         post = _unit_rows if self.normalized_grad else None
         self.fast_path = bool(fast_path) and transform is None
         self.train_features.use_factored = self.test_features.use_factored = bool(fast_path)

@@ -20,8 +20,11 @@ from typing import Any
 import torch
 from torch.func import vmap
 
+from dattri._convention import as_batched
+from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import ensemble_rng
-from dattri.algorithm.base import BaseAttributor, make_projection, projector_kwargs
+from dattri.algorithm.base import BaseAttributor, make_projection
+from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.linalg import gram
 from dattri.linalg.gram import GramCholesky
@@ -79,6 +82,8 @@ class TRAKAttributor(BaseAttributor):
         layer_name: restrict to these parameters.
         device: computation device.
         regularization: lambda added to the kernel's diagonal.
+        projector_kwargs: 0.3.0's name for ``proj_params`` (a dict merged into the
+            default projection; its ``device`` is ignored).
     """
 
     def __init__(
@@ -89,7 +94,9 @@ class TRAKAttributor(BaseAttributor):
         layer_name: str | Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         regularization: float = 0.0,
+        projector_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        proj_params = projector_settings(proj_params, projector_kwargs, "TRAKAttributor")
         super().__init__(task, layer_name, device)
         if not callable(correct_probability_func):
             msg = "correct_probability_func must be callable f(params, data) -> probability."
@@ -97,13 +104,15 @@ class TRAKAttributor(BaseAttributor):
         if regularization < 0:
             msg = f"regularization={regularization!r} must be >= 0."
             raise DattriValueError(msg)
-        self.correct_probability_func = correct_probability_func
+        # either convention (batch or 0.3.0's single example), detected on first use
+        self.correct_probability_func = as_batched(correct_probability_func,
+                                                   "correct_probability_func")
         self.regularization = float(regularization)
         if proj_params is None:
             proj_params = {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0,
                            "proj_type": "normal"}
         self.proj_params = proj_params
-        transform = make_projection(projector_kwargs(proj_params), self.device)
+        transform = make_projection(projection_settings(proj_params), self.device)
         self.train_features.transform = transform
         self.test_features.transform = transform
         self._phi: list[torch.Tensor] = []
@@ -114,6 +123,8 @@ class TRAKAttributor(BaseAttributor):
         task = self.task
         task._load_checkpoints(ckpt)
         params = dict(task.named_parameters)
+        with torch.no_grad(), ensemble_rng(ckpt, self.device):
+            self.correct_probability_func.resolve(params, batch)
 
         def one(example: Any) -> torch.Tensor:
             return self.correct_probability_func(params, batch_of_one(example)).reshape(())

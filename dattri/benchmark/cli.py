@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         "  dattri bench --preset paper --reduced the same at CPU size\n"
         "  dattri retrain --setting mnist_mlp    train checkpoints + ground truth into the cache\n"
         "  dattri list                           settings and methods")
-    sub = top.add_subparsers(dest="command", metavar="{bench,retrain,list}")
+    sub = top.add_subparsers(dest="command", metavar="{bench,retrain,report,list}")
     b = sub.add_parser("bench", help="run methods x settings x metrics and report the best "
                        "value over each method's search space",
                        description="Run the benchmark. Options override the preset.")
@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-vectorized", action="store_true",
                    help="train one model at a time even where the vmapped trainer applies")
     _add_common(r)
+    from dattri.report.bench import add_report_arguments
+
+    rep = sub.add_parser("report", help="write an HTML page of test examples' proponents and "
+                         "opponents", description="Write a self-contained HTML report of a setting.")
+    add_report_arguments(rep)
+    _add_common(rep)
     sub.add_parser("list", help="list the settings and the methods")
     return top
 
@@ -196,6 +202,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print("Figures: " + ", ".join(str(f) for f in figs))
         else:
             print("Figures: none (matplotlib not installed: pip install dattri[plot])")
+    for page in summary.get("reports", []):
+        print(f"Report: {page}")
     return 0
 
 
@@ -252,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _cmd_list()
+        if args.command == "report":
+            from dattri.report.bench import report_main
+            return report_main(args)
         if args.command == "bench":
             return _cmd_bench(args)
         return _cmd_retrain(args)

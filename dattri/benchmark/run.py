@@ -332,5 +332,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     "threads": torch.get_num_threads(),
                     "matmul_gflops": round(measure_matmul_gflops(), 1)},
     }
+    from dattri.report.bench import write_bench_reports  # the proponents / opponents pages
+
+    summary["reports"] = [str(p) for p in write_bench_reports(cfg, summary["rows"])]
     _write_json(summary, Path(cfg.out_dir) / "summary.json")
     return summary

@@ -90,7 +90,7 @@ def _summary(method: str | None, checkpoints: Any, metrics: Mapping[str, Any] | 
     rows = [("method", html.escape(method or "(not given)"))]
     if checkpoints is not None:
         ckpts = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
-        names = ", ".join(html.escape(os.path.basename(str(c)) or str(c)) for c in ckpts[:4])
+        names = ", ".join(html.escape(str(c)) for c in ckpts[:4])
         more = f", ... ({len(ckpts)} in all)" if len(ckpts) > 4 else ""
         rows.append(("checkpoints", f"{len(ckpts)}: {names}{more}"))
     for name, value in (metrics or {}).items():
@@ -151,6 +151,7 @@ def render_report(
     self_influence: torch.Tensor | None = None,
     flipped: Any = None,
     num_noisy: int = 12,
+    noisy_dataset: Any = None,
     notes: Sequence[str] = (),
 ) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
@@ -161,18 +162,20 @@ def render_report(
                f"train_dataset (len {n_train}); pass the data set whose item i is score row i "
                "(wrap it in torch.utils.data.Subset if the loader used a sampler).")
         raise DattriValueError(msg)
-    if self_influence is not None and torch.as_tensor(self_influence).numel() != n_train:
+    n_noisy = n_train if noisy_dataset is None else len(noisy_dataset)
+    if self_influence is not None and torch.as_tensor(self_influence).numel() != n_noisy:
         msg = (f"self_influence: {torch.as_tensor(self_influence).numel()} values for "
-               f"{n_train} training examples; pass one value per training example.")
+               f"{n_noisy} training examples; pass one value per training example.")
         raise DattriValueError(msg)
     render = renderer or default_renderer(train_dataset)
     cards = _Cards(train_dataset, render)
     tests = _Cards(test_dataset, test_renderer or renderer or default_renderer(test_dataset))
     parts = [f"<h1>{html.escape(title)}</h1>",
              _summary(method, checkpoints, metrics, notes, topk, n_train)]
-    if self_influence is not None:
+    if self_influence is not None and num_noisy > 0:
+        noisy = cards if noisy_dataset is None else _Cards(noisy_dataset, render)
         parts += ["<h2>Noisy-label ranking (self-influence)</h2>",
-                  _noisy(cards, self_influence, flipped, num_noisy)]
+                  _noisy(noisy, self_influence, flipped, num_noisy)]
     parts.append("<h2>Test examples</h2>")
     for c, j in enumerate(topk.test_indices.tolist()):
         anchor = tests.card(j, "test-card", f"test #{j}", kind="test", test_index=j)
@@ -201,7 +204,9 @@ def write_report(path: str | os.PathLike, topk: TopK, train_dataset: Any, test_d
             (default: ``renderer``), ``title``, ``method``, ``checkpoints`` (names
             or paths), ``metrics`` (``{"LDS": 0.72, ...}``), ``self_influence``
             (``(n_train,)``), ``flipped`` (0/1 mask or the flipped rows),
-            ``num_noisy`` (examples in the noisy-label ranking), ``notes``.
+            ``num_noisy`` (examples in the noisy-label ranking; 0: none),
+            ``noisy_dataset`` (the training set ``self_influence`` ranks, e.g.
+            the one with flipped labels; default ``train_dataset``), ``notes``.
 
     Returns:
         The path written.
