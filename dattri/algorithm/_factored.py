@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dattri._loader import batch_size_of
-from dattri.algorithm._engine import LoaderFeatures
+from dattri.algorithm._engine import LoaderFeatures, close_per_example
 from dattri.algorithm._hooks import LinearCapture
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -165,22 +165,9 @@ class FactoredLinearFeaturizer(LoaderFeatures):
         from dattri._loader import slice_batch
 
         small = slice_batch(batch, slice(0, min(4, batch_size_of(batch))))
-        ok = False
         ref = dense(small, ckpt_idx)  # also moves the model to the device
         fg = self.try_batch(small, ckpt_idx) if self.supported else None
-        if fg is not None:
-            got = fg.dense()
-            # per example, in norm: a structural mismatch (coupled examples, a shared
-            # layer, dropout) is O(1); float32 rounding of the two computation orders
-            # is not, but it reaches ~1e-4 through an ill-conditioned output function
-            # (the TRAK margin log(p / (1 - p)) at p ~ 1: 5.7e-5 measured on one
-            # checkpoint of 50), which an element-wise 1e-4 test took for a mismatch
-            ok = got.shape == ref.shape
-            if ok:
-                ref = ref.to(got.dtype)
-                err = (got - ref).norm(dim=1)
-                scale = ref.norm(dim=1)
-                ok = bool((err <= 1e-3 * scale + 1e-6 * float(scale.max().clamp_min(1e-30))).all())
+        ok = fg is not None and close_per_example(fg.dense(), ref)
         self._verified[ckpt_idx] = ok
         return ok
 

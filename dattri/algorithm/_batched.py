@@ -1,0 +1,210 @@
+"""Dense per-example gradients from one forward and one backward per batch (private).
+
+Every module that owns a selected parameter gets a forward hook. The hook keeps the
+module's inputs and replaces its output ``y`` by ``y + 0`` with a zero leaf, so that
+one ``autograd.grad`` of the (mean) batch loss with respect to the leaves gives
+every module's output gradients; multiplied by the batch size they are each
+example's own ``d loss_b / d y_b``. The per-example parameter gradients then follow
+from the closed forms of :mod:`dattri.func.per_example` (``nn.Linear`` of any
+input rank, convolutions, embeddings, normalisation layers), or, for any other
+module, from ``vmap(vjp)`` of that module alone over its own parameters. A
+parameter shared by several modules, or a module called several times (tied
+weights, weight sharing), gets the sum of its contributions.
+
+Active ``nn.Dropout`` modules draw one mask per call for the whole batch (shape
+``(1, ...)``) from the checkpoint's ensemble seed, in forward order: the same masks
+as ``vmap(grad, randomness="same")`` on batches of one, so dropout ensembles keep
+their meaning. The result is checked once per checkpoint against the reference
+(autograd on each example of a few, by :class:`dattri.algorithm._engine.Featurizer`);
+a loss that couples the examples (batch statistics, a mean over a padded batch...)
+fails that check and the featurizer falls back to ``vmap(grad)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from dattri._loader import batch_size_of
+from dattri.errors import InvalidLossError
+from dattri.func.per_example import generic_grads, rule_for
+from dattri.task import AttributionTask
+
+__all__ = ["BatchedGrads", "reference_grads"]
+
+
+class _Unit:
+    """A module whose selected parameters are computed together."""
+
+    def __init__(self, name: str, module: nn.Module, params: dict[str, str], subtree: bool) -> None:
+        self.name, self.module, self.params = name, module, params  # local -> global name
+        self.rule = None if subtree else rule_for(module)
+        self.calls: list[tuple] = []
+
+
+def _units(task: AttributionTask, names: list[str]) -> list[_Unit]:
+    model = task.get_model()
+    ident = {id(p): n for n, p in model.named_parameters()}
+    selected = set(names)
+    units: list[_Unit] = []
+    covered: set[str] = set()  # module-name prefixes handled as a whole subtree
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        if any(mname.startswith(c + ".") for c in covered):
+            continue
+        subtree = isinstance(mod, nn.MultiheadAttention)  # uses out_proj's weights functionally
+        own = mod.named_parameters(recurse=subtree, remove_duplicate=False)
+        sel = {ln: ident[id(p)] for ln, p in own if ident.get(id(p)) in selected}
+        if subtree:
+            covered.add(mname)
+        if sel and all(u.module is not mod for u in units):
+            units.append(_Unit(mname, mod, sel, subtree))
+    return units
+
+
+@contextmanager
+def _same_mask_dropout(model: nn.Module) -> Iterator[None]:
+    """Active ``nn.Dropout`` modules draw one mask for all examples of a call."""
+    patched = []
+    for mod in model.modules():
+        if type(mod) is nn.Dropout and mod.training and mod.p > 0:
+
+            def forward(x: torch.Tensor, p: float = mod.p) -> torch.Tensor:
+                if p >= 1:
+                    return x * 0
+                noise = torch.empty((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+                return x * noise.bernoulli_(1 - p).div_(1 - p)
+
+            had = "forward" in mod.__dict__
+            patched.append((mod, had, mod.__dict__.get("forward")))
+            mod.forward = forward
+    try:
+        yield
+    finally:
+        for mod, had, old in patched:
+            if had:
+                mod.forward = old
+            else:
+                del mod.forward
+
+
+class BatchedGrads:
+    """Per-example gradients ``(B, P)`` of a task's selected parameters.
+
+    Args:
+        task: the attribution task (its functions must call ``task.model``).
+        layer_name: the selected parameters (``None`` = all trainable).
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: Any) -> None:
+        self.task = task
+        self.spec = task.param_spec(layer_name)
+        self.units = _units(task, self.spec.names)
+        owned = {g for u in self.units for g in u.params.values()}
+        #: every selected parameter belongs to a module we can hook
+        self.supported = owned == set(self.spec.names)
+
+    def _hook(self, unit: _Unit) -> Callable:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            leaves: list[torch.Tensor] = []
+
+            def add(t: Any) -> Any:
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    leaf = torch.zeros_like(t, requires_grad=True)
+                    leaves.append(leaf)
+                    return t + leaf
+                return t
+
+            out = tree_map(add, output)
+            detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+            unit.calls.append((tree_map(detach, args), tree_map(detach, kwargs),
+                               tree_map(detach, out), leaves))
+            return out
+        return hook
+
+    def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``(B, P)`` gradients of ``func(params, batch)`` (a batch mean) per example,
+        or ``None`` when a module's configuration is outside the batched rules."""
+        model = self.task.get_model()
+        if any(isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.module.training
+               for u in self.units):
+            return None  # batch statistics couple the examples (and the run would update them)
+        for u in self.units:
+            u.calls = []
+        handles = [u.module.register_forward_hook(self._hook(u), with_kwargs=True) for u in self.units]
+        try:
+            with _same_mask_dropout(model), torch.enable_grad():
+                loss = func(params, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    msg = "the loss/target function must return a scalar batch mean."
+                    raise InvalidLossError(msg)
+                leaves = [lf for u in self.units for c in u.calls for lf in c[3]]
+                if not leaves:
+                    return None
+                grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        b = batch_size_of(batch)
+        it = iter(grads)
+        total: dict[str, torch.Tensor] = {}
+        for u in self.units:
+            for args, kwargs, out, call_leaves in u.calls:
+                gs = [next(it) for _ in call_leaves]
+                part = self._unit_grads(u, args, kwargs, out, gs, b, params)
+                if part is None:
+                    return None
+                for local, g in part.items():
+                    name = u.params[local]
+                    total[name] = g if name not in total else total[name] + g
+            u.calls = []
+        return self._flat(total, b, params)
+
+    def _unit_grads(self, u: _Unit, args: tuple, kwargs: dict, out: Any, gs: list, b: int,
+                    params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if all(g is None for g in gs):
+            return {}
+        scale = float(b)
+        if u.rule is not None:
+            if len(gs) != 1 or not args or not isinstance(args[0], torch.Tensor) or kwargs:
+                return None
+            delta = gs[0] * scale
+            return u.rule(u.module, args[0], delta, list(u.params))
+        it = iter(gs)
+        g_tree = tree_map(
+            lambda t: (lambda g: None if g is None else g * scale)(next(it))
+            if isinstance(t, torch.Tensor) and t.is_floating_point() else None, out)
+        own = {local: params[glob] for local, glob in u.params.items()}
+        return generic_grads(u.module, own, args, kwargs, out, g_tree, b)
+
+    def _flat(self, total: dict[str, torch.Tensor], b: int, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        ref = next(iter(params.values()))
+        dtype = next(iter(total.values())).dtype if total else ref.dtype
+        out = torch.zeros(b, self.spec.numel, dtype=dtype, device=ref.device)
+        for name, sl in self.spec.slices().items():
+            if name in total:
+                out[:, sl] = total[name].reshape(b, -1)
+        return out
+
+
+def reference_grads(func: Callable, batch: Any, params: dict[str, torch.Tensor],
+                    names: list[str], seed_ctx: Callable[[], Any]) -> torch.Tensor:
+    """``(B, P)`` per-example gradients by autograd on each example as a batch of
+    one (every example under the same random state: one dropout mask for all)."""
+    from dattri._loader import slice_batch
+
+    rows = []
+    for i in range(batch_size_of(batch)):
+        one = slice_batch(batch, slice(i, i + 1))
+        p = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in params.items()}
+        with seed_ctx(), torch.enable_grad():
+            loss = func(p, one)
+            g = torch.autograd.grad(loss.reshape(()), [p[n] for n in names], allow_unused=True)
+        rows.append(torch.cat([
+            (x if x is not None else torch.zeros_like(p[n])).reshape(-1) for x, n in zip(g, names)]))
+    return torch.stack(rows)
+

@@ -1,0 +1,236 @@
+"""Per-example parameter gradients of common layers from batched activations.
+
+For a module applied to a batch, with input ``x`` (the examples along dim 0) and
+``delta = d loss_b / d y_b`` the gradient of each example's own loss with respect
+to the module's output, the per-example gradients of the module's parameters have
+closed forms that cost about one batched weight-gradient (no loop over examples):
+
+- ``nn.Linear`` on inputs ``(B, ..., d_in)``: ``dW_b = sum_t delta_bt a_bt^T``
+  (a sum over positions for sequences), ``db_b = sum_t delta_bt``.
+- ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, padding mode, dilation,
+  groups): the input unfolded into patches ``U_b`` ``(C_in k, L)``, per group
+  ``dW_b = delta_b U_b^T``; ``db_b = sum_l delta_bl``.
+- ``nn.Embedding``: ``dE_b[v] = sum_{t: tok_bt = v} delta_bt`` (repeated tokens add
+  up; the padding index gets none).
+- ``nn.LayerNorm`` / ``nn.GroupNorm`` / ``nn.BatchNorm*d`` in eval mode:
+  ``dgamma_b = sum delta_b * x_hat_b``, ``dbeta_b = sum delta_b`` over the
+  positions sharing a parameter, with ``x_hat`` the normalised input (per-example
+  statistics for Layer/GroupNorm, running statistics for BatchNorm).
+- any other module with parameters: ``torch.func.vjp`` of the module alone, mapped
+  over the examples with ``vmap``, for its own parameters only.
+
+Each rule returns ``{local parameter name: (B, *param.shape)}`` for the requested
+names, or ``None`` when the module's configuration is outside the rule (e.g. a
+BatchNorm in training mode, whose examples are coupled by the batch statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["GRAD_RULES", "generic_grads", "rule_for"]
+
+Grads = dict[str, torch.Tensor]
+
+
+def _seq(t: torch.Tensor) -> torch.Tensor:
+    """``(B, ..., d) -> (B, T, d)``."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def linear_grads(m: nn.Linear, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads:
+    """``nn.Linear`` on inputs of any rank: sums over positions."""
+    a, d = _seq(x), _seq(delta).to(x.dtype)
+    out: Grads = {}
+    if "weight" in names:
+        out["weight"] = d[:, 0, :, None] * a[:, 0, None, :] if a.shape[1] == 1 else d.transpose(1, 2) @ a
+    if "bias" in names:
+        out["bias"] = d.sum(1)
+    return out
+
+
+def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
+    """Unfolded input ``(B, C_in * prod(k), L_out)``, the kernel size, the output length."""
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    if any(m._reversed_padding_repeated_twice):
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+    if isinstance(m, nn.Conv1d):  # as a 2-D convolution of height 1
+        x = x.unsqueeze(2)
+        k, s, dil = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
+    else:
+        k, s, dil = m.kernel_size, m.stride, m.dilation
+    cols = F.unfold(x, k, dilation=dil, stride=s)
+    return cols, k, cols.shape[-1]
+
+
+def conv_grads(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads:
+    """``nn.Conv1d`` / ``nn.Conv2d``: per-example products of output gradients and patches."""
+    b = x.shape[0]
+    d = delta.reshape(b, m.out_channels, -1).to(x.dtype)
+    out: Grads = {}
+    if "weight" in names:
+        cols, _, length = _conv_patches(m, x)
+        g = m.groups
+        cols = cols.reshape(b, g, -1, length)  # (B, g, C_in/g * K, L)
+        dg = d.reshape(b, g, m.out_channels // g, length)
+        out["weight"] = (dg @ cols.transpose(-1, -2)).reshape(b, *m.weight.shape)
+    if "bias" in names:
+        out["bias"] = d.sum(-1)
+    return out
+
+
+def embedding_grads(m: nn.Embedding, idx: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads | None:
+    """``nn.Embedding``: scatter-add of each example's output gradients by token."""
+    if m.scale_grad_by_freq or m.max_norm is not None or "weight" not in names:
+        return None if m.scale_grad_by_freq or m.max_norm is not None else {}
+    b, v, dim = idx.shape[0], m.num_embeddings, m.embedding_dim
+    tok = idx.reshape(b, -1)
+    vals = delta.reshape(b, -1, dim)
+    flat = (tok + torch.arange(b, device=tok.device)[:, None] * v).reshape(-1)
+    vals = vals.reshape(-1, dim)
+    if m.padding_idx is not None:
+        keep = tok.reshape(-1) != m.padding_idx
+        flat, vals = flat[keep], vals[keep]
+    out = vals.new_zeros(b * v, dim).index_add_(0, flat, vals)
+    return {"weight": out.reshape(b, v, dim)}
+
+
+def _affine_grads(xhat: torch.Tensor, delta: torch.Tensor, shape: tuple, names: Sequence[str],
+                  channel_dim: bool) -> Grads:
+    """Sum ``delta * xhat`` and ``delta`` over the positions sharing an affine parameter."""
+    b = delta.shape[0]
+    d = delta.to(xhat.dtype)
+    if channel_dim:  # (B, C, *): one parameter per channel
+        red = lambda t: t.reshape(b, shape[0], -1).sum(-1)  # noqa: E731
+    else:  # (B, ..., *shape): one parameter per trailing element
+        red = lambda t: t.reshape(b, -1, *shape).sum(1)  # noqa: E731
+    out: Grads = {}
+    if "weight" in names:
+        out["weight"] = red(d * xhat)
+    if "bias" in names:
+        out["bias"] = red(d)
+    return out
+
+
+def layer_norm_grads(m: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads:
+    """``nn.LayerNorm``: statistics per example and position, no coupling."""
+    dims = tuple(range(-len(m.normalized_shape), 0))
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    xhat = (x - mean) * torch.rsqrt(var + m.eps)
+    return _affine_grads(xhat, delta, tuple(m.normalized_shape), names, channel_dim=False)
+
+
+def group_norm_grads(m: nn.GroupNorm, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads:
+    """``nn.GroupNorm``: statistics per example and group."""
+    b = x.shape[0]
+    xg = x.reshape(b, m.num_groups, -1)
+    var, mean = torch.var_mean(xg, -1, correction=0, keepdim=True)
+    xhat = ((xg - mean) * torch.rsqrt(var + m.eps)).reshape(x.shape)
+    return _affine_grads(xhat, delta, (m.num_channels,), names, channel_dim=True)
+
+
+def batch_norm_grads(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, delta: torch.Tensor,
+                     names: Sequence[str]) -> Grads | None:
+    """``nn.BatchNorm*d`` in eval mode (running statistics); ``None`` in training mode."""
+    if m.training or m.running_mean is None:
+        return None  # batch statistics couple the examples
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    xhat = (x - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
+    return _affine_grads(xhat, delta, (m.num_features,), names, channel_dim=True)
+
+
+#: exact module type -> rule(module, input, output gradient, names)
+GRAD_RULES: dict[type, Callable[..., Grads | None]] = {
+    nn.Linear: linear_grads,
+    nn.Conv1d: conv_grads,
+    nn.Conv2d: conv_grads,
+    nn.Embedding: embedding_grads,
+    nn.LayerNorm: layer_norm_grads,
+    nn.GroupNorm: group_norm_grads,
+    nn.BatchNorm1d: batch_norm_grads,
+    nn.BatchNorm2d: batch_norm_grads,
+    nn.BatchNorm3d: batch_norm_grads,
+}
+
+
+def rule_for(module: nn.Module) -> Callable[..., Grads | None] | None:
+    """The closed-form rule of ``module`` (subclasses of the listed types too, when
+    they own no parameters beyond ``weight`` and ``bias``), or ``None``."""
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    if not own <= {"weight", "bias"}:
+        return None
+    for cls in type(module).__mro__:
+        if cls in GRAD_RULES:
+            # a subclass that overrides forward may compute something else
+            if type(module).forward is not cls.forward:
+                return None
+            return GRAD_RULES[cls]
+    return None
+
+
+def _batch_dim(t: Any, b: int, module: nn.Module) -> int | None:
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first and t.dim() == 3:  # noqa: PLR2004
+        return 1 if t.shape[1] == b else None
+    return 0 if t.shape[0] == b else None
+
+
+def generic_grads(
+    module: nn.Module,
+    params: dict[str, torch.Tensor],
+    args: tuple,
+    kwargs: dict[str, Any],
+    output: Any,
+    out_grads: Any,
+    b: int,
+) -> Grads:
+    """Per-example gradients of ``module``'s own ``params`` by ``vmap(vjp)``.
+
+    Args:
+        module: the module (its buffers and other parameters stay as they are).
+        params: ``{local name: tensor}`` of the parameters to differentiate.
+        args, kwargs: the inputs of the captured call (batched along the example axis).
+        output: the captured output (a tensor or a tuple of tensors).
+        out_grads: per-example gradients of the loss with respect to ``output`` (the
+            same structure; ``None`` for outputs that do not reach the loss).
+        b: the number of examples.
+
+    Returns:
+        ``{name: (B, *shape)}``.
+    """
+    from torch.func import functional_call, vjp, vmap
+
+    leaves, spec = tree_flatten((args, kwargs))
+    dims = [_batch_dim(t, b, module) for t in leaves]
+    mapped = [i for i, d in enumerate(dims) if d is not None]
+    out_leaves, out_spec = tree_flatten(output)
+    g_leaves = tree_flatten(out_grads)[0] if out_grads is not None else [None] * len(out_leaves)
+    g_dims = [_batch_dim(t, b, module) for t in out_leaves]
+    keep = [i for i, g in enumerate(g_leaves) if g is not None]
+
+    def one(p: dict[str, torch.Tensor], xs: list[torch.Tensor], gs: list[torch.Tensor]) -> Grads:
+        full = list(leaves)
+        for i, x in zip(mapped, xs):
+            full[i] = x.unsqueeze(dims[i])
+        a, kw = tree_unflatten(full, spec)
+
+        def f(pp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            y = tree_flatten(functional_call(module, pp, a, kw, strict=False))[0]
+            return tuple(y[i] for i in keep)
+
+        _, pull = vjp(f, p)
+        cot = tuple(g.unsqueeze(g_dims[i]) if g_dims[i] is not None else g
+                    for i, g in zip(keep, gs))
+        return pull(cot)[0]
+
+    xs = [leaves[i] for i in mapped]
+    gs = [g_leaves[i] for i in keep]
+    in_dims = (None, [dims[i] for i in mapped], [g_dims[i] for i in keep])
+    return vmap(one, in_dims=in_dims, randomness="same")(params, xs, gs)

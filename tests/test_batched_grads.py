@@ -1,0 +1,196 @@
+"""Batched per-example gradients (one forward + backward per batch) against the
+definition (autograd / vmap(grad) on each example as a batch of one), float64."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dattri.algorithm._batched import BatchedGrads
+from dattri.algorithm._engine import Featurizer
+from dattri.task import AttributionTask
+
+torch.set_default_dtype(torch.float64)
+
+
+class Scale(nn.Module):
+    """A custom module with its own parameter (the generic vmap(vjp) rule)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.gain)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 6, 3, padding="same", dilation=2, groups=2, padding_mode="reflect")
+        self.gn = nn.GroupNorm(3, 6)
+        self.c3 = nn.Conv1d(6, 5, 2, stride=1, bias=False)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.c1(x)))
+        h = self.gn(self.c2(h))
+        h = h.flatten(2)  # (B, 6, L) as a sequence for Conv1d
+        h = torch.relu(self.c3(h)).mean(-1)
+        return self.fc(h)
+
+
+class SeqNet(nn.Module):
+    """Embedding (repeated tokens, padding index), LayerNorm, attention, tied read-out."""
+
+    def __init__(self, v: int = 7, d: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(v, d, padding_idx=0)
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mha_tf = nn.MultiheadAttention(d, 2)  # (T, B, d) layout
+        self.scale = Scale(d)
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, v, bias=False)
+        self.head.weight = self.emb.weight  # tied weights
+
+    def forward(self, tok: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.emb(tok))
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        ht = h.transpose(0, 1)
+        h = h + self.mha_tf(ht, ht, ht)[0].transpose(0, 1)
+        h = self.proj(self.scale(h)) + self.proj(h)  # a module called twice
+        return self.head(h)  # (B, T, v)
+
+
+def _task(model: nn.Module, loss) -> AttributionTask:
+    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+
+
+def _ce(model):
+    def loss(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, x)
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return loss
+
+
+def _data_conv(n: int = 5):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 9, 9, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _data_seq(n: int = 5):
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, 7, (n, 6), generator=g)
+    tok[:, 1] = tok[:, 2]  # repeated tokens
+    tok[0, 3] = 0  # padding index
+    return tok, torch.randint(0, 7, (n, 6), generator=g)
+
+
+def _vmap_reference(task, batch, layer_name=None):
+    fz = Featurizer(task, "loss", layer_name, torch.device("cpu"))
+    return fz.vmapped(batch, 0)
+
+
+def _batched(task, batch, layer_name=None):
+    bg = BatchedGrads(task, layer_name)
+    assert bg.supported
+    task.load_checkpoint(0)
+    return bg.run(task.original_loss_func, batch, dict(task.named_parameters))
+
+
+@pytest.mark.parametrize("make,data", [(ConvNet, _data_conv), (SeqNet, _data_seq)])
+def test_batched_equals_vmap_grad(make, data):
+    torch.manual_seed(0)
+    model = make().eval()
+    if isinstance(model, ConvNet):  # non-trivial running statistics
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    task = _task(model, _ce(model))
+    batch = data()
+    ref = _vmap_reference(task, batch)
+    got = _batched(task, batch)
+    assert got is not None
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # batch-size invariance: two halves give the same rows
+    halves = [tuple(t[s] for t in batch) for s in (slice(0, 2), slice(2, None))]
+    torch.testing.assert_close(torch.cat([_batched(task, h) for h in halves]), got,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_layer_selection_and_frozen_parameters():
+    torch.manual_seed(0)
+    model = SeqNet().eval()
+    model.ln.weight.requires_grad_(False)  # frozen: not a parameter of the task
+    task = _task(model, _ce(model))
+    batch = _data_seq()
+    names = ["emb.weight", "attn.out_proj.weight", "proj.bias", "scale.gain"]
+    got = _batched(task, batch, names)
+    ref = _vmap_reference(task, batch, names)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert "ln.weight" not in task.named_parameters
+
+
+def test_featurizer_uses_batched_path_and_checks_it():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    task = _task(model, _ce(model))
+    batch = _data_conv(6)
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    calls = []
+    orig = fz.vmapped
+    fz.vmapped = lambda b, c: calls.append(1) or orig(b, c)
+    got = fz.raw(batch, 0)
+    assert fz._batched_ok == {0: True} and not calls
+    torch.testing.assert_close(got, orig(batch, 0), rtol=1e-10, atol=1e-12)
+
+
+def test_coupled_loss_falls_back_with_a_warning():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+
+    def coupled(params, data):  # the batch mean is subtracted: examples interact
+        x, y = data
+        out = torch.func.functional_call(model, params, x)
+        return nn.functional.cross_entropy(out - out.mean(0, keepdim=True), y)
+
+    task = _task(model, coupled)
+    batch = _data_conv(4)
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    with pytest.warns(UserWarning, match="fall"):
+        got = fz.raw(batch, 0)
+    assert fz._batched_ok == {0: False}
+    torch.testing.assert_close(got, fz.vmapped(batch, 0), rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_in_training_mode_is_declined_without_touching_the_model():
+    torch.manual_seed(0)
+    model = ConvNet().train()
+    task = _task(model, _ce(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    assert not fz.batched_ok(_data_conv(4), 0)
+    assert fz._batched_ok == {0: False}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_dropout_ensemble_masks_are_shared_by_the_examples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    task = _task(model, _ce(model))
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    fz.use_factored = False
+    got = fz.raw(batch, 0)
+    assert fz._batched_ok == {0: True}
+    # vmap(grad, randomness="same") under the same ensemble seed: the same masks
+    torch.testing.assert_close(got, fz.vmapped(batch, 0), rtol=1e-10, atol=1e-12)
