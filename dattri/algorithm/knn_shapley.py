@@ -67,12 +67,15 @@ class KNNShapleyAttributor(BaseAttributor):
         label_func: ``f(batch) -> (B,)``; default: the second element of a
             tuple/list batch, or a ``"label(s)"``/``"y"``/``"target"`` dict key.
         device: where distances are computed.
+        transpose: return ``(n_test, n_train)`` as the 0.3.0 release did
+            (default False: ``(n_train, n_test)`` like every attributor).
     """
 
     def __init__(
         self, k_neighbors: int, task: AttributionTask | None = None,
         distance_func: Callable | None = None, feature_func: Callable | None = None,
         label_func: Callable | None = None, device: str | torch.device = "cpu",
+        transpose: bool = False,
     ) -> None:
         if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, int) or k_neighbors < 1:
             msg = f"k_neighbors={k_neighbors!r} must be an int >= 1 (the K of the KNN classifier)."
@@ -89,6 +92,7 @@ class KNNShapleyAttributor(BaseAttributor):
         self.distance_func = distance_func or torch.cdist
         self.feature_func, self.label_func = feature_func, label_func
         self.device = resolve_device(device)
+        self.transpose = bool(transpose)
         self.show_progress: bool | None = None
         self._cached = False
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -130,21 +134,55 @@ class KNNShapleyAttributor(BaseAttributor):
                "batches or pass label_func=lambda batch: ... returning (B,).")
         raise DattriValueError(msg)
 
+    def cache(self, train_loader: Iterable | None = None) -> KNNShapleyAttributor:
+        """Read the training features once; ``cache()`` without a loader (0.3.0)
+        does nothing and ``attribute`` reads them."""
+        if train_loader is None:
+            self._read_at_attribute = True
+            return self
+        return super().cache(train_loader)
+
     def _cache(self, train_loader: Iterable) -> None:
         self._train = self._features_labels(train_loader, "train_loader")
 
-    def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
-        """KNN-Shapley values ``(n_train, n_test)``: the value of training point i for test point j."""
+    @staticmethod
+    def _given_labels(labels: Any, n: int, name: str) -> torch.Tensor:
+        t = torch.as_tensor(labels).reshape(-1)
+        if t.numel() != n:
+            msg = (f"{name} has {t.numel()} labels but the loader has {n} examples; pass "
+                   "one label per example, in loader order.")
+            raise DattriValueError(msg)
+        return t
+
+    def attribute(self, train_loader: Iterable, test_loader: Iterable,
+                  train_labels: Any = None, test_labels: Any = None) -> torch.Tensor:
+        """KNN-Shapley values ``(n_train, n_test)``: the value of training point i for
+        test point j (``transpose=True``: ``(n_test, n_train)``).
+
+        Args:
+            train_loader: training data, fixed order.
+            test_loader: test data, fixed order.
+            train_labels: labels of the training examples in loader order (default:
+                read from the batches).
+            test_labels: likewise for the test examples.
+        """
         self._check_pair(train_loader, test_loader)
+        if not self._cached and getattr(self, "_read_at_attribute", False):
+            self.cache(train_loader)  # 0.3.0's cache() without a loader was called
         self._ensure_cached(train_loader)
         x_tr, y_tr = self._train
         x_te, y_te = self._features_labels(test_loader, "test_loader")
+        if train_labels is not None:
+            y_tr = self._given_labels(train_labels, len(x_tr), "train_labels").to(y_tr.device)
+        if test_labels is not None:
+            y_te = self._given_labels(test_labels, len(x_te), "test_labels").to(y_te.device)
         dist = self.distance_func(x_tr.to(x_te.dtype), x_te)
         if tuple(dist.shape) != (len(x_tr), len(x_te)):
             msg = (f"distance_func returned shape {tuple(dist.shape)}; it must return "
                    f"(n_train, n_test) = {(len(x_tr), len(x_te))}.")
             raise DattriValueError(msg)
-        return knn_shapley(dist, y_tr, y_te, self.k_neighbors)
+        values = knn_shapley(dist, y_tr, y_te, self.k_neighbors)
+        return values.T if self.transpose else values
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """Not defined for KNN-Shapley (a point is its own nearest neighbour)."""

@@ -1,0 +1,91 @@
+"""The published keyword names of the attributor methods (private).
+
+The published package names the loaders ``train_dataloader`` / ``test_dataloader``
+(``attribute``, ``self_attribute``) and ``full_train_dataloader`` (``cache``);
+dattri names them ``train_loader`` / ``test_loader``. :func:`install` (run for every
+attributor class by ``BaseAttributor.__init_subclass__``) wraps the methods a class
+defines so that both spellings work; passing both spellings of one argument is an
+error. Nothing else changes: the wrapped method gets dattri's names.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from dattri.errors import DattriValueError
+
+__all__ = ["install", "projector_settings"]
+
+#: published keyword -> dattri's, per method
+ALIASES: dict[str, dict[str, str]] = {
+    "attribute": {"train_dataloader": "train_loader", "test_dataloader": "test_loader"},
+    "self_attribute": {"train_dataloader": "train_loader"},
+    "cache": {"full_train_dataloader": "train_loader", "train_dataloader": "train_loader"},
+}
+
+
+def _positional_names(func: Callable) -> list[str] | None:
+    """Names of ``func``'s positional parameters after ``self``; None if it takes
+    ``*args`` (then aliases are passed positionally, in the order of ALIASES)."""
+    params = list(inspect.signature(func).parameters.values())[1:]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return [p.name for p in params]
+
+
+def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
+    names = _positional_names(func)
+    ours = list(dict.fromkeys(aliases.values()))
+
+    @functools.wraps(func)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        given = {a: kwargs.pop(a) for a in list(kwargs) if a in aliases}
+        if not given:
+            return func(self, *args, **kwargs)
+        for published, own in aliases.items():
+            if published not in given:
+                continue
+            value = given[published]
+            taken = own in kwargs or (names is not None and own in names
+                                      and names.index(own) < len(args))
+            if taken:
+                msg = (f"{owner}: {published}= and {own} were both given; pass the "
+                       f"loader once (dattri's name is {own}).")
+                raise DattriValueError(msg)
+            kwargs[own] = value
+        if names is None:  # f(self, *loaders): keyword loaders become positional
+            args = args + tuple(kwargs.pop(o) for o in ours if o in kwargs)
+        return func(self, *args, **kwargs)
+
+    method.__compat_wrapped__ = True
+    return method
+
+
+def install(cls: type) -> None:
+    """Accept the published keyword names on the methods ``cls`` defines."""
+    for name, aliases in ALIASES.items():
+        func = cls.__dict__.get(name)
+        if func is None or not callable(func) or getattr(func, "__compat_wrapped__", False):
+            continue
+        setattr(cls, name, _wrap(func, aliases, f"{cls.__name__}.{name}"))
+
+
+def projector_settings(proj_params: Any, projector_kwargs: Any, owner: str) -> Any:
+    """One projection setting from dattri's ``proj_params`` and 0.3.0's
+    ``projector_kwargs`` (a dict of the same fields, ``device`` ignored)."""
+    if projector_kwargs is None:
+        return proj_params
+    if proj_params is not None:
+        msg = (f"{owner}: proj_params and projector_kwargs (0.3.0's name) were both "
+               "given; pass one of them.")
+        raise DattriValueError(msg)
+    if not isinstance(projector_kwargs, dict):
+        msg = (f"{owner}: projector_kwargs must be a dict of projection settings "
+               f"(proj_dim, proj_max_batch_size, proj_seed, proj_type), got "
+               f"{type(projector_kwargs).__name__}.")
+        raise DattriValueError(msg)
+    kw = {k: v for k, v in projector_kwargs.items() if k != "device"}
+    return kw

@@ -1,0 +1,1 @@
+"""Music Transformer (MAESTRO setting), at its published path."""

@@ -1,0 +1,1 @@
+"""nanoGPT (Shakespeare setting), at its published path."""

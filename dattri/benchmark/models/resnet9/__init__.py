@@ -1,0 +1,1 @@
+"""ResNet-9, at its published path."""
