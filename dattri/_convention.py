@@ -28,7 +28,10 @@ import torch
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["BatchedFunction", "as_batched", "capture_per_example", "is_unbatched", "user_function"]
+__all__ = [
+    "BatchedFunction", "as_batched", "capture_per_example", "is_unbatched", "model_style_task",
+    "user_function",
+]
 
 
 def _first(batch: Any, keep_dim: bool) -> Any:
@@ -144,3 +147,43 @@ def capture_per_example(run_one: Callable[[Any], dict], batch: Any) -> dict:
 
     parts = [run_one(slice_batch(batch, slice(i, i + 1))) for i in range(batch_size_of(batch))]
     return {k: tuple(torch.cat([p[k][j] for p in parts]) for j in range(2)) for k in parts[0]}
+
+
+def _positional_count(func: Callable) -> int | None:
+    import inspect
+
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+               for p in params)
+
+
+def model_style_task(task: Any, device: Any) -> Any:
+    """The task itself, or, when its loss is written in the published block-projected
+    style ``loss_func(model, batch, device)`` (three required arguments), a new task
+    whose functions call it with the task's model (the user's task is not changed).
+
+    Only layer captures (LoGra, FactGraSS, EK-FAC) can use such a task: the loss
+    does not take the parameters, so the gradients come from module hooks.
+    """
+    loss, target = user_function(task.original_loss_func), user_function(task.original_target_func)
+    if _positional_count(loss) != 3:  # noqa: PLR2004 - (model, batch, device)
+        return task
+    from dattri.task import AttributionTask
+
+    holder: list[Any] = []
+
+    def wrap(func: Callable) -> Callable:
+        def params_style(params: Any, batch: Any) -> Any:  # noqa: ARG001 - hooks see the model
+            return func(holder[0].model, batch, device)
+        return params_style
+
+    new = AttributionTask(loss_func=wrap(loss), model=task.model, checkpoints=task.checkpoints,
+                          target_func=None if target is loss else wrap(target),
+                          checkpoints_load_func=task.checkpoints_load_func)
+    holder.append(new)
+    return new

@@ -255,7 +255,8 @@ def _projected_reference(att, case, damping, hessian="eFIM"):
             total = total + f_tr @ f_te.T
             continue
         fisher = f_tr.T @ f_tr / len(f_tr)
-        lam = damping if damping is not None else 0.1 * float(torch.diagonal(fisher).mean())
+        # relative damping (the published meaning): lambda_l = damping * trace(F_l) / k_l
+        lam = (0.1 if damping is None else damping) * float(torch.diagonal(fisher).mean())
         eye = torch.eye(len(fisher), dtype=D64)
         total = total + f_tr @ torch.linalg.solve(fisher + lam * eye, f_te.T)
     return total

@@ -21,7 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dattri.algorithm.logra import _BlockProjectedIF, parse_params, square_root
+from dattri.algorithm.logra import (
+    _BlockProjectedIF,
+    parse_params,
+    published_names,
+    published_proj_dim,
+    square_root,
+)
 from dattri.errors import DattriValueError
 from dattri.func.projection import Projector, get_projector
 from dattri.params.projection import FactGrassProjectionParams
@@ -37,21 +43,29 @@ class FactGraSSAttributor(_BlockProjectedIF):
         task: the attribution task (its loss a batch mean).
         module_name: Linear module names; ``None`` = every Linear module.
         hessian: ``"eFIM"`` or ``"Identity"``.
-        damping: ``lambda >= 0``, or ``None`` for ``0.1 * mean eigenvalue`` per layer.
+        damping: relative damping ``>= 0``, ``None`` = 0.1 (see LoGra).
         device: computation device.
         proj_params: :class:`~dattri.params.projection.FactGrassProjectionParams` or a
             dict: ``proj_dim_per_layer = k`` (final size per layer), ``proj_type`` of
             the second stage (``None`` params = ``"sjlt"``; ``"identity"`` = none),
             ``proj_seed``, ``proj_max_batch_size``.
         blowup_factor: ``k * blowup_factor`` must be a perfect square ``r^2``.
+        offload, cache_dir, chunk_size, layer_names, proj_dim: as for
+            :class:`~dattri.algorithm.logra.LoGraAttributor` (``damping`` is relative
+            there too: ``lambda_l = damping * trace(F_l) / k_l``).
     """
 
     def __init__(
         self, task: AttributionTask, module_name: str | Sequence[str] | None = None,
         hessian: str = "eFIM", damping: float | None = None, device="cpu",
-        proj_params: Any = None, blowup_factor: int = 4,
+        proj_params: Any = None, blowup_factor: int = 4, offload: str = "none",
+        cache_dir: str | None = None, chunk_size: int = 16, *,
+        layer_names: str | Sequence[str] | None = None, proj_dim: int | None = None,
     ) -> None:
-        default = proj_params is None
+        module_name = published_names(module_name, layer_names)
+        proj_params = published_proj_dim(proj_params, proj_dim)
+        default = proj_params is None or (isinstance(proj_params, dict)
+                                          and "proj_type" not in proj_params)
         self.proj_params = parse_params(proj_params, FactGrassProjectionParams)
         if default:
             self.proj_params.proj_type = "sjlt"
@@ -61,7 +75,8 @@ class FactGraSSAttributor(_BlockProjectedIF):
         self.blowup_factor = blowup_factor
         k = self.proj_params.proj_dim_per_layer
         self._factor = square_root(k * blowup_factor, "proj_dim_per_layer * blowup_factor")
-        super().__init__(task, module_name, hessian, damping, device)
+        super().__init__(task, module_name, hessian, damping, device, offload, cache_dir,
+                         chunk_size)
 
     def _make_projectors(self, d_out: int, d_a: int) -> tuple:
         pp, r = self.proj_params, self._factor

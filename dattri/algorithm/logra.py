@@ -17,9 +17,21 @@ kept as it is: no projection upwards). The influence is
 .. math:: \tau(i, j) = \sum_l \hat g_{il}^\top (\hat F_l + \lambda_l I)^{-1} \hat g_{jl},
    \qquad \hat F_l = \frac1n \sum_i \hat g_{il} \hat g_{il}^\top
 
-over the cached training set (``hessian="eFIM"``; block-diagonal over layers;
-``damping=None`` means ``lambda_l = 0.1 * trace(F_l) / k_l``), or plain inner
-products of the projected gradients (``hessian="Identity"``, Grad-Dot style).
+over the cached training set (``hessian="eFIM"``; block-diagonal over layers), or
+plain inner products of the projected gradients (``hessian="Identity"``, Grad-Dot
+style). ``damping`` is *relative*, as in the published package: the damping of
+layer ``l`` is its mean eigenvalue times ``damping``,
+
+.. math:: \lambda_l = \mathrm{damping} \cdot \mathrm{trace}(\hat F_l) / k_l,
+
+with ``damping=None`` meaning 0.1 (the published package's ``None`` is ``1e-5``:
+pass ``damping=1e-5`` for it).
+
+The projected training features are computed once in ``cache`` and kept
+(``offload="none"`` on the device, ``"cpu"`` in host memory, ``"disk"`` memory-mapped
+in ``cache_dir``, read back in blocks of ``chunk_size`` batches); ``attribute`` on the
+cached training loader scores from them. The task's loss may also be written in
+the published block-projected style ``loss_func(model, batch, device)``.
 """
 
 from __future__ import annotations
@@ -31,7 +43,9 @@ from typing import Any
 
 import torch
 
+from dattri._convention import model_style_task
 from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, resolve_linear_modules
+from dattri.algorithm._offload import FeatureStore, check_offload
 from dattri.algorithm.influence_function import _check_choice, _IFBase
 from dattri.errors import DattriValueError
 from dattri.func.projection import Projector, get_projector
@@ -39,7 +53,7 @@ from dattri.linalg.solvers import factorize
 from dattri.params.projection import LoGraProjectionParams
 from dattri.task import AttributionTask
 
-__all__ = ["LoGraAttributor"]
+__all__ = ["LoGraAttributor", "published_names", "published_proj_dim"]
 
 _HESSIANS = ("eFIM", "Identity")
 
@@ -60,6 +74,29 @@ def parse_params(proj_params: Any, cls: type, name: str = "proj_params") -> Any:
     raise DattriValueError(msg)
 
 
+def published_names(module_name: Any, layer_names: Any) -> Any:
+    """``module_name`` or its published name ``layer_names`` (not both)."""
+    if layer_names is None:
+        return module_name
+    if module_name is not None:
+        msg = "module_name and layer_names (its published name) were both given; pass one."
+        raise DattriValueError(msg)
+    return layer_names
+
+
+def published_proj_dim(proj_params: Any, proj_dim: Any) -> Any:
+    """Projection settings from ``proj_params`` and the published ``proj_dim=`` (an
+    int ``proj_params``, from the published positional order, is a ``proj_dim``)."""
+    if isinstance(proj_params, int) and not isinstance(proj_params, bool):
+        proj_params, proj_dim = None, proj_params if proj_dim is None else proj_dim
+    if proj_dim is None:
+        return proj_params
+    if proj_params is not None:
+        msg = "proj_params and proj_dim were both given; pass proj_params={'proj_dim': k} only."
+        raise DattriValueError(msg)
+    return {"proj_dim": proj_dim}
+
+
 def square_root(k: int, what: str) -> int:
     """``sqrt(k)`` for a perfect square ``k``, else a typed error."""
     r = math.isqrt(k)
@@ -77,15 +114,20 @@ class _BlockProjectedIF(_IFBase):
     """
 
     def __init__(self, task: AttributionTask, module_name: str | Sequence[str] | None,
-                 hessian: str, damping: float | None, device: Any) -> None:
+                 hessian: str, damping: float | None, device: Any, offload: str = "none",
+                 cache_dir: str | None = None, chunk_size: int = 16) -> None:
         if not isinstance(task, AttributionTask):
             super().__init__(task, None, device)  # raises the typed error
+        check_offload(offload, cache_dir, chunk_size)
+        self.offload, self.cache_dir, self.chunk_size = offload, cache_dir, chunk_size
+        task = model_style_task(task, device)
         names, bias, params = resolve_linear_modules(task, module_name)
         super().__init__(task, params, device)
         _check_choice("hessian", hessian, _HESSIANS)
         if damping is not None and (isinstance(damping, bool) or not isinstance(
                 damping, (int, float)) or damping < 0):
-            msg = f"damping={damping!r} must be None (automatic) or a number >= 0."
+            msg = (f"damping={damping!r} must be None (0.1) or a number >= 0 (relative: "
+                   "lambda_l = damping * trace(F_l) / k_l).")
             raise DattriValueError(msg)
         self.module_name, self.bias = names, bias
         self.hessian, self.damping = hessian, None if damping is None else float(damping)
@@ -123,26 +165,68 @@ class _BlockProjectedIF(_IFBase):
             parts.append(g)
         return torch.cat(parts, dim=1)
 
-    def _fit(self, ckpt: int) -> list[tuple[slice, Callable | None]]:
-        fisher: torch.Tensor | None = None
-        for batch in self.data:
-            g = self.train_features.batch(batch, ckpt)
-            if fisher is None:
-                sizes = [self.projected_dim(n) for n in self.module_name]
-                bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-                slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+    def _slices(self) -> list[slice]:
+        sizes = [self.projected_dim(n) for n in self.module_name]
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        return [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+
+    def _cache(self, train_loader: Any) -> None:
+        """Projected training features into a store, and each layer's damped Fisher
+        factor, in one pass per checkpoint."""
+        for store in getattr(self, "_stores", {}).values():
+            store.close()
+        self._state, self._stores = {}, {}
+        slices = self._slices()
+        for c in range(self.num_checkpoints):
+            store = FeatureStore(self.offload, self.device, self.cache_dir, self.chunk_size,
+                                 f"{type(self).__name__}-ckpt{c}")
+            fisher: list[torch.Tensor] | None = None
+            for g in self.train_features.iterate(train_loader, c, "train features"):
+                store.append(g)
                 if self.hessian == "Identity":
-                    return [(sl, None) for sl in slices]
-                fisher = [g.new_zeros(sl.stop - sl.start, sl.stop - sl.start) for sl in slices]
-            for f, sl in zip(fisher, slices):
-                f.addmm_(g[:, sl].T, g[:, sl])
-        out = []
-        for f, sl in zip(fisher, slices):
-            f /= self.data.n
-            lam = self.damping if self.damping is not None else (
-                0.1 * float(torch.diagonal(f).mean()))
-            out.append((sl, factorize(f, lam)))
-        return out
+                    continue
+                if fisher is None:
+                    fisher = [g.new_zeros(sl.stop - sl.start, sl.stop - sl.start) for sl in slices]
+                for f, sl in zip(fisher, slices):
+                    f.addmm_(g[:, sl].T, g[:, sl])
+            if store.n == 0:
+                msg = "train_loader yielded no batches; pass a non-empty loader."
+                raise DattriValueError(msg)
+            self._stores[c] = store
+            self._state[c] = ([(sl, None) for sl in slices] if fisher is None
+                              else [(sl, self._damped(f / store.n)) for f, sl in zip(fisher, slices)])
+
+    def _damped(self, f: torch.Tensor) -> Callable:
+        """Solver of ``F_l + lambda_l I`` with ``lambda_l = damping * trace(F_l) / k_l``."""
+        rel = 0.1 if self.damping is None else self.damping
+        return factorize(f, rel * float(torch.diagonal(f).mean()))
+
+    def _same_as_cached(self, train_loader: Any) -> bool:
+        from dattri._loader import loader_fingerprint
+
+        return loader_fingerprint(train_loader) == getattr(self, "_train_fingerprint", None)
+
+    def attribute(self, train_loader: Any, test_loader: Any,
+                  relatif_method: str | None = None) -> torch.Tensor:
+        """Scores ``(n_train, n_test)``; on the cached training loader from the stored
+        features (read in blocks), otherwise from features computed here."""
+        self._check_pair(train_loader, test_loader)
+        self._ensure_cached(train_loader)
+        if not self._same_as_cached(train_loader):
+            return super().attribute(train_loader, test_loader, relatif_method)
+        _check_choice("relatif_method", relatif_method, ("l", "theta", None))
+        total = None
+        for c in range(self.num_checkpoints):
+            xt = self._ihvp(self.test_features.all(test_loader, c, "test features"), c)
+            parts = []
+            for g in self._stores[c].blocks():
+                s = g @ xt.T.to(g.dtype)
+                if relatif_method is not None:
+                    s = s / self._relatif_norm(g, c, relatif_method)[:, None]
+                parts.append(s)
+            s = torch.cat(parts)
+            total = s if total is None else total + s
+        return total / self.num_checkpoints
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         if self.hessian == "Identity":
@@ -195,24 +279,38 @@ class LoGraAttributor(_BlockProjectedIF):
     """LoGra: Kronecker-factored gradient projection + damped projected Fisher.
 
     Args:
-        task: the attribution task (its loss a batch mean).
+        task: the attribution task (its loss a batch mean, or the published
+            ``loss_func(model, batch, device)``).
         module_name: Linear module names; ``None`` = every Linear module.
         hessian: ``"eFIM"`` (damped projected empirical Fisher) or ``"Identity"``.
-        damping: ``lambda >= 0``, or ``None`` for ``0.1 * mean eigenvalue`` per layer.
+        damping: relative damping ``>= 0`` (``lambda_l = damping * trace(F_l) / k_l``);
+            ``None`` = 0.1.
         device: computation device.
         proj_params: :class:`~dattri.params.projection.LoGraProjectionParams` or a
             dict (``proj_dim_per_layer`` a perfect square, default 4096 = 64 x 64;
-            ``proj_type`` of the factor projections, ``"identity"`` for none).
+            ``proj_type`` of the factor projections, ``"identity"`` for none); an
+            int is taken as ``proj_dim`` (the published positional order).
+        offload: where the cached training features live, ``"none"`` (device),
+            ``"cpu"`` or ``"disk"`` (memory-mapped in ``cache_dir``).
+        cache_dir: folder for ``offload="disk"``.
+        chunk_size: batches per block read back from the store.
+        layer_names: the published name of ``module_name``.
+        proj_dim: the published 0.3.0 keyword: ``proj_params={"proj_dim": k}``.
     """
 
     def __init__(
         self, task: AttributionTask, module_name: str | Sequence[str] | None = None,
         hessian: str = "eFIM", damping: float | None = None, device="cpu",
-        proj_params: Any = None,
+        proj_params: Any = None, offload: str = "none", cache_dir: str | None = None,
+        chunk_size: int = 16, *, layer_names: str | Sequence[str] | None = None,
+        proj_dim: int | None = None,
     ) -> None:
+        module_name = published_names(module_name, layer_names)
+        proj_params = published_proj_dim(proj_params, proj_dim)
         self.proj_params = parse_params(proj_params, LoGraProjectionParams)
         self._factor = square_root(self.proj_params.proj_dim_per_layer, "proj_dim_per_layer")
-        super().__init__(task, module_name, hessian, damping, device)
+        super().__init__(task, module_name, hessian, damping, device, offload, cache_dir,
+                         chunk_size)
 
     def _make_projectors(self, d_out: int, d_a: int) -> tuple:
         pp = self.proj_params
