@@ -4,6 +4,7 @@
 """
 
 from dattri.algorithm.base import BaseAttributor
+from dattri.algorithm.block_projected_if import BlockProjectedIFAttributor
 from dattri.algorithm.datainf import IFAttributorDataInf
 from dattri.algorithm.dvemb import DVEmbAttributor
 from dattri.algorithm.ekfac import IFAttributorEKFAC
@@ -31,6 +32,7 @@ __all__ = [
     "TracInAttributor",
 ]
 __all__ += [
+    "BlockProjectedIFAttributor",
     "DVEmbAttributor",
     "FactGraSSAttributor",
     "IFAttributorDataInf",
