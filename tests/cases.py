@@ -63,6 +63,27 @@ def train_full_batch(model: nn.Module, loss, x, y, steps: int = 200) -> nn.Modul
     return model
 
 
+def trained_lr(n_train: int, n_test: int, classes: int = 3, dim: int = 10):
+    """A float64 L2-regularised LR trained to convergence on real digits:
+    ``(model, loss, (x_train, y_train), (x_test, y_test))``."""
+    train, test = digits(n_train, n_test, classes=classes, dim=dim)
+    model = make_lr(dim, classes)
+    loss = l2_loss_factory(model)
+    train_full_batch(model, loss, *train)
+    return model, loss, train, test
+
+
+def correct_probability(model: nn.Module):
+    """TRAK's ``correct_probability_func``: mean softmax probability of the label."""
+
+    def p(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        return torch.softmax(out, -1).gather(1, y.reshape(-1, 1)).squeeze(1).mean()
+
+    return p
+
+
 def per_example_grads(model: nn.Module, loss, x, y) -> torch.Tensor:
     """Reference per-example gradients with a Python loop over examples."""
     names = [k for k, _ in model.named_parameters()]

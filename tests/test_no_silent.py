@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import digits, l2_loss_factory, loaders, make_lr, train_full_batch
+from cases import correct_probability, loaders, trained_lr
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri.algorithm import (
@@ -22,25 +22,13 @@ from dattri.task import AttributionTask
 
 @pytest.fixture(scope="module")
 def lr_setup():
-    (xtr, ytr), (xte, yte) = digits(64, 8, classes=3, dim=10)
-    model = make_lr(10, 3)
-    loss = l2_loss_factory(model)
-    train_full_batch(model, loss, xtr, ytr)
-    return model, loss, (xtr, ytr), (xte, yte)
+    return trained_lr(64, 8)
 
 
 def _task(setup):
     model, loss, _, _ = setup
     return AttributionTask(loss_func=loss, model=model,
                            checkpoints={k: v.clone() for k, v in model.state_dict().items()})
-
-
-def _prob(model):
-    def p(params, data):
-        x, y = data
-        out = torch.func.functional_call(model, params, (x,))
-        return torch.softmax(out, -1).gather(1, y.reshape(-1, 1)).squeeze(1).mean()
-    return p
 
 
 def _rps_task(setup):
@@ -56,7 +44,7 @@ def _rps_task(setup):
 def _cached_row_attributors(setup):
     model = setup[0]
     return {
-        "trak": lambda: TRAKAttributor(_task(setup), _prob(model),
+        "trak": lambda: TRAKAttributor(_task(setup), correct_probability(model),
                                        proj_params={"proj_type": "identity"}, regularization=1e-3),
         "knn": lambda: KNNShapleyAttributor(k_neighbors=3),
         "rps": lambda: RPSAttributor(_rps_task(setup), "", epoch=20),

@@ -49,6 +49,12 @@ def _check_nonneg(name: str, value: float) -> None:
         raise DattriValueError(msg)
 
 
+def _nonzero(n: torch.Tensor) -> torch.Tensor:
+    """RelatIF norms: a zero norm (a zero gradient) divides by 1; any other, however
+    small, divides (no absolute floor, so a scaled loss gives the same ranking)."""
+    return torch.where(n > 0, n, torch.ones_like(n))
+
+
 def hvp_matmat(
     loss: Callable, theta: torch.Tensor, batch: Any, mode: str = "rev-rev", chunk: int = 128,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -147,8 +153,8 @@ class _IFBase(BaseAttributor):
     def _relatif_norm(self, g: torch.Tensor, ckpt: int, method: str) -> torch.Tensor:
         x = self._ihvp(g, ckpt)
         if method == "theta":
-            return x.norm(dim=1).clamp_min(1e-12)
-        return (g * x).sum(dim=1).abs().sqrt().clamp_min(1e-12)
+            return _nonzero(x.norm(dim=1))
+        return _nonzero((g * x).sum(dim=1).abs().sqrt())
 
     def self_attribute(self, train_loader: Iterable, relatif_method: str | None = None) -> torch.Tensor:
         """Self-influence ``g_loss(z_i)^T (H + lambda I)^{-1} g_target(z_i)``, ``(n_train,)``;
@@ -490,9 +496,9 @@ class IFAttributorArnoldi(_IFBase):
             ft = self.test_features.all(test_loader, c, "test grads") @ vecs.T.to(tr.dtype)
             s = (tr * inv) @ ft.T
             if relatif_method == "l":
-                s = s / (tr * tr * inv).sum(1).abs().sqrt().clamp_min(1e-12)[:, None]
+                s = s / _nonzero((tr * tr * inv).sum(1).abs().sqrt())[:, None]
             elif relatif_method == "theta":
-                s = s / (tr * inv).norm(dim=1).clamp_min(1e-12)[:, None]
+                s = s / _nonzero((tr * inv).norm(dim=1))[:, None]
             total = s if total is None else total + s
         return total / self.num_checkpoints
 

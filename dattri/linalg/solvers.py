@@ -69,6 +69,30 @@ def _check_posint(name: str, value: int) -> None:
         raise DattriValueError(msg)
 
 
+def _unit_rows(Bm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B / s, s)`` with ``s`` the row norms (1 for zero rows): the solvers work on
+    unit right-hand sides, so their step sizes do not underflow when B is tiny (a
+    well-fit model's gradients) and every solution is ``s * X``."""
+    m = Bm.abs().amax(dim=1, keepdim=True)  # first by the largest entry: the
+    m = torch.where(m > 0, m, torch.ones_like(m))  # norm's squares neither under-
+    u = Bm / m  # nor overflow
+    n = u.norm(dim=1, keepdim=True)
+    n = torch.where(n > 0, n, torch.ones_like(n))
+    return u / n, m * n
+
+
+def _warn_breakdown(count: int, total: int, solver: str) -> None:
+    if count:
+        warnings.warn(
+            f"{solver}: for {count} of {total} right-hand side(s) p^T (A + lambda I) p "
+            "was 0 or not finite before convergence (the operator's products underflowed "
+            "or overflowed, or A is singular along the residual); those rows stopped "
+            "early and are incomplete. Rescale the loss (e.g. a sum instead of a tiny "
+            "mean), use float64, or add regularization.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
 def _cg_step(op, Pdir, R, rs, idx, tiny):
     """One CG step on the rows ``idx``: ``(P_a, ok, alpha, R_a, rs_new, beta)``;
     ``ok`` is False where ``p^T A p`` is zero or not finite (breakdown: alpha = 0)."""
@@ -107,7 +131,9 @@ def cg_solve(
             (``A`` symmetric positive semi-definite; ``m`` varies between calls).
         B: right-hand sides, ``(k, P)`` or ``(P,)``.
         max_iter: maximum number of CG iterations (= calls of ``matmat``).
-        tol: relative residual tolerance.
+        tol: relative residual tolerance (the right-hand sides are normalised to
+            unit rows inside, so tiny or huge ``B`` converge alike; a warning says
+            when a step's ``p^T A p`` underflows or overflows).
         regularization: :math:`\lambda`, added as ``lambda * x`` to every product.
         x0: optional start, shape of ``B`` (default zeros).
         progress: show a tqdm bar over the iterations.
@@ -122,6 +148,9 @@ def cg_solve(
     _check_nonneg("tol", tol)
     _check_nonneg("regularization", regularization)
     Bm, single = _as_rows(B)
+    scale = None
+    if Bm.is_floating_point():
+        Bm, scale = _unit_rows(Bm)
 
     def op(V: torch.Tensor) -> torch.Tensor:
         out = matmat(V)
@@ -135,22 +164,29 @@ def cg_solve(
         if X.shape != Bm.shape:
             msg = f"`x0` must have the shape of B {tuple(B.shape)}, got {tuple(x0.shape)}."
             raise DattriValueError(msg)
+        if scale is not None:
+            X = X / scale
         R = Bm - op(X)
     tiny = torch.finfo(Bm.dtype).tiny if Bm.is_floating_point() else 1e-30
     thresh = tol * Bm.norm(dim=1).clamp_min(tiny)
     rs = (R * R).sum(dim=1)
     Pdir = R.clone()
     active = rs.sqrt() > thresh
+    broke = torch.zeros_like(active)
     for _ in tqdm(range(max_iter), desc="CG", disable=not progress):
         idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
         P_a, ok, alpha, R_a, rs_new, beta = _cg_step(op, Pdir, R, rs, idx, tiny)
+        broke[idx] |= ~ok
         X[idx] = X[idx] + alpha[:, None] * P_a
         R[idx] = R_a
         Pdir[idx] = R_a + beta[:, None] * P_a
         rs[idx] = rs_new
         active[idx] = ok & (rs_new.sqrt() > thresh[idx])
+    _warn_breakdown(int(broke.sum()), Bm.shape[0], "cg_solve")
+    if scale is not None:
+        X = X * scale
     return X[0] if single else X
 
 
@@ -226,6 +262,9 @@ def cg_multishift_solve(
     _check_nonneg("tol", tol)
     vals = _check_shifts(shifts)
     Bm, single = _as_rows(B)
+    scale = None
+    if Bm.is_floating_point():
+        Bm, scale = _unit_rows(Bm)
     base = min(vals)
 
     def op(V: torch.Tensor) -> torch.Tensor:
@@ -243,11 +282,13 @@ def cg_multishift_solve(
     zeta_old = zeta.clone()
     alpha_old, beta_old = torch.ones_like(rs), torch.zeros_like(rs)
     active = (rs.sqrt() > thresh).expand_as(zeta).clone()  # (shift, row)
+    broke = torch.zeros_like(rs, dtype=torch.bool)
     for _ in tqdm(range(max_iter), desc="multi-shift CG", disable=not progress):
         idx = active.any(dim=0).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
         P_a, ok, alpha, R_a, rs_new, beta = _cg_step(op, Pdir, R, rs, idx, tiny)
+        broke[idx] |= ~ok
         z, zo = zeta[:, idx], zeta_old[:, idx]
         c = beta_old[idx] * alpha / alpha_old[idx]
         z_new = z * zo / (zo * (1 + alpha * sigma) + c * (zo - z))
@@ -269,6 +310,9 @@ def cg_multishift_solve(
         zeta_old[:, idx], zeta[:, idx] = z, z_new
         alpha_old[idx], beta_old[idx] = alpha, beta
         active[:, idx] = run & (z_new.abs() * rs_new.sqrt() > thresh[idx])
+    _warn_breakdown(int(broke.sum()), Bm.shape[0], "cg_multishift_solve")
+    if scale is not None:
+        Xs = [X * scale for X in Xs]
     return {s: (X[0] if single else X) for s, X in zip(vals, Xs)}
 
 
@@ -397,7 +441,9 @@ def arnoldi(
     from a seeded Gaussian start, with modified Gram-Schmidt and a second
     re-orthogonalisation pass, and the Hessenberg matrix
     :math:`H_m = Q^\top A Q` (``m x m``). Stops early at breakdown, when the new
-    residual has norm ``< tol`` (the space is then exactly invariant). The
+    residual has norm ``<= tol * max_n ||A q_n||`` (relative to the operator's
+    scale, so ``A`` and ``c A`` give the same basis; the space is then invariant
+    to that precision). The
     eigendecomposition :math:`H_m = U \Lambda U^\top` (symmetrised) gives Ritz pairs
     :math:`(\lambda_i, Q u_i)`; the ``top_k`` of largest :math:`|\lambda_i|` are kept.
     With ``max_iter >= dim`` and ``top_k >= dim`` this is the full eigendecomposition
@@ -409,7 +455,8 @@ def arnoldi(
         max_iter: maximum Krylov dimension ``m`` (= calls of ``matvec``); capped at
             ``dim``.
         top_k: number of eigenpairs returned (at most ``m``).
-        tol: breakdown threshold on the residual norm.
+        tol: breakdown threshold on the residual norm, relative to the largest
+            ``||A q_n||`` seen.
         seed: seed of the random start vector (drawn on the CPU, then moved, so the
             same seed gives the same start on every device).
         dtype: dtype of the basis.
@@ -431,14 +478,16 @@ def arnoldi(
     Hm = torch.zeros(m, m, dtype=dtype, device=device)
     Q[0] = q / q.norm()
     size = m
+    scale = torch.zeros((), dtype=dtype, device=device)  # ||A|| estimate: max ||A q_n||
     for n in tqdm(range(m), desc="Arnoldi", disable=not progress):
         w = matvec(Q[n]).reshape(dim).to(dtype)
+        scale = torch.maximum(scale, w.norm())
         coef, w = _mgs_step(Q, n, w)
         Hm[: n + 1, n] = coef
         if n + 1 == m:
             break
         beta = w.norm()
-        if beta < tol:
+        if beta <= tol * scale:  # relative: the same basis for A and c * A
             size = n + 1
             break
         Hm[n + 1, n] = beta
