@@ -26,6 +26,8 @@ needs less memory but forward-mode support of every operator.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Sequence
 
 import torch
@@ -295,7 +297,12 @@ def ihvp_at_x_cg(
     :func:`dattri.linalg.cg_solve`: one vmapped HVP per iteration, at most
     ``max_iter`` iterations, early stop once every row has
     :math:`\|r\| \le \mathrm{tol}\,\|v_r\|`. CG assumes :math:`H + \lambda I`
-    positive definite (Hestenes & Stiefel 1952; Koh & Liang 2017).
+    positive definite (Hestenes & Stiefel 1952; Koh & Liang 2017) for its
+    minimisation view, but it is run as the textbook recursion, which also solves a
+    non-singular *indefinite* system (the paper's Demo 2, ``sin``): it stops only on
+    convergence, ``max_iter``, or a true breakdown (``p^T (H + lambda I) p = 0`` or not
+    finite), and warns (``RuntimeWarning``) when it meets negative curvature
+    ``p^T (H + lambda I) p < 0``.
 
     Args:
         func: scalar function.
@@ -317,8 +324,26 @@ def ihvp_at_x_cg(
 
     def _f(v: torch.Tensor) -> torch.Tensor:
         V, restore = _v_rows(v, x[argnums])
-        X = cg_solve(rows, V, max_iter=max_iter, tol=tol,
+        negative: list[bool] = []
+
+        def watched(P: torch.Tensor) -> torch.Tensor:
+            AP = rows(P)
+            curv = (P * AP).sum(dim=-1) + regularization * (P * P).sum(dim=-1)
+            if bool((curv < 0).any()):
+                negative.append(True)
+            return AP
+
+        X = cg_solve(watched, V, max_iter=max_iter, tol=tol,
                      regularization=regularization, progress=progress)
+        if negative:
+            warnings.warn(
+                "ihvp_cg: negative curvature p^T (H + regularization I) p < 0 met, so "
+                "H + regularization*I is indefinite. CG went on (it stops only on a "
+                "breakdown) and solves the indefinite system when it is non-singular; "
+                "for a positive-definite system raise regularization above the most "
+                "negative eigenvalue's magnitude.",
+                RuntimeWarning, stacklevel=2,
+            )
         return restore(X)
 
     return _f
