@@ -74,7 +74,9 @@ def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
             "checkpoint and loss for overflow (e.g. log of 0), or lower the learning "
             "rate that produced the checkpoint."
         )
-        raise NonFiniteError(msg)
+        from dattri.algorithm.utils import nonfinite_hint
+
+        raise NonFiniteError(msg + nonfinite_hint(t))
     return t
 
 
