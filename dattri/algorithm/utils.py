@@ -51,19 +51,17 @@ def trak_margin(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def nonfinite_hint(values: Tensor) -> str:
-    """A sentence for a ``NonFiniteError``: which rows of a batch are not finite and,
-    when some are infinite (not NaN), the stable margin that avoids it."""
+    """A sentence for a ``NonFiniteError``: which rows of a batch are not finite, and
+    the stable margin that avoids the overflow of saturated examples."""
     bad = ~torch.isfinite(values)
     rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if bad.dim() else []
     if not rows:
         return ""
-    inf_only = not bool(torch.isnan(values).any())
-    text = f" Rows {rows[:10]}{' ...' if len(rows) > 10 else ''} of this batch are affected."
-    if inf_only:
-        text += (" They are infinite, not NaN: if these are examples the model predicts "
-                 "with probability ~1 (saturated), the output function overflows there, "
-                 f"e.g. the margin logp - log(1 - exp(logp)); use {STABLE_MARGIN}.")
-    return text
+    kind = "infinite" if not bool(torch.isnan(values).any()) else "NaN or infinite"
+    return (f" Rows {rows[:10]}{' ...' if len(rows) > 10 else ''} of this batch are {kind}: "
+            "if these are examples the model predicts with probability ~1 (saturated), "
+            "the output function overflows there, e.g. the published margin "
+            f"logp - log(1 - exp(logp)) is inf once p rounds to 1; use {STABLE_MARGIN}.")
 
 
 def _check_shuffle(dataloader: Any) -> None:
