@@ -167,8 +167,9 @@ def model_style_task(task: Any, device: Any) -> Any:
     style ``loss_func(model, batch, device)`` (three required arguments), a new task
     whose functions call it with the task's model (the user's task is not changed).
 
-    Only layer captures (LoGra, FactGraSS, EK-FAC) can use such a task: the loss
-    does not take the parameters, so the gradients come from module hooks.
+    The parameters are swapped into the model for the call (as
+    ``torch.func.functional_call`` does), so every path works: module hooks and
+    ``vmap(grad)`` per-example gradients alike.
     """
     loss, target = user_function(task.original_loss_func), user_function(task.original_target_func)
     if _positional_count(loss) != 3:  # noqa: PLR2004 - (model, batch, device)
@@ -178,8 +179,12 @@ def model_style_task(task: Any, device: Any) -> Any:
     holder: list[Any] = []
 
     def wrap(func: Callable) -> Callable:
-        def params_style(params: Any, batch: Any) -> Any:  # noqa: ARG001 - hooks see the model
-            return func(holder[0].model, batch, device)
+        def params_style(params: Any, batch: Any) -> Any:
+            from torch.nn.utils.stateless import _reparametrize_module
+
+            model = holder[0].model
+            with _reparametrize_module(model, params, strict=False):
+                return func(model, batch, device)
         return params_style
 
     new = AttributionTask(loss_func=wrap(loss), model=task.model, checkpoints=task.checkpoints,

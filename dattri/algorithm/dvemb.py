@@ -17,12 +17,26 @@ exactly :math:`I - K_t`, so one backward pass over the steps gives every embeddi
 :math:`K_{t-1} = K_t + \sum_{z \in B_t} e_t(z) g_t(z)^\top`. An example used in several
 steps gets the sum of its embeddings; ``tau(i, j) = <e(z_i), g_target(z_j; theta_T)>``
 (positive = proponent). Gradients may be randomly projected to ``k`` dimensions
-first (one fixed projection for every step), which makes ``K`` ``k x k``.
+first (one fixed projection for every step), which makes ``K`` ``k x k``; a
+projection dimension given means a projection (``proj_type="identity"`` with a
+dimension is taken as ``"normal"``).
+
+Two ways to give the trajectory: ``steps`` (the minibatch indices and learning
+rate of each step) with the task's checkpoints ``theta_0..theta_T``; or, as the
+published package does, record it during training: call
+``cache_gradients(epoch, batch_data, indices, learning_rate)`` (or enter
+``cache_gradients_context(...)``) before each optimizer step, then ``cache()``
+and ``attribute(test_loader, epoch=None, train_data_indices=None)``; gradients are
+then taken at the model's current parameters (the task's checkpoints are not used)
+and the embeddings are kept per epoch (``epoch=None`` sums them). The published
+package omits the ``1/|B_t|`` of a mean loss's SGD step: pass
+``learning_rate * batch_size`` to reproduce its values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -78,25 +92,37 @@ class DVEmbAttributor(BaseAttributor):
     """
 
     def __init__(
-        self, task: AttributionTask, steps: Sequence[tuple[Sequence[int], float]],
+        self, task: AttributionTask, steps: Sequence[tuple[Sequence[int], float]] | None = None,
         proj_params: Any = None, layer_name: str | Sequence[str] | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "cpu", *, proj_dim: int | None = None,
+        proj_seed: int | None = None, factorization_type: str = "none",
+        layer_names: str | Sequence[str] | None = None,
     ) -> None:
-        super().__init__(task, layer_name, device)
-        self.steps = _check_steps(steps, self.num_checkpoints)
-        from dattri.algorithm.logra import parse_params
+        if isinstance(steps, int) and not isinstance(steps, bool):  # 0.3.0: (task, proj_dim, ...)
+            steps, proj_dim = None, steps if proj_dim is None else proj_dim
+        from dattri._convention import model_style_task
+        from dattri.algorithm.logra import parse_params, published_names, published_proj_dim
         from dattri.params.projection import DVEmbProjectionParams
 
+        task = model_style_task(task, device)  # loss_func(model, batch, device) too
+        layer_name = self._factorized_layers(task, factorization_type,
+                                             published_names(layer_name, layer_names))
+        super().__init__(task, layer_name, device)
+        self.steps = None if steps is None else _check_steps(steps, self.num_checkpoints)
+        proj_params = published_proj_dim(proj_params, proj_dim)
+        if proj_seed is not None:
+            proj_params = {**(proj_params or {}), "proj_seed": proj_seed}
         self.proj_params = parse_params(proj_params, DVEmbProjectionParams)
         pp = self.proj_params
-        if pp.proj_type != "identity" and pp.proj_dim_per_layer is not None:
+        if pp.proj_dim_per_layer is not None:  # a dimension given means project
             from dattri.func.projection import get_projector
 
+            kind = "normal" if pp.proj_type == "identity" else pp.proj_type
             state: dict[int, Any] = {}
 
             def project(g: torch.Tensor, ckpt: int) -> torch.Tensor:  # noqa: ARG001
                 if "p" not in state:  # one projection for every step
-                    state["p"] = get_projector(pp.proj_type, g.shape[1], pp.proj_dim_per_layer,
+                    state["p"] = get_projector(kind, g.shape[1], pp.proj_dim_per_layer,
                                                seed=pp.proj_seed,
                                                max_batch_size=pp.proj_max_batch_size)
                 return state["p"].project(g, 0)
@@ -104,6 +130,104 @@ class DVEmbAttributor(BaseAttributor):
             self.train_features.transform = project
             self.test_features.transform = project
         self._emb: torch.Tensor | None = None
+        self._recorded: dict[int, list[tuple[torch.Tensor, float, torch.Tensor]]] = {}
+        self._epoch_emb: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def _factorized_layers(task: AttributionTask, factorization_type: str, layer_name: Any) -> Any:
+        """``factorization_type="kronecker"|"elementwise"`` (published): the gradients of
+        the named ``nn.Linear`` modules (all of them by default), computed exactly."""
+        choices = ("none", "kronecker", "elementwise")
+        if factorization_type not in choices:
+            msg = f"factorization_type={factorization_type!r} must be one of {choices}."
+            raise DattriValueError(msg)
+        if factorization_type == "none":
+            return layer_name
+        from dattri.algorithm._hooks import resolve_linear_modules
+
+        return resolve_linear_modules(task, layer_name)[2]
+
+    # ------------------------------------------------- the published recording workflow
+    def _live_grads(self, batch: Any) -> torch.Tensor:
+        """Per-example gradients ``(B, k)`` at the model's current parameters."""
+        from torch.func import grad, vmap
+
+        from dattri._convention import BatchedFunction
+        from dattri._loader import to_device
+        from dattri.task import batch_of_one
+
+        model = self.task.get_model()
+        params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        names = list(params) if self.layer_name is None else (
+            [self.layer_name] if isinstance(self.layer_name, str) else list(self.layer_name))
+        batch = to_device(batch, self.device)
+        loss = self.task.original_loss_func
+        if isinstance(loss, BatchedFunction):
+            loss.resolve(params, batch)
+
+        def one(sel: dict, example: Any) -> torch.Tensor:
+            return loss({**params, **sel}, batch_of_one(example)).reshape(())
+
+        g = vmap(grad(one), in_dims=(None, 0), randomness="different")(
+            {n: params[n] for n in names}, batch)
+        flat = torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1).detach()
+        transform = self.train_features.transform
+        return transform(flat, 0) if transform is not None else flat
+
+    def cache_gradients(self, epoch: int, batch_data: Any, indices: Any, learning_rate: float) -> None:
+        """Record one SGD step (call it before ``optimizer.step()``): the per-example
+        gradients of ``batch_data`` at the current parameters, the examples' training
+        indices and the step's learning rate."""
+        idx = torch.as_tensor(indices).reshape(-1).long()
+        g = self._live_grads(batch_data)
+        if g.shape[0] != idx.numel():
+            msg = (f"indices has {idx.numel()} entries but batch_data has {g.shape[0]} "
+                   "examples; pass one training index per example of the batch.")
+            raise DattriValueError(msg)
+        if float(learning_rate) < 0:
+            msg = f"learning_rate={learning_rate!r} must be >= 0."
+            raise DattriValueError(msg)
+        self._recorded.setdefault(int(epoch), []).append((idx, float(learning_rate), g))
+
+    @contextlib.contextmanager
+    def cache_gradients_context(self, epoch: int, batch_data: Any, indices: Any,
+                                learning_rate: float) -> Iterator[DVEmbAttributor]:
+        """``with att.cache_gradients_context(epoch, batch, indices, lr): optimizer.step()``:
+        records the step's gradients on entry, at the parameters before the step."""
+        self.cache_gradients(epoch, batch_data, indices, learning_rate)
+        yield self
+
+    def clear_cache(self) -> None:
+        """Drop the recorded gradients (the embeddings are kept)."""
+        self._recorded = {}
+
+    def cache(self, train_loader: Iterable | None = None) -> DVEmbAttributor:
+        """With ``steps``: the embeddings of the trajectory on ``train_loader``. In the
+        recording workflow: ``cache()`` computes them from the recorded steps."""
+        if train_loader is not None or self.steps is not None:
+            if train_loader is None or self.steps is None:
+                msg = ("DVEmbAttributor: pass steps= and cache(train_loader), or record "
+                       "steps with cache_gradients(...) and call cache() without a loader.")
+                raise DattriValueError(msg)
+            return super().cache(train_loader)
+        if not self._recorded:
+            msg = "no steps recorded: call cache_gradients(epoch, batch, indices, lr) during training first."
+            raise NotCachedError(msg)
+        n = 1 + max(int(i.max()) for steps in self._recorded.values() for i, _, _ in steps)
+        k = next(iter(self._recorded.values()))[0][2].shape[1]
+        first = next(iter(self._recorded.values()))[0][2]
+        K = first.new_zeros(k, k)
+        self._epoch_emb = {}
+        for epoch in sorted(self._recorded, reverse=True):
+            emb = first.new_zeros(n, k)
+            for idx, lr, g in reversed(self._recorded[epoch]):
+                e = (lr / len(idx)) * (g - g @ K.T)
+                K += e.T @ g
+                emb.index_add_(0, idx.to(emb.device), e)
+            self._epoch_emb[epoch] = emb
+        self._emb = torch.stack(list(self._epoch_emb.values())).sum(0)
+        self._cached = True
+        return self
 
     def _cache(self, train_loader: Iterable) -> None:
         data = DataCache(train_loader, self.device)
@@ -136,8 +260,18 @@ class DVEmbAttributor(BaseAttributor):
             raise NotCachedError(msg)
         return self._emb
 
-    def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
-        """Scores ``(n_train, n_test)`` = ``<e(z_i), g_target(z_j; theta_T)>``."""
+    def attribute(self, train_loader: Iterable | None = None, test_loader: Iterable | None = None,
+                  epoch: int | None = None, train_data_indices: Sequence[int] | None = None,
+                  ) -> torch.Tensor:
+        """Scores ``(n_train, n_test)`` = ``<e(z_i), g_target(z_j; theta_T)>``.
+
+        In the recording workflow ``attribute(test_loader, epoch=None,
+        train_data_indices=None)``: the test gradients at the model's current
+        parameters, the embeddings of one ``epoch`` (default: summed), the rows of
+        ``train_data_indices`` (default: all recorded indices ``0..max``).
+        """
+        if self.steps is None:
+            return self._attribute_recorded(test_loader or train_loader, epoch, train_data_indices)
         self._check_pair(train_loader, test_loader)
         self._ensure_cached(train_loader)
         final = self.num_checkpoints - 1
@@ -149,3 +283,20 @@ class DVEmbAttributor(BaseAttributor):
         self._ensure_cached(train_loader)
         gt = self.test_features.all(train_loader, self.num_checkpoints - 1, "self grads")
         return (self._emb * gt.to(self._emb.dtype)).sum(dim=1)
+
+    def _attribute_recorded(self, test_loader: Iterable, epoch: int | None,
+                            train_data_indices: Sequence[int] | None) -> torch.Tensor:
+        from dattri._loader import check_loader
+
+        if not self._epoch_emb:
+            msg = "DVEmbAttributor.attribute needs cache() after cache_gradients(...) first."
+            raise NotCachedError(msg)
+        check_loader(test_loader, "test_loader")
+        if epoch is not None and epoch not in self._epoch_emb:
+            msg = f"epoch={epoch!r} was not recorded; recorded epochs: {sorted(self._epoch_emb)}."
+            raise DattriValueError(msg)
+        emb = self._emb if epoch is None else self._epoch_emb[epoch]
+        if train_data_indices is not None:
+            emb = emb[torch.as_tensor(list(train_data_indices), device=emb.device).long()]
+        gt = torch.cat([self._live_grads(b) for b in test_loader])
+        return emb @ gt.T.to(emb.dtype)
