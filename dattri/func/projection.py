@@ -534,14 +534,15 @@ def _feature_dim_of(feature, feature_batch_size: int) -> int:
 
 def random_project(
     feature: torch.Tensor | Mapping[str, torch.Tensor],
-    feature_batch_size: int,
-    proj_dim: int,
-    proj_max_batch_size: int,
+    feature_batch_size: int | None = None,
+    proj_dim: int | None = None,
+    proj_max_batch_size: int | None = None,
     proj_seed: int = 0,
     proj_type: str = "normal",
     *,
     device: str | torch.device = "cpu",
     use_half_precision: bool = False,
+    proj_params: object = None,
     **projector_kwargs,
 ) -> Callable[..., torch.Tensor]:
     """Build ``project(features, ensemble_id=0) -> (B, proj_dim)`` for features like ``feature``.
@@ -571,6 +572,17 @@ def random_project(
         ``project(features, ensemble_id=0)``; its ``.projector`` attribute is the
         :class:`Projector`.
     """
+    if proj_params is not None:  # main's random_project(feature, proj_params=...)
+        proj_dim, proj_max_batch_size, proj_seed, proj_type, device = _from_params(
+            proj_params, (proj_dim, proj_max_batch_size), device)
+    if feature_batch_size is None:
+        first_ = next(iter(feature.values())) if isinstance(feature, Mapping) else feature
+        feature_batch_size = int(first_.shape[0])
+    if proj_dim is None:
+        msg = "random_project needs proj_dim= (or proj_params=RandomProjectionParams(...))."
+        raise DattriValueError(msg)
+    if proj_max_batch_size is None:
+        proj_max_batch_size = 32
     if isinstance(proj_seed, str):
         msg = (
             f"proj_seed must be an int, got {proj_seed!r}; device is keyword-only here: "
@@ -607,6 +619,26 @@ def random_project(
 
     project.projector = projector
     return project
+
+
+def _from_params(proj_params: object, explicit: tuple, device: str | torch.device) -> tuple:
+    """``(proj_dim, proj_max_batch_size, proj_seed, proj_type, device)`` of a settings
+    object or dict; explicit ``proj_dim`` / ``proj_max_batch_size`` beside it are errors."""
+    if any(v is not None for v in explicit):
+        msg = "random_project: pass proj_params= or proj_dim/proj_max_batch_size, not both."
+        raise DattriValueError(msg)
+    if isinstance(proj_params, Mapping):
+        from dattri.params.projection import RandomProjectionParams
+
+        proj_params = RandomProjectionParams(**proj_params)
+    as_kwargs = getattr(proj_params, "as_kwargs", None)
+    if as_kwargs is None:
+        msg = (f"proj_params must be a dattri.params.projection settings object or a dict, "
+               f"got {type(proj_params).__name__}.")
+        raise DattriValueError(msg)
+    kw = as_kwargs()
+    return (kw["proj_dim"], kw["proj_max_batch_size"], kw["proj_seed"], kw["proj_type"],
+            kw.get("device", device))
 
 
 def _dim_from(feature_dim) -> int:
@@ -761,3 +793,25 @@ def arnoldi_project(
 
     project.eigvals, project.eigvecs = eigvals, eigvecs
     return project
+
+
+# the published projector classes (dattri.func.projection.BasicProjector, ...)
+from dattri.func.projector_classes import (  # noqa: E402
+    AbstractProjector,
+    ArnoldiProjector,
+    BasicProjector,
+    ChunkedCudaProjector,
+    CudaProjector,
+    ProjectionType,
+    make_random_projector,
+)
+
+__all__ += [
+    "AbstractProjector",
+    "ArnoldiProjector",
+    "BasicProjector",
+    "ChunkedCudaProjector",
+    "CudaProjector",
+    "ProjectionType",
+    "make_random_projector",
+]
