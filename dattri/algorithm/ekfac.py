@@ -25,11 +25,12 @@ influence-function attributor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from dattri._convention import model_style_task
 from dattri._loader import batch_size_of
 from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, resolve_linear_modules
 from dattri.algorithm.influence_function import _check_nonneg, _IFBase
@@ -67,9 +68,11 @@ class IFAttributorEKFAC(_IFBase):
     ) -> None:
         if not isinstance(task, AttributionTask):
             super().__init__(task, None, device)  # raises the typed error
+        task = model_style_task(task, device)  # loss_func(model, batch, device) too
         names, bias, params = resolve_linear_modules(task, module_name)
         super().__init__(task, params, device)
         _check_nonneg("damping", damping)
+        self.max_iter: int | None = None
         if fisher_loss_func is not None and not callable(fisher_loss_func):
             msg = "fisher_loss_func must be None or callable f(params, data) -> scalar."
             raise DattriValueError(msg)
@@ -84,11 +87,30 @@ class IFAttributorEKFAC(_IFBase):
         return torch.cat([linear_per_example_grads(a, s, self.bias[n]).flatten(1)
                           for n, (a, s) in cap.items()], dim=1)
 
+    def cache(self, train_loader: Iterable | None = None, max_iter: int | None = None,
+              *, full_train_dataloader: Iterable | None = None) -> IFAttributorEKFAC:
+        """Factors and corrected eigenvalues from the training data; ``max_iter``
+        (0.3.0) limits the estimate to the first ``max_iter`` batches."""
+        if full_train_dataloader is not None:
+            if train_loader is not None:
+                msg = "pass train_loader or full_train_dataloader (its published name), not both."
+                raise DattriValueError(msg)
+            train_loader = full_train_dataloader
+        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
+                                     or max_iter < 1):
+            msg = f"max_iter={max_iter!r} must be None (every batch) or an int >= 1."
+            raise DattriValueError(msg)
+        self.max_iter = max_iter
+        return super().cache(train_loader)
+
+    def _fit_batches(self) -> Iterable:
+        return list(self.data)[: self.max_iter] if self.max_iter else self.data
+
     def _fit(self, ckpt: int) -> list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
         func = self.fisher_loss_func
         sums: dict[str, list] = {}
         n = 0
-        for batch in tqdm(self.data, desc="K-FAC factors", leave=False, disable=None):
+        for batch in tqdm(self._fit_batches(), desc="K-FAC factors", leave=False, disable=None):
             for name, (a, s) in self.capture.run(batch, ckpt, "loss", func).items():
                 A, S = kfac_covariances(a, s, self.bias[name], reduction="sum")
                 acc = sums.setdefault(name, [0, 0, 0])
@@ -99,7 +121,7 @@ class IFAttributorEKFAC(_IFBase):
             _, qa, _, qs = kfac_eigen(A / tokens, S / n)
             eigen[name] = (qa, qs, torch.zeros(qs.shape[0], qa.shape[0], dtype=qa.dtype,
                                                device=qa.device))
-        for batch in tqdm(self.data, desc="EK-FAC eigenvalues", leave=False, disable=None):
+        for batch in tqdm(self._fit_batches(), desc="EK-FAC eigenvalues", leave=False, disable=None):
             for name, (a, s) in self.capture.run(batch, ckpt, "loss", func).items():
                 qa, qs, lam = eigen[name]
                 lam += ekfac_corrected_eigenvalues_from_activations(
