@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dattri._convention import as_batched
 from dattri._loader import check_loader
 from dattri.algorithm.base import BaseAttributor
 from dattri.errors import DattriValueError, NotCachedError
@@ -244,7 +245,12 @@ class RPSAttributor(BaseAttributor):
         layer = dict(self.task.get_model().named_modules())[self.final_linear_layer_name]
         b = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
         w0 = torch.cat([layer.weight.detach(), b.detach().reshape(-1, 1)], 1)
-        problem = _L2Problem(self.task.original_loss_func, h, y, self.l2_strength)
+        self._binary = layer.out_features == 1  # one logit: BCE-with-logits style
+        if self._binary:  # the loss compares (n, 1) logits with (n, 1) float labels
+            y = y.to(h.dtype).reshape(-1, 1)
+        # the user's loss in either convention (batch, or 0.3.0's single example)
+        loss = as_batched(self.task.user_loss_func, "loss_func", batched_args=(0, 1))
+        problem = _L2Problem(loss, h, y, self.l2_strength)
         w, g_pre = self._fit(problem, w0.to(self.device, torch.float64))
         self.alpha = (-g_pre / (2 * self.l2_strength)).detach()  # g_pre = (1/n) dL_j/dPhi_j
         self.h_train, self.weight = h, w.detach()
@@ -256,14 +262,24 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(train_loader)
         h_t, y_t = self._features(test_loader)
         kernel = self.h_train @ h_t.T
-        return (self.alpha[:, y_t.long()] * kernel).to(self._dtype)
+        return (self._label_terms(y_t) * kernel).to(self._dtype)
+
+    def _label_terms(self, y: torch.Tensor) -> torch.Tensor:
+        """``alpha_j`` for each label's class, ``(n_train, len(y))``; a one-logit
+        (binary) model's logit speaks for class 1, so class 0 takes ``-alpha_j``."""
+        if getattr(self, "_binary", False):
+            return self.alpha[:, :1] * (2 * y.reshape(1, -1).to(self.alpha.dtype) - 1)
+        return self.alpha[:, y.long().reshape(-1)]
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``alpha_j[y_j] * ||h~_j||^2`` as ``(n_train,)``."""
         check_loader(train_loader, "train_loader")
         self._ensure_cached(train_loader)
         h, y = self._features(train_loader)
-        a = self.alpha.gather(1, y.long().reshape(-1, 1)).squeeze(1)
+        if getattr(self, "_binary", False):
+            a = self.alpha[:, 0] * (2 * y.reshape(-1).to(self.alpha.dtype) - 1)
+        else:
+            a = self.alpha.gather(1, y.long().reshape(-1, 1)).squeeze(1)
         return (a * (h * h).sum(1)).to(self._dtype)
 
     def decompose(self, test_loader: Iterable) -> torch.Tensor:
