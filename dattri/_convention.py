@@ -9,8 +9,9 @@ batched convention; the convention is detected once, on the first batch:
 - the function is called on a batch of one (the first example, keeping the batch
   dimension); a scalar means the batched convention, used as given;
 - otherwise it is called on the first example without the batch dimension; a
-  scalar there, and no scalar on the whole batch (a function that takes the whole
-  batch but not a batch of one is a batched one with a bug, reported as such),
+  scalar there, and no scalar on the whole batch or on all but one of its examples
+  (a function that takes whole batches but not a batch of one is a batched one with
+  a bug, reported as such),
   means the single-example convention. Then a batch of one is passed as the
   example itself, and a batch of ``B`` as ``vmap`` of the function over the batch,
   averaged: ``F(batch) = (1/B) sum_i f(example_i)``.
@@ -99,15 +100,26 @@ class BatchedFunction:
                 except Exception:  # noqa: BLE001 - the batched error is the one reported
                     single = None
                 unbatched = _is_scalar(single)
-            if unbatched and (_size(batched) or 1) > 1:
-                # a function that fails on a batch of one but takes the whole batch
-                # is a batched one with a bug: keep it batched (the error says why)
-                try:
-                    unbatched = not _is_scalar(self.func(*args))
-                except Exception:  # noqa: BLE001 - expected of a single-example function
-                    unbatched = True
+            n = _size(batched) or 1
+            if unbatched and n > 1:
+                # a function that fails on a batch of one but takes whole batches (of
+                # two sizes, so that a batch size equal to, e.g., the number of classes
+                # does not pass by coincidence) is a batched one with a bug: keep it
+                # batched (the validation error says why)
+                sizes = [n] + ([n - 1] if n > 2 else [])  # noqa: PLR2004
+                unbatched = not all(self._scalar_on(args, batched, k) for k in sizes)
         self.unbatched = unbatched
         return unbatched
+
+    def _scalar_on(self, args: tuple, batched: list[Any], k: int) -> bool:
+        """Whether the function gives a scalar on the first ``k`` examples."""
+        def head(t: Any) -> Any:
+            return t[:k] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+        try:
+            return _is_scalar(self.func(*self._with(args, [tree_map(head, b) for b in batched])))
+        except Exception:  # noqa: BLE001 - expected of a single-example function
+            return False
 
     def __call__(self, *args: Any) -> Any:
         if self.unbatched is None:
