@@ -17,6 +17,12 @@ def test_rfp_diagonal_matches_lapack_layout(size):
     assert sorted(rfp_diagonal(size).tolist()) == np.flatnonzero(arf).tolist()
 
 
+@pytest.fixture(autouse=True)
+def _packed_storage(monkeypatch):
+    """These tests exercise LAPACK's packed path, which small problems skip."""
+    monkeypatch.setattr("dattri.linalg.gram.SMALL_GRAM_WORK", -1)
+
+
 @pytest.mark.parametrize(("n", "k", "transpose"), [
     (40, 9, False), (40, 10, False), (9, 40, True), (10, 40, True), (40, 9, True), (12, 12, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -112,3 +118,16 @@ def test_full_storage_path_of_accelerators_agrees(transpose, monkeypatch):
     assert full._rfp is None and full._full is not None
     assert full.nbytes == 8 * full.size**2
     torch.testing.assert_close(full.solve(b), packed.solve(b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_small_problems_use_full_storage_and_agree(transpose, monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    f = torch.randn(30, 12, generator=g)
+    b = torch.randn(3, 12 if not transpose else 30, generator=g, dtype=torch.float64)
+    packed = GramCholesky(f, 0.1, transpose=transpose)
+    assert packed._rfp is not None
+    monkeypatch.setattr("dattri.linalg.gram.SMALL_GRAM_WORK", 1 << 31)
+    small = GramCholesky(f, 0.1, transpose=transpose)
+    assert small._rfp is None and small._full is not None
+    torch.testing.assert_close(small.solve(b), packed.solve(b), rtol=1e-10, atol=1e-12)

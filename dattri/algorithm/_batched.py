@@ -1,9 +1,10 @@
 """Dense per-example gradients from one forward and one backward per batch (private).
 
 Every module that owns a selected parameter gets a forward hook. The hook keeps the
-module's inputs and replaces its output ``y`` by ``y + 0`` with a zero leaf, so that
-one ``autograd.grad`` of the (mean) batch loss with respect to the leaves gives
-every module's output gradients; multiplied by the batch size they are each
+module's inputs and taps its output ``y``: a tensor hook on ``y`` when it is in the
+graph already, else ``y + 0`` with a zero leaf (the first layers: the parameters are
+detached). One ``autograd.grad`` of the (mean) batch loss with respect to the
+leaves then gives every module's output gradients; multiplied by the batch size they are each
 example's own ``d loss_b / d y_b``. The per-example parameter gradients then follow
 from the closed forms of :mod:`dattri.func.per_example` (``nn.Linear`` of any
 input rank, convolutions, embeddings, normalisation layers), or, for any other
@@ -108,21 +109,31 @@ class BatchedGrads:
         #: every selected parameter belongs to a module we can hook
         self.supported = owned == set(self.spec.names)
 
-    def _hook(self, unit: _Unit) -> Callable:
+    def _hook(self, unit: _Unit, leaves: list[torch.Tensor], tapped: dict[int, torch.Tensor]) -> Callable:
+        """Forward hook: keep the inputs; make each floating output's gradient
+        available, by a tensor hook when the output is already in the graph, else
+        as the gradient of a zero leaf added to it (``y + 0``)."""
         def hook(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            leaves: list[torch.Tensor] = []
+            slots: list[tuple[str, int]] = []
 
-            def add(t: Any) -> Any:
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    leaf = torch.zeros_like(t, requires_grad=True)
-                    leaves.append(leaf)
-                    return t + leaf
-                return t
+            def tap(t: Any) -> Any:
+                if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                    return t
+                if t.requires_grad:  # the gradient at this value, even if changed in place later
+                    key = len(tapped)
+                    tapped[key] = None
+                    t.register_hook(lambda g, k=key: tapped.__setitem__(k, g))
+                    slots.append(("tap", key))
+                    return t
+                leaf = torch.zeros_like(t, requires_grad=True)
+                slots.append(("leaf", len(leaves)))
+                leaves.append(leaf)
+                return t + leaf
 
-            out = tree_map(add, output)
+            out = tree_map(tap, output)
             detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
             unit.calls.append((tree_map(detach, args), tree_map(detach, kwargs),
-                               tree_map(detach, out), leaves))
+                               tree_map(detach, out), slots))
             return out
         return hook
 
@@ -133,16 +144,18 @@ class BatchedGrads:
         if any(isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.module.training
                for u in self.units):
             return None  # batch statistics couple the examples (and the run would update them)
+        leaves: list[torch.Tensor] = []
+        tapped: dict[int, torch.Tensor | None] = {}
         for u in self.units:
             u.calls = []
-        handles = [u.module.register_forward_hook(self._hook(u), with_kwargs=True) for u in self.units]
+        handles = [u.module.register_forward_hook(self._hook(u, leaves, tapped), with_kwargs=True)
+                   for u in self.units]
         try:
             with _same_mask_dropout(model), torch.enable_grad():
                 loss = func(params, batch)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     msg = "the loss/target function must return a scalar batch mean."
                     raise InvalidLossError(msg)
-                leaves = [lf for u in self.units for c in u.calls for lf in c[3]]
                 if not leaves:
                     return None
                 grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
@@ -150,11 +163,10 @@ class BatchedGrads:
             for h in handles:
                 h.remove()
         b = batch_size_of(batch)
-        it = iter(grads)
         total: dict[str, torch.Tensor] = {}
         for u in self.units:
-            for args, kwargs, out, call_leaves in u.calls:
-                gs = [next(it) for _ in call_leaves]
+            for args, kwargs, out, slots in u.calls:
+                gs = [grads[i] if kind == "leaf" else tapped[i] for kind, i in slots]
                 part = self._unit_grads(u, args, kwargs, out, gs, b, params)
                 if part is None:
                     return None
@@ -184,10 +196,12 @@ class BatchedGrads:
     def _flat(self, total: dict[str, torch.Tensor], b: int, params: dict[str, torch.Tensor]) -> torch.Tensor:
         ref = next(iter(params.values()))
         dtype = next(iter(total.values())).dtype if total else ref.dtype
-        out = torch.zeros(b, self.spec.numel, dtype=dtype, device=ref.device)
+        out = torch.empty(b, self.spec.numel, dtype=dtype, device=ref.device)
         for name, sl in self.spec.slices().items():
             if name in total:
                 out[:, sl] = total[name].reshape(b, -1)
+            else:  # not reached by the loss
+                out[:, sl] = 0
         return out
 
 

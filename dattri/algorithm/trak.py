@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from dattri._convention import as_batched
+from dattri._convention import as_batched, is_unbatched
+from dattri._loader import batch_size_of
+from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import ensemble_rng
 from dattri.algorithm.base import BaseAttributor, make_projection
@@ -123,8 +125,16 @@ class TRAKAttributor(BaseAttributor):
         task = self.task
         task._load_checkpoints(ckpt)
         params = dict(task.named_parameters)
+        func = self.correct_probability_func
         with torch.no_grad(), ensemble_rng(ckpt, self.device):
-            self.correct_probability_func.resolve(params, batch)
+            func.resolve(params, batch)
+        if not is_unbatched(func):
+            # a batched function giving (B,) probabilities: one call (dropout masks
+            # shared by the examples, as in the per-example form below)
+            with torch.no_grad(), ensemble_rng(ckpt, self.device), _same_mask_dropout(task.model):
+                p = func(params, batch)
+            if isinstance(p, torch.Tensor) and tuple(p.shape) == (batch_size_of(batch),):
+                return p
 
         def one(example: Any) -> torch.Tensor:
             return self.correct_probability_func(params, batch_of_one(example)).reshape(())

@@ -30,6 +30,10 @@ __all__ = ["BLOCK_ELEMENTS", "GramCholesky", "gram64", "rfp_diagonal"]
 
 #: float64 elements of one block of F cast at a time (16 MiB)
 BLOCK_ELEMENTS = 1 << 21
+#: below this much Gram work (``inner * size**2``, ~0.1 s of float64 arithmetic) the
+#: factor is a full torch Cholesky factor; above it LAPACK's packed storage, which
+#: forms only one triangle and holds half the memory (its scipy import costs ~0.5 s once)
+SMALL_GRAM_WORK = 1 << 31
 
 
 def gram64(f: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -84,7 +88,8 @@ class GramCholesky:
         self.regularization = float(regularization)
         self._rfp = self._full = self._pinv = None
         self.device = f.device
-        if f.device.type == "cpu" and self.size > 0:
+        inner = f.shape[1] if transpose else f.shape[0]
+        if f.device.type == "cpu" and inner * self.size**2 > SMALL_GRAM_WORK:
             self._factor_rfp(f, transpose)
         else:
             self._factor_full(f, transpose)

