@@ -294,3 +294,18 @@ def test_convex_end_to_end_loo_and_lds(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lds(-score, gt_lds)[0].mean() < -0.5  # sign convention is not symmetric by accident
+
+
+def test_lds_refuses_a_subset_listing_an_index_twice():
+    from dattri.metric import lds
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    values = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    good = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 5]])
+    corr, _ = lds(score, (values, good))
+    assert corr.shape == (3,)
+    bad = good.clone()
+    bad[2, 2] = 6  # subset 2 = {6, 7, 6}: index 6 would be counted twice
+    with pytest.raises(GroundTruthError, match="subset 2 lists training index 6 more than once"):
+        lds(score, (values, bad))

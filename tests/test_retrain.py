@@ -494,9 +494,6 @@ def test_bad_metadata_and_mismatched_folders(helpers, lds_dir, tmp_path):
 
 def test_bad_arguments_get_typed_errors(helpers, tmp_path):
     dl = _loader(helpers)
-    with pytest.raises(DattriValueError, match="cannot be pickled .* num_workers=0"):
-        retrain_lds(lambda loader: helpers.train_small(loader), dl, tmp_path / "a",
-                    num_subsets=2, seed=0, progress=False)
     with pytest.raises(DattriValueError, match=r"subset_ratio must be in \(0, 1\], got 0"):
         retrain_lds(helpers.train_small, dl, tmp_path / "b", subset_ratio=0, num_workers=0)
     with pytest.raises(DattriValueError, match="num_subsets must be an int >= 1, got 0"):
@@ -517,3 +514,198 @@ def test_bad_arguments_get_typed_errors(helpers, tmp_path):
         retrain_loo(helpers.train_small, dl, tmp_path / "d", indices=[0], executor=object())
     with pytest.raises(DattriRuntimeError, match=r"train_func failed while training 'full/model_weights\.safetensors': ValueError: boom"):
         retrain_loo(helpers.train_fails, dl, tmp_path / "e", indices=[0], num_workers=0, progress=False)
+
+
+# ------------------------------------------------------------------ issues 13, 17, 18
+def test_unpicklable_train_func_trains_in_this_process(helpers, tmp_path, capsys):
+    import numpy as np
+
+    dl = _loader(helpers)
+    scale = 1.0  # a closure: cannot be pickled for worker processes
+
+    def closure(loader, seed=0):
+        np.random.seed(seed)  # a seed >= 2**32 would raise here
+        return helpers.train_small(loader, seed=int(seed * scale))
+
+    ref = retrain_lds(helpers.train_small, dl, tmp_path / "ref", num_subsets=3, seed=4,
+                      num_workers=0, progress=False)
+    meta = retrain_lds(closure, dl, tmp_path / "a", num_subsets=3, seed=4, progress=True)
+    assert "LDS retraining: in this process" in capsys.readouterr().err
+    assert [m["seed"] for m in meta["models"]] == [m["seed"] for m in ref["models"]]
+    assert all(0 <= m["seed"] < 2**32 for m in meta["models"])
+    for a, b in zip(_states(tmp_path / "ref").values(), _states(tmp_path / "a").values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.warns(RuntimeWarning, match="train_func cannot be pickled"):
+        retrain_lds(lambda loader, seed=0: helpers.train_small(loader, seed), dl, tmp_path / "b",
+                    num_subsets=2, seed=4, num_workers=2, progress=True)
+    assert "in this process (train_func cannot be pickled" in capsys.readouterr().err
+    assert len(list((tmp_path / "b").glob("*/model_weights_0.safetensors"))) == 2
+
+
+def test_seeds_given_to_train_func_are_below_2_32_and_recorded(helpers, tmp_path, monkeypatch):
+    log = tmp_path / "log.txt"
+    monkeypatch.setenv("DATTRI_TEST_LOG", str(log))
+    dl = _loader(helpers)
+    meta = retrain_loo(helpers.train_small, dl, tmp_path / "loo", indices=[0, 5], seed=2**40 + 7,
+                       num_workers=0, progress=False)
+    lds_meta = retrain_lds(helpers.train_small, dl, tmp_path / "lds", num_subsets=3,
+                           num_runs_per_subset=2, seed=2**50, num_workers=0, progress=False)
+    used = [int(v) for v in log.read_text().split()]
+    recorded = ([meta["full_model"]["seed"]] + [m["seed"] for m in meta["models"]]
+                + [m["seed"] for m in lds_meta["models"]])
+    assert used == recorded and all(0 <= v < 2**32 for v in used)
+    assert len(set(m["seed"] for m in lds_meta["models"])) == 6
+    assert meta["seed"] == 2**40 + 7 and meta["seed_scheme"] == lds_meta["seed_scheme"] == 2
+    # a rerun is a no-op that trains nothing and keeps every file
+    before = log.read_text()
+    retrain_lds(helpers.train_small, dl, tmp_path / "lds", num_subsets=3, num_runs_per_subset=2,
+                seed=2**50, num_workers=0, progress=False)
+    assert log.read_text() == before
+
+
+def test_other_training_data_or_settings_in_the_same_folder_are_refused(helpers, tmp_path):
+    x, y = helpers.make_data().tensors
+    dl = DataLoader(TensorDataset(x, y), batch_size=5)
+    retrain_lds(helpers.train_small, dl, tmp_path / "f", num_subsets=2, seed=0, num_workers=0,
+                progress=False)
+    other = DataLoader(TensorDataset(x, (y + 1) % 3), batch_size=5)  # same size, other labels
+    with pytest.raises(GroundTruthError, match=r"other training data .*Start a new folder: pass a new path"):
+        retrain_lds(helpers.train_small, other, tmp_path / "f", num_subsets=2, seed=0,
+                    num_workers=0, progress=False)
+    for lr in (0.1, 0.2):  # a closure's captured setting is part of the fingerprint
+        def train(loader, seed=0, lr=lr):
+            return helpers.train_small(loader, seed)
+        if lr == 0.1:
+            retrain_lds(train, dl, tmp_path / "g", num_subsets=2, seed=0, progress=False)
+        else:
+            with pytest.raises(GroundTruthError, match="training-function settings"):
+                retrain_lds(train, dl, tmp_path / "g", num_subsets=2, seed=0, progress=False)
+    with pytest.raises(GroundTruthError, match="other training data"):
+        retrain_loo(helpers.train_small, dl, tmp_path / "h", indices=[1], seed=0, progress=False)
+        retrain_loo(helpers.train_small, other, tmp_path / "h", indices=[1], seed=0, progress=False)
+
+
+def test_edited_metadata_and_duplicate_subset_indices_are_refused(helpers, lds_dir):
+    _, target, _ = _ce_target_factory()
+    test = _test_loader(helpers)
+    meta_file = lds_dir / "metadata.json"
+    good = meta_file.read_text()
+    meta = json.loads(good)
+    sub = meta["subsets"][1]["indices"]
+    sub[0] = next(i for i in range(24) if i not in sub)  # another valid, distinct index
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(GroundTruthError, match=r"entry of '1/model_weights_0.safetensors' .*edited"):
+        calculate_lds_ground_truth(target, lds_dir, test)
+    meta = json.loads(good)
+    meta["subsets"][2]["indices"][1] = meta["subsets"][2]["indices"][0]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(GroundTruthError, match="subset 2 lists training index .* more than once"):
+        calculate_lds_ground_truth(target, lds_dir, test)
+    meta = json.loads(good)
+    meta["models"][0]["seed"] += 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(GroundTruthError, match="edited"):
+        calculate_lds_ground_truth(target, lds_dir, test)
+    meta_file.write_text(good)
+    values, _ = calculate_lds_ground_truth(target, lds_dir, test)
+    assert values.shape == (4, 5)
+
+
+def _published_folder(root: Path, helpers, runs: int = 2) -> tuple[list, list]:
+    """An LDS folder in the published 0.3.0 layout (written here, not by its code)."""
+    import yaml
+
+    x, y = helpers.make_data().tensors
+    g = torch.Generator().manual_seed(5)
+    subsets, states, dirs = [], [], {}
+    for i in range(3):
+        idx = torch.randperm(24, generator=g)[:12].tolist()
+        (root / str(i)).mkdir(parents=True)
+        (root / str(i) / "indices.txt").write_text("\n".join(map(str, idx)))
+        row = []
+        for j in range(runs):
+            model = helpers.train_small(DataLoader(TensorDataset(x[idx], y[idx]), batch_size=5),
+                                        seed=10 * i + j)
+            torch.save(model.state_dict(), root / str(i) / f"model_weights_{j}.pt")
+            row.append({k: v.clone() for k, v in model.state_dict().items()})
+        subsets.append(idx)
+        states.append(row)
+        dirs[i] = str(root / str(i))
+    (root / "metadata.yml").write_text(yaml.safe_dump(
+        {"mode": "lds", "data_length": 24, "train_func": "train_small", "num_subsets": 3,
+         "subset_ratio": 0.5, "num_runs_per_subset": runs, "subset_dir_map": dirs}))
+    return subsets, states
+
+
+def test_published_lds_folders_and_target_funcs_work_without_conversion(helpers, tmp_path):
+    subsets, states = _published_folder(tmp_path / "old", helpers)
+    test = _test_loader(helpers)
+    xt, yt = test.dataset.tensors
+    want = -torch.stack([torch.stack([_manual_losses(s, xt, yt) for s in row]).mean(0)
+                         for row in states])
+    _, target, _ = _ce_target_factory()
+
+    def published_target(ckpt_path, dataloader):  # the 0.3.0 style
+        state = torch.load(ckpt_path, weights_only=True)
+        return torch.cat([_manual_losses(state, xb, yb) for xb, yb in dataloader])
+
+    (tmp_path / "old").rename(tmp_path / "moved")  # subset_dir_map holds the old paths
+    for func in (target, published_target):
+        values, indices = calculate_lds_ground_truth(func, tmp_path / "moved", test)
+        torch.testing.assert_close(values, want)
+        assert indices.tolist() == subsets
+    # a published-style target_func on a folder written by this library
+    dl = _loader(helpers)
+    retrain_lds(helpers.train_small, dl, tmp_path / "new", num_subsets=3, seed=2, num_workers=0,
+                progress=False)
+
+    def safetensors_target(ckpt_path, dataloader):
+        from safetensors.torch import load_file
+
+        state = load_file(str(ckpt_path))
+        return torch.cat([_manual_losses(state, xb, yb) for xb, yb in dataloader])
+
+    torch.testing.assert_close(calculate_lds_ground_truth(safetensors_target, tmp_path / "new", test),
+                               calculate_lds_ground_truth(target, tmp_path / "new", test))
+
+
+def test_pool_worker_exits_when_its_parent_is_gone():
+    code = ("import os; from dattri.model_util._retrain_runner import _watch_parent; "
+            "_watch_parent(os.getppid() + 999999, 0.01)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_killing_the_driver_ends_its_workers(helpers, tmp_path):
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    pids.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.replace("models_per_task=1", "models_per_task=8"))  # one task
+    env = dict(os.environ, DATTRI_TEST_PIDS=str(pids), DATTRI_TEST_DELAY="2",
+               PYTHONPATH=os.pathsep.join([str(Path(helpers.__file__).parent),
+                                           str(Path(dattri.__file__).parents[1])]))
+    proc = subprocess.Popen([sys.executable, str(driver), str(out)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(lambda: len(os.listdir(pids)) >= 1, proc)
+    workers = [int(p) for p in os.listdir(pids)]
+    proc.kill()
+    proc.wait()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        try:  # a zombie waiting for its (new) parent to reap it has exited too
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    for _ in range(3000):  # the worker polls its parent every second
+        if not any(alive(p) for p in workers):
+            break
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers)
+    # an orphan would have trained the rest of its 8-model task (2 s each)
+    assert len(list(out.glob("*/model_weights_0.safetensors"))) <= 1

@@ -294,14 +294,15 @@ def _lds_gt(prep: PreparedSetting, lds_dir: Path, device: Any, progress: bool | 
 def _loo_gt(prep: PreparedSetting, loo_size: int, kw: dict[str, Any], device: Any,
             progress: bool | None):
     from dattri.metric import calculate_loo_ground_truth
-    from dattri.model_util.retrain import derive_seed, retrain_loo
+    from dattri.model_util.ensemble import recorded_seed
+    from dattri.model_util.retrain import retrain_loo, train_seed
 
     folder = prep.root / f"loo_{loo_size}"
     # The seed of models_full[0]: with the vectorised trainer the LOO folder's full
     # model is then the attributed model itself, and LOO differences are exact.
     retrain_loo(dataloader=prep.train_loader(), path=folder,
                 indices=loo_positions(prep.n_train, loo_size, prep.seed),
-                seed=derive_seed(prep.seed, 0), **kw)
+                seed=recorded_seed(prep.root / "models_full", 0, train_seed(prep.seed, 0)), **kw)
     target = prep.setting.target_builder(prep.make_model())
     return _cached_gt(prep.root / "ground_truth" / f"loo_{loo_size}.pt", folder,
                       lambda: calculate_loo_ground_truth(target, folder, prep.test_loader(),

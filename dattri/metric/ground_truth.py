@@ -19,6 +19,7 @@ Signs (so that a proponent-positive score correlates positively):
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,7 +32,13 @@ from tqdm.auto import tqdm
 
 from dattri._loader import batch_size_of, check_loader, slice_batch, to_device
 from dattri.errors import DattriValueError, GroundTruthError, InvalidLossError
-from dattri.model_util._retrain_store import load_metadata, load_model_file
+from dattri.metric.metrics import check_distinct_subsets
+from dattri.model_util._retrain_store import (
+    METADATA_NAME,
+    describe_job,
+    load_metadata,
+    load_model_file,
+)
 from dattri.task import batch_of_one
 
 __all__ = ["calculate_lds_ground_truth", "calculate_loo_ground_truth", "per_example_target"]
@@ -112,6 +119,127 @@ def _model_values(target_func, root: Path, entries: list[dict[str, Any]], loader
     return torch.stack(rows)
 
 
+def _check_entries(meta: dict[str, Any], meta_file: str, entries: list[dict[str, Any]],
+                   mode: str, what: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Every model entry's ``job_id`` must be the one its recorded seed, subset /
+    left-out row and settings give: an edited metadata file (indices, seeds) no
+    longer matches the files trained from it."""
+    n, settings, fp = int(meta["data_length"]), meta.get("train_settings"), meta.get("fingerprint")
+    for e in entries:
+        if describe_job(mode, n, e.get("seed"), settings, fp, **what(e)) != e.get("job_id"):
+            msg = (
+                f"{meta_file!r}: the entry of {e.get('file')!r} does not match the seed, "
+                "indices and settings its model was trained with (the metadata was "
+                "edited). Restore the file, or retrain into a new folder."
+            )
+            raise GroundTruthError(msg)
+
+
+def _published_style(target_func: Callable) -> bool:
+    """Whether ``target_func`` is the 0.3.0 release's ``target_func(ckpt_path,
+    dataloader)`` (told by its parameter names) rather than ``(params, batch)``."""
+    try:
+        names = [p.name for p in inspect.signature(target_func).parameters.values()][:2]
+    except (TypeError, ValueError):
+        return False
+    if len(names) < 2:  # noqa: PLR2004
+        return False
+    first, second = (n.lower() for n in names)
+    return "loader" in second or "path" in first or "ckpt" in first or "checkpoint" in first
+
+
+def _published_values(target_func: Callable, files: list[Path], loader: Iterable) -> torch.Tensor:
+    rows = []
+    for f in files:
+        out = target_func(f, loader)
+        if not isinstance(out, torch.Tensor) or out.dim() != 1:
+            msg = (f"target_func(ckpt_path, dataloader) returned "
+                   f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+                   f" for {str(f)!r}; it must return one value per test example (n_test,).")
+            raise InvalidLossError(msg)
+        rows.append(out.detach().to("cpu", torch.float64))
+    if len({r.shape[0] for r in rows}) > 1:
+        msg = "target_func returned different numbers of test values for different models."
+        raise InvalidLossError(msg)
+    return torch.stack(rows)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError as e:
+        msg = (f"{str(path)!r} is the metadata of a folder written by the published dattri "
+               "0.3.0; reading it needs PyYAML: pip install pyyaml.")
+        raise GroundTruthError(msg) from e
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        msg = f"{str(path)!r} is not valid YAML ({e}); the folder's metadata is damaged."
+        raise GroundTruthError(msg) from e
+    if not isinstance(meta, dict):
+        msg = f"{str(path)!r} does not hold a metadata mapping; the folder is damaged."
+        raise GroundTruthError(msg)
+    return meta
+
+
+def _published_lds(root: Path) -> tuple[list[list[Path]], torch.Tensor]:
+    """The model files (per subset, per run) and subset indices of an LDS folder
+    written by the published 0.3.0 release (``metadata.yml``, ``{i}/indices.txt``,
+    ``{i}/model_weights_{j}.pt``), read in place."""
+    meta_file = root / "metadata.yml"
+    meta = _read_yaml(meta_file)
+    if meta.get("mode") not in (None, "lds") or "subset_dir_map" not in meta:
+        msg = (f"{str(meta_file)!r} is not an LDS retraining's metadata (mode "
+               f"{meta.get('mode')!r}, no subset_dir_map).")
+        raise GroundTruthError(msg)
+    runs = int(meta.get("num_runs_per_subset", 1))
+    files, indices = [], []
+    for key in sorted(meta["subset_dir_map"], key=int):
+        folder = Path(str(meta["subset_dir_map"][key]))
+        if not folder.is_dir():  # the folder was moved: its subsets are inside it
+            folder = root / folder.name
+        try:
+            idx = [int(v) for v in (folder / "indices.txt").read_text().split()]
+        except (OSError, ValueError) as e:
+            msg = f"subset {key}: {str(folder / 'indices.txt')!r} is missing or damaged ({e})."
+            raise GroundTruthError(msg) from e
+        indices.append(idx)
+        files.append([folder / f"model_weights_{j}.pt" for j in range(runs)])
+        missing = [str(f) for f in files[-1] if not f.is_file()]
+        if missing:
+            msg = f"subset {key}: model file(s) {missing[:3]} are missing; finish the retraining."
+            raise GroundTruthError(msg)
+    if not indices or len({len(i) for i in indices}) != 1:
+        msg = f"{str(meta_file)!r} lists no subsets, or subsets of different sizes."
+        raise GroundTruthError(msg)
+    return files, torch.tensor(indices, dtype=torch.int64)
+
+
+def _published_lds_ground_truth(target_func, root: Path, loader, device, progress):
+    files, indices = _published_lds(root)
+    check_distinct_subsets(indices, str(root / "metadata.yml"))
+    if _published_style(target_func):
+        values = [_published_values(target_func, fs, loader).mean(0) for fs in files]
+        return -torch.stack(values), indices
+    rows = []
+    for fs in tqdm(files, desc="LDS ground truth", unit="subset", leave=False,
+                   disable=(not progress) if progress is not None else None):
+        vals = []
+        for f in fs:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - unreadable / a pickled model
+                msg = (f"{str(f)!r} is not a weights-only state dict ({type(e).__name__}); "
+                       "pass a target_func(ckpt_path, dataloader) that loads it, as in "
+                       "the published release.")
+                raise GroundTruthError(msg) from e
+            params = {k: v.to(device) for k, v in state.items()}
+            vals.append(per_example_target(target_func, params, loader, device))
+        rows.append(torch.stack(vals).mean(0))
+    return -torch.stack(rows), indices
+
+
 def _check_target_args(target_func: Any, test_dataloader: Any) -> None:
     if not callable(target_func):
         msg = f"target_func must be callable target_func(params, batch), got {type(target_func).__name__}."
@@ -157,6 +285,9 @@ def calculate_loo_ground_truth(
     if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= n):
         msg = f"{str(root / 'metadata.json')!r} lists left-out indices outside [0, {n})."
         raise GroundTruthError(msg)
+    meta_file = str(root / METADATA_NAME)
+    _check_entries(meta, meta_file, [meta["full_model"]], "loo", lambda e: {"removed": None})
+    _check_entries(meta, meta_file, entries, "loo", lambda e: {"removed": int(e["removed"])})
     full = _model_values(target_func, root, [meta["full_model"]], test_dataloader, device,
                          False, "full model")
     values = _model_values(target_func, root, entries, test_dataloader, device, progress,
@@ -176,8 +307,12 @@ def calculate_lds_ground_truth(
     ``values[s, j] = -(1/R) sum_r target(theta_{S_s, r}, z_j)``
 
     Args:
-        target_func: ``target_func(params, batch) -> scalar`` (e.g. the loss).
-        retrain_dir: folder written by ``retrain_lds``.
+        target_func: ``target_func(params, batch) -> scalar`` (e.g. the loss), or
+            the published release's ``target_func(ckpt_path, dataloader) ->
+            (n_test,)`` (told apart by its parameter names: a first one naming a
+            path / checkpoint, or a second one naming a loader).
+        retrain_dir: folder written by ``retrain_lds``, or by the published 0.3.0
+            release (``metadata.yml``, read in place; needs PyYAML).
         test_dataloader: test loader (fixed order).
         device: device of the evaluation.
         progress: progress bar over models (None: only on a terminal).
@@ -193,6 +328,8 @@ def calculate_lds_ground_truth(
     """
     _check_target_args(target_func, test_dataloader)
     root = Path(retrain_dir)
+    if not (root / METADATA_NAME).is_file() and (root / "metadata.yml").is_file():
+        return _published_lds_ground_truth(target_func, root, test_dataloader, device, progress)
     meta = load_metadata(root, "lds")
     meta_file = str(root / "metadata.json")
     subsets = meta.get("subsets")
@@ -208,13 +345,22 @@ def calculate_lds_ground_truth(
     if int(indices.min()) < 0 or int(indices.max()) >= n:
         msg = f"{meta_file!r} lists subset indices outside [0, {n}) (data_length)."
         raise GroundTruthError(msg)
+    check_distinct_subsets(indices, meta_file)
     row_of = {int(s["id"]): k for k, s in enumerate(subsets)}
     unknown = [e.get("file") for e in meta["models"] if int(e.get("subset", -1)) not in row_of]
     if unknown:
         msg = f"{meta_file!r} lists models of unknown subsets: {unknown[:5]}."
         raise GroundTruthError(msg)
-    values = _model_values(target_func, root, meta["models"], test_dataloader, device,
-                           progress, "LDS ground truth")
+    _check_entries(meta, meta_file, meta["models"], "lds",
+                   lambda e: {"subset": subsets[row_of[int(e["subset"])]]["indices"]})
+    if _published_style(target_func):  # the 0.3.0 target_func(ckpt_path, dataloader)
+        for e in meta["models"]:
+            load_model_file(root / e["file"], e.get("job_id"))  # verified before use
+        values = _published_values(target_func, [root / e["file"] for e in meta["models"]],
+                                   test_dataloader)
+    else:
+        values = _model_values(target_func, root, meta["models"], test_dataloader, device,
+                               progress, "LDS ground truth")
     rows = torch.tensor([row_of[int(e["subset"])] for e in meta["models"]])
     counts = torch.bincount(rows, minlength=len(subsets)).to(torch.float64)
     if bool((counts == 0).any()):

@@ -120,6 +120,19 @@ def _check_index_range(indices: torch.Tensor, n_train: int) -> None:
         raise GroundTruthError(msg)
 
 
+def check_distinct_subsets(indices: torch.Tensor, where: str) -> None:
+    """Raise :class:`GroundTruthError` if a row of ``indices`` (one LDS subset)
+    lists a training index twice."""
+    srt = indices.sort(dim=1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+    if bool(dup.any()):
+        row = int(dup.nonzero()[0, 0])
+        value = int(srt[row, 1:][srt[row, 1:] == srt[row, :-1]][0])
+        msg = (f"{where}: subset {row} lists training index {value} more than once; an "
+               "LDS subset is a set of distinct indices (it would be counted twice).")
+        raise GroundTruthError(msg)
+
+
 def lds(
     score: torch.Tensor,
     ground_truth: tuple[torch.Tensor, torch.Tensor],
@@ -151,7 +164,8 @@ def lds(
     Raises:
         NonFiniteError: ``score`` has NaN or inf.
         GroundTruthError: malformed ground truth, NaN values, fewer than 3 models,
-            a test count that differs from ``score``, or indices out of range.
+            a test count that differs from ``score``, indices out of range, or a
+            subset listing an index twice.
     """
     score = _check_score(score)
     values, indices = _unpack_ground_truth(ground_truth, "lds")
@@ -167,6 +181,7 @@ def lds(
         raise GroundTruthError(msg)
     n_train = score.shape[0]
     _check_index_range(indices, n_train)
+    check_distinct_subsets(indices, "ground_truth[1]")
     dtype = score.dtype if score.is_floating_point() else torch.float64
     # Membership matrix (M, n_train) times scores: sum over each subset at once.
     member = torch.zeros(indices.shape[0], n_train, dtype=torch.float64, device=score.device)

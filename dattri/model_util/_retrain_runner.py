@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -151,8 +152,24 @@ def run_task(root: str, spec: Mapping[str, Any], jobs: list[Job]) -> list[str]:
     return [j.file for j in todo]
 
 
-def _init_worker(threads: int) -> None:
+#: seconds between a pool worker's checks that its parent (the driver) is alive
+PARENT_POLL_S = 1.0
+
+
+def _watch_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
+    """Exit this process as soon as it is no longer a child of ``parent_pid`` (the
+    driver died: the worker was re-parented), so a killed run leaves no orphans."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(poll_s)
+
+
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
     torch.set_num_threads(threads)
+    if parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                         name="dattri-parent-watch").start()
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -160,20 +177,17 @@ def _make_pool(num_workers: int | None) -> ProcessPoolExecutor:
     workers = num_workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads,))
+                               initializer=_init_worker, initargs=(threads, os.getpid()))
 
 
-def _check_picklable(spec: Mapping[str, Any]) -> None:
+def _unpicklable(spec: Mapping[str, Any]) -> str | None:
+    """The first entry of ``spec`` that a process pool could not receive, or None."""
     for key in ("train_func", "vectorized", "dataset", "collate_fn", "kwargs"):
         try:
             pickle.dumps(spec.get(key))
-        except Exception as e:  # noqa: BLE001
-            msg = (
-                f"{key} cannot be pickled ({type(e).__name__}: {e}); the local process "
-                "pool needs module-level functions and picklable data. Define it at "
-                "module level, or pass num_workers=0 to train in this process."
-            )
-            raise DattriValueError(msg) from e
+        except Exception:  # noqa: BLE001 - lambdas, closures, local classes, handles
+            return key
+    return None
 
 
 def _chunks(jobs: list[Job], size: int) -> list[list[Job]]:
@@ -218,7 +232,9 @@ def run_jobs(
         spec: training description shipped to the workers.
         executor: any object with ``submit(fn, *args)`` returning a future with
             ``done()`` and ``result()``; None for a local process pool.
-        num_workers: local pool size (None: CPU count); 0 trains in this process.
+        num_workers: local pool size; 0 or None (no executor asked for) trains in
+            this process, as does a pool whose spec cannot be pickled (a lambda or a
+            closure as train_func; with a warning). The progress line says which.
         models_per_task: jobs per submitted task (None: automatic).
         progress: tqdm bar with ETA (None: only on a terminal).
         desc: bar label.
@@ -237,7 +253,22 @@ def run_jobs(
             f"{type(executor).__name__}."
         )
         raise DattriValueError(msg)
-    serial = executor is None and num_workers == 0
+    where = f"{desc}: on the executor"
+    serial = executor is None and not num_workers
+    if serial:
+        where = f"{desc}: in this process"
+    elif executor is None:
+        bad = _unpicklable(spec)
+        if bad is not None:
+            serial = True
+            where = f"{desc}: in this process ({bad} cannot be pickled for worker processes)"
+            warnings.warn(
+                f"{bad} cannot be pickled (a lambda, a closure or a local object?), so "
+                f"the {num_workers} worker process(es) cannot receive it: training in "
+                "this process instead. Define it at module level to use worker processes.",
+                RuntimeWarning, stacklevel=4)
+        else:
+            where = f"{desc}: {num_workers} worker process(es)"
     if spec["kind"] == "vectorized":
         size = models_per_task or spec["vectorized"].chunk_size
     elif serial:
@@ -246,7 +277,7 @@ def run_jobs(
         slots = getattr(executor, "_max_workers", None) or num_workers or os.cpu_count() or 1
         size = models_per_task or max(1, math.ceil(len(pending) / (4 * slots)))
     tasks = _chunks(pending, size)
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=desc, unit="model",
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=where, unit="model",
                disable=(not progress) if progress is not None else None, leave=True)
     try:
         if serial:
@@ -256,7 +287,6 @@ def run_jobs(
             return
         own = executor is None
         if own:
-            _check_picklable(spec)
             executor = _make_pool(num_workers)
         try:
             _drive(executor, root, spec, tasks, pending, bar)

@@ -27,6 +27,8 @@ __all__ = [
     "FORMAT_VERSION",
     "METADATA_NAME",
     "ModelFileError",
+    "SEED_SCHEME",
+    "describe_job",
     "file_status",
     "job_id",
     "load_metadata",
@@ -37,6 +39,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+#: metadata["seed_scheme"] of folders whose model seeds are below 2**32 and whose
+#: training data are fingerprinted (folders without it are from earlier versions)
+SEED_SCHEME = 2
 METADATA_NAME = "metadata.json"
 _TMP_MARK = ".tmp-"
 _DIGEST_KEY = "dattri_sha256"
@@ -51,6 +56,17 @@ def job_id(description: Mapping[str, Any]) -> str:
     """Stable 16-hex-digit identity of a training job (JSON of its description)."""
     blob = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe_job(mode: str, n: int, seed: int, settings: Any,
+                 fingerprint: Mapping[str, Any] | None = None, **what: Any) -> str:
+    """The ``job_id`` of one retraining model: its mode, data size, seed, what it
+    leaves out or trains on (``removed=`` / ``subset=``), the training settings and
+    (folders of ``SEED_SCHEME``) the data / training-function fingerprint."""
+    desc = {"mode": mode, "n": n, "seed": seed, **what, "settings": settings}
+    if fingerprint is not None:
+        desc["fingerprint"] = fingerprint
+    return job_id(desc)
 
 
 def tensor_digest(state: Mapping[str, torch.Tensor]) -> str:

@@ -24,20 +24,30 @@ from torch.utils.data import DataLoader
 
 from dattri.errors import DattriValueError
 from dattri.model_util._retrain_runner import Job
-from dattri.model_util._retrain_store import FORMAT_VERSION, job_id, load_metadata, load_model_file
+from dattri.model_util._retrain_store import (
+    FORMAT_VERSION,
+    SEED_SCHEME,
+    describe_job,
+    load_metadata,
+    load_model_file,
+)
 from dattri.model_util.retrain import (
     _EXT,
     _build_spec,
     _check_common,
+    _existing,
+    _fingerprint,
     _resolve_seed,
     _run,
+    _scheme,
     derive_seed,
     lds_subset,
     loader_dataset_indices,
+    train_seed,
 )
 from dattri.model_util.vtrain import VectorizedTraining
 
-__all__ = ["checkpoint_paths", "train_ensemble"]
+__all__ = ["checkpoint_paths", "recorded_seed", "train_ensemble"]
 
 
 def train_ensemble(
@@ -57,7 +67,7 @@ def train_ensemble(
     progress: bool | None = None,
     **kwargs: Any,
 ) -> list[str]:
-    """Train ``num_models`` checkpoints with seeds ``derive_seed(seed, k)``.
+    """Train ``num_models`` checkpoints with seeds ``train_seed(seed, k)`` (< 2**32).
 
     Model ``k`` trains on the whole loader (``subset_ratio=1``) or on
     ``lds_subset(seed, k, n, int(n * subset_ratio))``; files go to
@@ -87,15 +97,17 @@ def train_ensemble(
     order = loader_dataset_indices(dataloader)
     n = len(order)
     size = max(1, int(n * subset_ratio))
-    seed = _resolve_seed(seed, root, "ensemble")
+    old = _existing(root)
+    seed = _resolve_seed(seed, old, "ensemble")
     spec, settings = _build_spec(train_func, dataloader, order, vectorized, save_format, shuffle, kwargs)
+    legacy, fp = _scheme(old, _fingerprint(spec, dataloader, train_func, kwargs), root)
+    seed_of = derive_seed if legacy else train_seed
     ext = _EXT[save_format]
     jobs, models = [], []
     for k in range(num_models):
         subset = None if size == n else tuple(lds_subset(seed, k, n, size).tolist())
-        model_seed = derive_seed(seed, k)
-        jid = job_id({"mode": "ensemble", "n": n, "seed": model_seed, "subset": subset,
-                      "settings": settings})
+        model_seed = seed_of(seed, k)
+        jid = describe_job("ensemble", n, model_seed, settings, fp, subset=subset)
         file = f"model_{k}/model_weights.{ext}"
         jobs.append(Job(file=file, job_id=jid, seed=model_seed, include=subset))
         models.append({"file": file, "seed": model_seed, "job_id": jid,
@@ -105,7 +117,9 @@ def train_ensemble(
         "dataset_indices": order.tolist(), "seed": seed, "save_format": save_format,
         "train_settings": settings, "subset_ratio": subset_ratio, "models": models,
     }
-    _run(root, meta, jobs, spec, executor, num_workers, models_per_task, progress, "ensemble")
+    if not legacy:
+        meta.update(seed_scheme=SEED_SCHEME, fingerprint=fp)
+    _run(root, meta, old, jobs, spec, executor, num_workers, models_per_task, progress, "ensemble")
     return [str(root / m["file"]) for m in models]
 
 
@@ -139,3 +153,14 @@ def checkpoint_paths(
             load_model_file(file, entry.get("job_id"))
         paths.append(str(file))
     return paths
+
+
+def recorded_seed(path: str | os.PathLike, k: int, default: int) -> int:
+    """The seed model ``k`` of the ensemble folder ``path`` was trained with
+    (``default`` when the folder has no metadata yet): what a new folder's
+    ``train_seed(seed, k)`` gives, or an earlier version's recorded seed."""
+    root = Path(path)
+    if not (root / "metadata.json").is_file():
+        return int(default)
+    return int(load_metadata(root)["models"][k]["seed"])
+

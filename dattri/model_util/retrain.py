@@ -21,11 +21,13 @@ verification. Each file is written atomically and carries a checksum and the id
 of its job. A folder made with different settings raises ``GroundTruthError``.
 
 Parallelism: ``executor=`` takes any ``concurrent.futures``-style executor (a
-Dask ``client.get_executor()``, Ray's or submitit's); by default a local process
-pool of ``num_workers`` (spawn) processes, and ``num_workers=0`` trains in this
-process. With a process pool, ``train_func`` and the dataset must be picklable
-(module-level functions) and a script must guard its entry point with
-``if __name__ == "__main__":``. Workers seed torch's *global* RNG before each
+Dask ``client.get_executor()``, Ray's or submitit's); ``num_workers=N`` a local
+pool of N (spawn) processes, which exit when the driver dies; with neither (the
+default) models train in this process. A pool needs ``train_func`` and the
+dataset to be picklable (module-level functions) and a script to guard its entry
+point with ``if __name__ == "__main__":``; a lambda or closure trains in this
+process instead, with a warning. The progress line says where models train.
+Seeds passed to ``train_func`` are below ``2**32``. Workers seed torch's *global* RNG before each
 model, so a thread-based executor must run one task per process at a time
 (e.g. Dask ``threads_per_worker=1``) for results to be reproducible.
 
@@ -35,7 +37,11 @@ once (see :mod:`dattri.model_util.vtrain`) instead of calling ``train_func``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import random
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,13 +50,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from dattri._loader import check_loader
+from dattri._loader import check_loader, hash_batch
 from dattri.errors import DattriValueError, GroundTruthError
 from dattri.model_util._retrain_runner import Job, run_jobs
 from dattri.model_util._retrain_store import (
     FORMAT_VERSION,
     METADATA_NAME,
-    job_id,
+    SEED_SCHEME,
+    describe_job,
     load_metadata,
     write_json_atomic,
 )
@@ -63,6 +70,7 @@ __all__ = [
     "loader_dataset_indices",
     "retrain_lds",
     "retrain_loo",
+    "train_seed",
 ]
 
 _EXT = {"safetensors": "safetensors", "torch": "pt"}
@@ -72,6 +80,54 @@ def derive_seed(seed: int, *keys: int) -> int:
     """Independent 63-bit seed for ``keys`` (e.g. subset, run) from a base seed."""
     state = np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) % (2**63 - 1)
+
+
+def train_seed(seed: int, *keys: int) -> int:
+    """The seed a retrained model is trained with: below ``2**32``, so that
+    ``numpy.random.seed``, ``random.seed`` and ``torch.manual_seed`` all accept it;
+    a deterministic function of the base seed and ``keys`` (subset, run)."""
+    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1)[0])
+
+
+def data_fingerprint(dataloader: Any) -> str:
+    """SHA-256 (32 hex digits) of every batch of ``dataloader`` in order (structure,
+    dtypes, shapes, bytes), read with torch, numpy and random seeded at 0 (restored
+    afterwards) so that random transforms read the same way every time."""
+    h = hashlib.sha256()
+    np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        np.random.seed(0)  # noqa: NPY002
+        random.seed(0)
+        try:
+            for batch in dataloader:
+                hash_batch(h, batch)
+        finally:
+            np.random.set_state(np_state)  # noqa: NPY002
+            random.setstate(py_state)
+    return h.hexdigest()[:32]
+
+
+def _func_fingerprint(func: Any) -> dict[str, Any]:
+    """What a training function is fixed with besides its name: a partial's
+    arguments, default values and the values a closure captured."""
+    out: dict[str, Any] = {"name": _qualname(func)}
+    if isinstance(func, functools.partial):
+        out.update(func=_qualname(func.func), args=_jsonable(func.args, True),
+                   keywords=_jsonable(func.keywords, True))
+        func = func.func
+    out["defaults"] = _jsonable(getattr(func, "__defaults__", None), True)
+    out["kwdefaults"] = _jsonable(getattr(func, "__kwdefaults__", None), True)
+    cells = getattr(func, "__closure__", None) or ()
+    names = getattr(getattr(func, "__code__", None), "co_freevars", ())
+    captured = {}
+    for name, cell in zip(names, cells):
+        try:
+            captured[name] = _jsonable(cell.cell_contents, True)
+        except ValueError:  # an empty cell
+            captured[name] = None
+    out["closure"] = captured
+    return out
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -119,15 +175,24 @@ def _loader_tensors(dataloader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(xs), torch.cat(ys)
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, digest: bool = False) -> Any:
+    """A JSON-able description of ``value``; with ``digest``, tensors, arrays and
+    modules are described by a hash of their contents (else by their type)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, digest) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, digest) for k, v in value.items()}
     if isinstance(value, (torch.device, torch.dtype)):
         return str(value)
+    if digest and isinstance(value, (torch.Tensor, np.ndarray, torch.nn.Module)):
+        h = hashlib.sha256()
+        hash_batch(h, value.state_dict() if isinstance(value, torch.nn.Module)
+                   else torch.as_tensor(value))
+        return f"<{type(value).__name__} {h.hexdigest()[:16]}>"
+    if digest and callable(value):
+        return _qualname(value)
     return f"<{type(value).__name__}>"
 
 
@@ -175,32 +240,65 @@ def _build_spec(train_func, dataloader, order, vectorized, save_format, shuffle,
     return spec, settings
 
 
-def _existing_seed(root: Path, mode: str) -> int | None:
-    if not (root / METADATA_NAME).is_file():
-        return None
-    meta = load_metadata(root)
-    return int(meta["seed"]) if meta.get("mode") == mode and meta.get("seed") is not None else None
+def _fingerprint(spec: dict, dataloader: DataLoader, train_func: Any, kwargs: dict) -> dict:
+    """The training data's and the training function's fingerprints (new folders)."""
+    if spec["kind"] == "vectorized":
+        h = hashlib.sha256()
+        hash_batch(h, (spec["x"], spec["y"]))
+        return {"data": h.hexdigest()[:32], "train": spec["vectorized"].settings()}
+    train = _func_fingerprint(train_func)
+    train["kwargs"] = _jsonable(kwargs, digest=True)
+    return {"data": data_fingerprint(dataloader), "train": train}
 
 
-def _resolve_seed(seed: Any, root: Path, mode: str) -> int:
+def _existing(root: Path) -> dict[str, Any] | None:
+    return load_metadata(root) if (root / METADATA_NAME).is_file() else None
+
+
+def _resolve_seed(seed: Any, old: dict[str, Any] | None, mode: str) -> int:
     if seed is None:
-        found = _existing_seed(root, mode)
-        return found if found is not None else int.from_bytes(os.urandom(4), "little")
+        if old is not None and old.get("mode") == mode and old.get("seed") is not None:
+            return int(old["seed"])
+        return int.from_bytes(os.urandom(4), "little")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         msg = f"seed must be a non-negative int or None, got {seed!r}."
         raise DattriValueError(msg)
     return int(seed)
 
 
-def _reconcile(root: Path, meta: dict[str, Any]) -> None:
+def _scheme(old: dict[str, Any] | None, fingerprint: dict, root: Path) -> tuple[bool, dict | None]:
+    """``(legacy, fingerprint)``: a folder written before seeds were kept below 2**32
+    and data were fingerprinted resumes with its recorded seeds, unchecked."""
+    if old is None or "seed_scheme" in old:
+        return False, fingerprint
+    warnings.warn(
+        f"{str(root)!r} was written by an earlier dattri "
+        "version: it resumes with its recorded (63-bit) seeds, and its training data "
+        "cannot be checked against this call's (the folder has no data fingerprint). "
+        "Retrain into a new folder to get both.", stacklevel=4)
+    return True, None
+
+
+def _reconcile(root: Path, meta: dict[str, Any], old: dict[str, Any] | None) -> None:
     """Write ``meta``, or check that the folder's metadata describes the same plan."""
-    if (root / METADATA_NAME).is_file():
-        old = load_metadata(root)
+    if old is not None:
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if "fingerprint" in diff:
+            what = [k for k in ("data", "train")
+                    if (old.get("fingerprint") or {}).get(k) != meta["fingerprint"].get(k)]
+            msg = (
+                f"{str(root)!r} holds models trained on other "
+                f"{' and '.join({'data': 'training data', 'train': 'training-function settings'}[k] for k in what)} "
+                "(its metadata's fingerprint differs from this call's); reusing them would "
+                "give wrong ground truth. Start a new folder: pass a new path (or delete "
+                "this one), or pass the same training data and train_func settings to resume."
+            )
+            raise GroundTruthError(msg)
         if diff:
             msg = (
                 f"{str(root / METADATA_NAME)!r} was written for a different retraining "
-                f"(differs in {diff}); resume with the same arguments, or use a new path."
+                f"(differs in {diff}); resume with the same arguments, or start a new "
+                "folder (pass a new path)."
             )
             raise GroundTruthError(msg)
         return
@@ -208,8 +306,8 @@ def _reconcile(root: Path, meta: dict[str, Any]) -> None:
     write_json_atomic(meta, root / METADATA_NAME)
 
 
-def _run(root, meta, jobs, spec, executor, num_workers, models_per_task, progress, desc):
-    _reconcile(root, meta)
+def _run(root, meta, old, jobs, spec, executor, num_workers, models_per_task, progress, desc):
+    _reconcile(root, meta, old)
     run_jobs(root, jobs, spec, executor=executor, num_workers=num_workers,
              models_per_task=models_per_task, progress=progress, desc=desc)
     return meta
@@ -247,7 +345,9 @@ def retrain_loo(
         indices: loader positions to leave out (None: every position).
         seed: training seed (None: random, recorded; an existing folder's seed).
         executor: ``concurrent.futures``-style executor (None: local process pool).
-        num_workers: local pool size (None: CPU count; 0: in this process).
+        num_workers: local pool size; None or 0 (the default: no executor asked
+            for) trains in this process, as does a pool for a ``train_func`` or
+            dataset that cannot be pickled (a lambda or a closure; with a warning).
         vectorized: train with :class:`VectorizedTraining` instead of train_func.
         save_format: ``"safetensors"`` or ``"torch"``.
         shuffle: give train_func a seeded shuffling loader (generic path).
@@ -273,13 +373,17 @@ def retrain_loo(
             f"{max(left_out, default=None)}]."
         )
         raise DattriValueError(msg)
-    seed = _resolve_seed(seed, root, "loo")
+    old = _existing(root)
+    seed = _resolve_seed(seed, old, "loo")
     spec, settings = _build_spec(train_func, dataloader, order, vectorized, save_format, shuffle, kwargs)
+    legacy, fp = _scheme(old, _fingerprint(spec, dataloader, train_func, kwargs), root)
+    model_seed = seed if legacy or seed < 2**32 else train_seed(seed)
     ext = _EXT[save_format]
 
     def make(file: str, removed: int | None) -> Job:
-        jid = job_id({"mode": "loo", "n": n, "seed": seed, "removed": removed, "settings": settings})
-        return Job(file=file, job_id=jid, seed=seed, exclude=() if removed is None else (removed,))
+        jid = describe_job("loo", n, model_seed, settings, fp, removed=removed)
+        return Job(file=file, job_id=jid, seed=model_seed,
+                   exclude=() if removed is None else (removed,))
 
     full = make(f"full/model_weights.{ext}", None)
     jobs = [make(f"index_{i}/model_weights.{ext}", i) for i in left_out]
@@ -287,11 +391,13 @@ def retrain_loo(
         "format_version": FORMAT_VERSION, "mode": "loo", "data_length": n,
         "dataset_indices": order.tolist(), "seed": seed, "save_format": save_format,
         "train_settings": settings, "indices": left_out,
-        "full_model": {"file": full.file, "seed": seed, "job_id": full.job_id},
-        "models": [{"file": j.file, "removed": i, "seed": seed, "job_id": j.job_id}
+        "full_model": {"file": full.file, "seed": model_seed, "job_id": full.job_id},
+        "models": [{"file": j.file, "removed": i, "seed": model_seed, "job_id": j.job_id}
                    for j, i in zip(jobs, left_out)],
     }
-    return _run(root, meta, [full, *jobs], spec, executor, num_workers, models_per_task,
+    if not legacy:
+        meta.update(seed_scheme=SEED_SCHEME, fingerprint=fp)
+    return _run(root, meta, old, [full, *jobs], spec, executor, num_workers, models_per_task,
                 progress, "LOO retraining")
 
 
@@ -345,7 +451,9 @@ def retrain_lds(
     Subset ``s`` (``s = start_id .. start_id + num_subsets - 1``) is
     ``sort(default_rng([seed, s]).choice(n, int(n * subset_ratio), replace=False))``
     over loader positions; run ``r`` on it trains with seed
-    ``derive_seed(seed, s, r)``. Both are recorded in the metadata.
+    ``train_seed(seed, s, r)`` (below ``2**32``). Both are recorded in the
+    metadata, with a fingerprint of the training data and of ``train_func``'s
+    settings: rerunning into the folder with other data is a ``GroundTruthError``.
 
     Args:
         train_func: ``train_func(dataloader, [seed=...,] **kwargs) -> nn.Module``.
@@ -371,17 +479,19 @@ def retrain_lds(
     order = loader_dataset_indices(dataloader)
     n = len(order)
     size = max(1, int(n * subset_ratio))
-    seed = _resolve_seed(seed, root, "lds")
+    old = _existing(root)
+    seed = _resolve_seed(seed, old, "lds")
     spec, settings = _build_spec(train_func, dataloader, order, vectorized, save_format, shuffle, kwargs)
+    legacy, fp = _scheme(old, _fingerprint(spec, dataloader, train_func, kwargs), root)
+    run_seed_of = derive_seed if legacy else train_seed
     ext = _EXT[save_format]
     subsets, models, jobs = [], [], []
     for s in range(start_id, start_id + num_subsets):
         idx = lds_subset(seed, s, n, size)
         subsets.append({"id": s, "dir": str(s), "indices": idx.tolist()})
         for r in range(num_runs_per_subset):
-            run_seed = derive_seed(seed, s, r)
-            jid = job_id({"mode": "lds", "n": n, "seed": run_seed, "subset": idx.tolist(),
-                          "settings": settings})
+            run_seed = run_seed_of(seed, s, r)
+            jid = describe_job("lds", n, run_seed, settings, fp, subset=idx.tolist())
             file = f"{s}/model_weights_{r}.{ext}"
             jobs.append(Job(file=file, job_id=jid, seed=run_seed, include=tuple(idx.tolist())))
             models.append({"file": file, "subset": s, "run": r, "seed": run_seed, "job_id": jid})
@@ -392,5 +502,7 @@ def retrain_lds(
         "num_subsets": num_subsets, "num_runs_per_subset": num_runs_per_subset,
         "start_id": start_id, "subsets": subsets, "models": models,
     }
-    return _run(root, meta, jobs, spec, executor, num_workers, models_per_task,
+    if not legacy:
+        meta.update(seed_scheme=SEED_SCHEME, fingerprint=fp)
+    return _run(root, meta, old, jobs, spec, executor, num_workers, models_per_task,
                 progress, "LDS retraining")
