@@ -285,17 +285,15 @@ class DenseProjector(Projector):
     def _project(self, x: torch.Tensor, ensemble_id: int) -> torch.Tensor:
         out = x.new_zeros(x.shape[0], self.proj_dim)
         rows, p = self.rows_per_block, self.feature_dim
-        slices = self._batch_slices(x.shape[0])
         blocks = range(math.ceil(p / rows))
         for b in tqdm(blocks, disable=not self.progress, desc="projecting", leave=False):
             r0, r1 = b * rows, min(p, (b + 1) * rows)
             (m,) = self._cached(
                 (ensemble_id, b), x.device, lambda b=b, n=r1 - r0: self._draw(ensemble_id, b, n)
             )
-            m = m.to(x.dtype)
-            xb = x[:, r0:r1]
-            for sl in slices:
-                out[sl].addmm_(xb[sl], m)
+            # one product for every row: the rows are accumulated in place into the
+            # output, so splitting them (max_batch_size) would only shrink the GEMMs
+            out.addmm_(x[:, r0:r1], m.to(x.dtype))
         return out
 
     def matrix(self, ensemble_id: int = 0) -> torch.Tensor:
