@@ -395,3 +395,77 @@ def test_bench_writes_the_page_of_its_best_method_and_prints_it(tmp_path, cache,
     assert [int(c["data-train-index"]) for c in _kind(given, "opponent")] == \
         top.opponents.reshape(-1).tolist()
     assert not _kind(given, "self-influence")
+
+
+# ----------------------------------------------------------------------------- real text and music
+def _bigram_grad_dot(vocab_size: int, train, test) -> torch.Tensor:
+    """Grad-Dot scores of a seeded bigram language model (logits = embedding of the token)."""
+    from torch import nn
+
+    from dattri.algorithm import TracInAttributor
+    from dattri.task import AttributionTask
+
+    torch.manual_seed(0)
+    model = nn.Embedding(vocab_size, vocab_size)
+
+    def loss(params, data):
+        x, y = data
+        logits = torch.func.functional_call(model, params, (x,))
+        return nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    att = TracInAttributor(task, weight_list=[1.0], normalized_grad=False)
+    return att.attribute(DataLoader(train, batch_size=8), DataLoader(test, batch_size=8)).cpu()
+
+
+def test_shakespeare_page_shows_real_windows(tmp_path):
+    import warnings
+
+    from dattri.benchmark.datasets.shakespeare_char.data import (
+        create_shakespeare_dataset,
+        load_shakespeare_text,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the offline stand-in says so
+        train, test = create_shakespeare_dataset(block_size=48, n_train=40, n_test=3)
+        text = load_shakespeare_text()[0]
+    score = _bigram_grad_dot(len(train.vocab), train, test)
+    path = write_report(tmp_path / "shakespeare.html", topk_from_scores(score, 3), train, test)
+    page = _parse(path)
+    _check_against_scores(page, score, 3, [0, 1, 2])
+    assert len(page.pre) == len(page.cards) == 3 + 2 * 3 * 3
+    for card, shown in zip(page.cards, page.pre):
+        x, y = (train if "data-train-index" in card else test)[
+            int(card.get("data-train-index", card.get("data-test-index")))]
+        assert shown == train.vocab.decode(torch.cat([x, y[-1:]]))
+        assert len(shown) == 49 and shown in text  # 48 context characters and the last target
+
+
+def test_chorale_page_shows_piano_rolls(tmp_path):
+    import warnings
+
+    from dattri.benchmark.datasets.maestro.data import create_maestro_datasets
+    from dattri.benchmark.datasets.maestro.events import VOCAB_SIZE, events_to_notes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the offline stand-in (Bach chorales) says so
+        train, test = create_maestro_datasets(max_pieces=1, seq_len=64, n_train=None,
+                                              n_test=None, cache_dir=tmp_path)
+    train = Subset(train, range(0, len(train), max(len(train) // 30, 1)))
+    test = Subset(test, [0, 5])
+    score = _bigram_grad_dot(VOCAB_SIZE, train, test)
+    from dattri.report import default_renderer
+
+    path = write_report(tmp_path / "chorales.html", topk_from_scores(score, 2), train, test,
+                        test_renderer=default_renderer(test, last_only=True))
+    page = _parse(path)
+    _check_against_scores(page, score, 2, [0, 1])
+    assert len(page.images) == len(page.cards) == 2 + 2 * 2 * 2
+    raw = path.read_text()
+    x, y = train[int(_kind(page, "proponent")[0]["data-train-index"])]
+    notes = events_to_notes(torch.cat([x, y[-1:]]).numpy())
+    assert f"65 events, {len(notes)} notes" in raw and len(notes) > 0
+    for uri in page.images:
+        img = _png(uri)
+        assert img.shape[0] > 50 and img[..., :3].var() > 1e-3  # a drawn roll, not blank
