@@ -135,11 +135,31 @@ class BatchedFunction:
         return per.mean()
 
 
-def as_batched(func: Callable | None, name: str, batched_args: Sequence[int] = (1,)):
-    """Wrap ``func`` (idempotent; ``None`` stays ``None``)."""
+def as_batched(func: Callable | None, name: str, batched_args: Sequence[int] = (1,),
+               owner: Any = None):
+    """Wrap ``func`` (idempotent; ``None`` stays ``None``). With ``owner`` (an object
+    whose ``.model`` is the model), a function written as main's
+    ``f(model, batch, device)`` is first turned into ``f(params, batch)``."""
     if func is None or isinstance(func, BatchedFunction):
         return func
+    if owner is not None and _positional_count(func) == 3:  # noqa: PLR2004
+        func = _params_style(func, owner)
     return BatchedFunction(func, name, batched_args)
+
+
+def _params_style(func: Callable, owner: Any) -> Callable:
+    """``f(params, batch)`` calling ``func(model, batch, device)`` with ``params``
+    swapped into the model (as ``torch.func.functional_call`` does)."""
+    def params_style(params: Any, batch: Any) -> Any:
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        model = owner.model
+        device = next((t.device for t in params.values()), torch.device("cpu"))
+        with _reparametrize_module(model, params, strict=False):
+            return func(model, batch, device)
+
+    params_style.model_style = func
+    return params_style
 
 
 def user_function(func: Callable) -> Callable:

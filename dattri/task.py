@@ -150,8 +150,8 @@ class AttributionTask:
         # first batch: dattri._convention)
         self.user_loss_func = loss_func
         self.user_target_func = target_func if target_func is not None else loss_func
-        self.original_loss_func = as_batched(loss_func, "loss_func")
-        self.original_target_func = (as_batched(target_func, "target_func")
+        self.original_loss_func = as_batched(loss_func, "loss_func", owner=self)
+        self.original_target_func = (as_batched(target_func, "target_func", owner=self)
                                      if target_func is not None else self.original_loss_func)
         if isinstance(checkpoints, (list, tuple)):
             ckpts = list(checkpoints)

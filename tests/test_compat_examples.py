@@ -58,3 +58,77 @@ def test_imagenet_layout_transform_and_resnet18(tmp_path):
     assert abs(got - want_loss) < 1e-4 * max(1.0, abs(want_loss))
     with pytest.raises(DattriValueError, match="train/ and val/"):
         create_imagenet_dataset(tmp_path / "missing")
+
+
+def _write_wikitext(root):
+    lines = " = Valkyria = \n The game began development in 2010 , carrying over a large portion . \n"
+    (root / "wiki.train.raw").write_text(lines * 30, encoding="utf-8")
+    (root / "wiki.valid.raw").write_text(lines * 4, encoding="utf-8")
+    (root / "wiki.test.raw").write_text(lines * 4, encoding="utf-8")
+
+
+def test_wikitext2_layout_and_stand_in(tmp_path):
+    from dattri.benchmark.datasets.cifar.data import StandInDataWarning
+    from dattri.benchmark.datasets.wikitext2 import create_wikitext2_dataset
+
+    _write_wikitext(tmp_path)
+    with pytest.warns(StandInDataWarning, match="ByteTokenizer"):
+        train, valid = create_wikitext2_dataset(tmp_path, block_size=16)
+    text = (tmp_path / "wiki.train.raw").read_text(encoding="utf-8").encode("utf-8")
+    assert len(train) == len(text) // 16
+    item = train[1]
+    assert bytes(item["input_ids"].tolist()) == text[16:32]
+    assert torch.equal(item["labels"], item["input_ids"]) and int(item["attention_mask"].sum()) == 16
+    assert len(valid) == len((tmp_path / "wiki.valid.raw").read_bytes()) // 16
+    with pytest.warns(StandInDataWarning, match="STAND-IN"):
+        create_wikitext2_dataset(None, block_size=256)
+    with pytest.raises(DattriValueError, match="wiki.train.raw"):
+        create_wikitext2_dataset(tmp_path / "nothing")
+
+
+def test_gpt2_from_config_trains_scores_and_attributes(tmp_path):
+    pytest.importorskip("transformers", reason="GPT-2 needs the optional extra dattri[hf]")
+    from dattri.algorithm import LoGraAttributor, TracInAttributor
+    from dattri.benchmark.datasets.wikitext2 import (
+        create_wikitext2_dataset,
+        loss_wikitext2_gpt2,
+        train_wikitext2_gpt2,
+    )
+    from dattri.benchmark.datasets.wikitext2.wikitext2_gpt2 import lm_loss
+    from dattri.benchmark.models.gpt2 import create_gpt2_model
+    from dattri.task import AttributionTask
+
+    _write_wikitext(tmp_path)
+    with pytest.warns(UserWarning):
+        train, valid = create_wikitext2_dataset(tmp_path, block_size=16)
+    config = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32, "vocab_size": 256}
+    model = create_gpt2_model(**config)
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_embd == 16
+    loader = DataLoader(torch.utils.data.Subset(train, range(6)), batch_size=3)
+    trained = train_wikitext2_gpt2(loader, seed=0, epoch_num=1, config=config)
+    path = tmp_path / "gpt2.pt"
+    torch.save(trained.state_dict(), path)
+    vloader = DataLoader(torch.utils.data.Subset(valid, range(4)), batch_size=2)
+    losses = loss_wikitext2_gpt2(path, vloader, config=config)
+    with torch.no_grad():
+        want = torch.stack([lm_loss(trained, b) for b in vloader])
+    torch.testing.assert_close(losses, want)
+
+    # attribution on it, with main's loss_func(model, batch, device) convention
+    # (GPT-2's layers are transformers Conv1D, not nn.Linear: dense per-example grads)
+    def f(m, batch, device):
+        return lm_loss(m, batch, device)
+
+    name = "transformer.h.0.mlp.c_proj.weight"
+    task = AttributionTask(loss_func=f, model=trained, checkpoints=trained.state_dict())
+    tr = DataLoader(torch.utils.data.Subset(train, range(4)), batch_size=2)
+    score = TracInAttributor(task, [1.0], False, layer_name=[name]).attribute(tr, vloader)
+    assert score.shape == (4, 4)
+
+    def grad_of(item):
+        batch = {k: v[None] for k, v in item.items()}
+        p = dict(trained.named_parameters())[name]
+        return torch.autograd.grad(lm_loss(trained, batch), p)[0].reshape(-1)
+
+    want = torch.stack([grad_of(train[0]) @ grad_of(valid[j]) for j in range(4)])
+    torch.testing.assert_close(score[0], want, rtol=1e-4, atol=1e-7)
