@@ -469,3 +469,20 @@ def test_chorale_page_shows_piano_rolls(tmp_path):
     for uri in page.images:
         img = _png(uri)
         assert img.shape[0] > 50 and img[..., :3].var() > 1e-3  # a drawn roll, not blank
+
+
+def test_colour_images_are_drawn_de_normalised(tmp_path):
+    from dattri.benchmark.datasets._io import ImageDataset
+
+    g = torch.Generator().manual_seed(7)
+    pixels = torch.randint(0, 256, (6, 32, 32, 3), generator=g, dtype=torch.uint8)
+    data = ImageDataset(pixels, torch.arange(6) % 2, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3),
+                        classes=["cat", "dog"], source="test", licence="-")
+    score = torch.randn(6, 1, generator=g)
+    page = _parse(write_report(tmp_path / "rgb.html", topk_from_scores(score, 2), data, data))
+    rows = [int(c.get("data-train-index", c.get("data-test-index"))) for c in page.cards]
+    for row, uri in zip(rows, page.images):
+        img = _png(uri)
+        assert img.shape[:2] == (32, 32)
+        np.testing.assert_allclose(img[..., :3], pixels[row].numpy() / 255.0, atol=1 / 255 + 1e-6)
+    assert "label 1: dog" in (tmp_path / "rgb.html").read_text()

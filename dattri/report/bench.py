@@ -220,6 +220,7 @@ def report_setting(  # noqa: PLR0913
     else:
         top, _ = topk_from_attributor(att, _loader(md, "train"), test_view, shown, k,
                                       batch_size=rec.attr_batch_size)
+    values = dict(sorted(values.items(), key=lambda kv: "AUC" in kv[0]))  # LDS / LOO first
     notes = list(md.get("notes", []))
     if clean is None:
         notes.append("proponents on the noisy-label training set (the setting has AUC only)")
