@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -16,7 +17,10 @@ from torch.utils import data as tud
 from torch.utils._pytree import tree_flatten, tree_map
 
 from dattri.errors import (
+    DattriError,
     DattriValueError,
+    DeviceError,
+    InvalidBatchError,
     LoaderError,
     LoaderMismatchError,
     OnePassLoaderError,
@@ -25,7 +29,9 @@ from dattri.errors import (
 
 __all__ = [
     "LoaderFingerprint",
+    "batch_context",
     "batch_size_of",
+    "check_device_available",
     "check_loader",
     "check_same_loader",
     "count_examples",
@@ -209,3 +215,42 @@ def check_same_loader(
         "If the data is the same, make the loader deterministic (no random transforms)."
     )
     raise LoaderMismatchError(msg)
+
+
+@contextmanager
+def batch_context(name: str, index: int) -> Iterator[None]:
+    """Re-raise a raw error of the model on one batch (a feature size that does not
+    fit, labels out of range) as :class:`InvalidBatchError` naming the loader and
+    the batch; dattri's own typed errors pass through."""
+    try:
+        yield
+    except DattriError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        msg = (
+            f"{name} batch {index} does not fit the model ({type(e).__name__}: "
+            f"{first[:300]}). Check that its inputs have the model's feature size, "
+            "dtype and device, and its labels are in range (as for the batches used "
+            "when caching); or fix loss_func / target_func if the error is theirs."
+        )
+        raise InvalidBatchError(msg) from e
+
+
+def check_device_available(dev: torch.device, given: Any = None) -> None:
+    """Raise :class:`DeviceError` if ``dev`` is an accelerator this torch build or
+    machine does not have (e.g. ``"cuda"`` on a CPU-only torch)."""
+    if dev.type == "cpu" or dev.type == "meta":
+        return
+    module = getattr(torch, dev.type, None)
+    available = getattr(module, "is_available", None)
+    ok = bool(available()) if callable(available) else False
+    if ok and dev.index is not None and hasattr(module, "device_count"):
+        ok = dev.index < module.device_count()
+    if not ok:
+        msg = (
+            f"device={given if given is not None else str(dev)!r}: this torch "
+            f"({torch.__version__}) or machine has no such {dev.type} device; pass "
+            "device='cpu', or install a torch build with that accelerator."
+        )
+        raise DeviceError(msg)

@@ -14,7 +14,13 @@ from torch.utils._pytree import tree_map
 
 from dattri._convention import BatchedFunction, as_batched
 from dattri._loader import batch_size_of
-from dattri.errors import CheckpointError, DattriValueError, InvalidLossError, LayerNameError
+from dattri.errors import (
+    CheckpointError,
+    DattriValueError,
+    InvalidBatchError,
+    InvalidLossError,
+    LayerNameError,
+)
 from dattri.func.utils import ParamSpec, partial_param
 
 __all__ = ["AttributionTask", "batch_of_one", "check_state_dict", "load_state_dict_file"]
@@ -373,12 +379,22 @@ class AttributionTask:
         )
 
     # ------------------------------------------------------------------ validation
+    def _fails_on(self, func: Callable, batch: Any) -> bool:
+        try:
+            with torch.no_grad():
+                func(dict(self.named_parameters), batch)
+        except Exception:  # noqa: BLE001 - only whether it fails
+            return True
+        return False
+
     def validate_batch(self, batch: Any, which: str = "loss", ckpt_idx: int = 0) -> None:
         """Check that ``loss_func`` / ``target_func`` gives a scalar on a batch of one.
 
         Raises:
-            InvalidLossError: the function fails on a batch of one example, or
-                returns something other than a scalar tensor.
+            InvalidLossError: the function fails on a batch of one example (but not
+                on the whole batch), or returns something other than a scalar tensor.
+            InvalidBatchError: it fails on the whole batch too (the batch does not
+                fit the model: feature size, label range).
         """
         key = f"{which}"
         if key in self._validated:
@@ -395,6 +411,16 @@ class AttributionTask:
             with torch.no_grad():
                 out = func(dict(self.named_parameters), one)
         except Exception as e:  # noqa: BLE001 - re-raised with context
+            if self._fails_on(func, batch):  # the whole batch fails too: the data's fault
+                loader = "the training loader" if which == "loss" else "the test loader"
+                msg = (
+                    f"a batch of {loader} does not fit the model: {name} fails on it "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}). "
+                    "Check that its inputs have the model's feature size, dtype and device "
+                    "and its labels are in range (or that the model is the one the "
+                    "function calls)."
+                )
+                raise InvalidBatchError(msg) from e
             msg = (
                 f"{name} failed on a batch of one example ({type(e).__name__}: {e}). "
                 "dattri calls it on batches with a leading dimension of size 1 to get "

@@ -154,3 +154,47 @@ def test_grad_cos_is_unit_at_any_gradient_scale(lr_setup, fast_path):
     got = TracInAttributor(tiny, [1.0], True, fast_path=fast_path).attribute(train, train)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(torch.diagonal(got), torch.ones(20, dtype=got.dtype))
+
+
+# -------------------------------------------------------- batches that do not fit
+@pytest.mark.parametrize("bad", ["features", "labels"])
+@pytest.mark.parametrize("make", ["cg", "grad_dot", "arnoldi"])
+def test_a_later_test_loader_that_does_not_fit_names_loader_and_batch(lr_setup, bad, make):
+    from dattri.errors import InvalidBatchError
+
+    (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
+    train, test = loaders((xtr, ytr), (xte, yte), bs_test=3)
+    task = _task(lr_setup)
+    att = {"cg": lambda: IFAttributorCG(task, regularization=1e-2),
+           "grad_dot": lambda: TracInAttributor(task, weight_list=[1.0], normalized_grad=False),
+           "arnoldi": lambda: IFAttributorArnoldi(task, proj_dim=5, max_iter=10)}[make]()
+    att.cache(train)
+    att.attribute(train, test)  # a good first call validates the functions
+    if bad == "features":  # batch 1: 12 features instead of 10
+        later = [(xte[:3], yte[:3]), (torch.cat([xte[3:6], xte[3:6, :2]], 1), yte[3:6])]
+    else:
+        later = [(xte[:3], yte[:3]), (xte[3:6], torch.tensor([0, 7, 1]))]  # 3 classes
+    with pytest.raises(InvalidBatchError, match=r"test_loader batch 1 does not fit the model"):
+        att.attribute(train, later)
+
+
+def test_the_first_batch_that_does_not_fit_is_not_blamed_on_target_func(lr_setup):
+    from dattri.errors import InvalidBatchError
+
+    (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
+    train, _ = loaders((xtr, ytr), (xte, yte))
+    att = IFAttributorCG(_task(lr_setup), regularization=1e-2).cache(train)
+    wide = [(torch.cat([xte, xte[:, :3]], 1), yte)]
+    with pytest.raises(InvalidBatchError, match="test loader does not fit the model"):
+        att.attribute(train, wide)
+
+
+def test_an_unavailable_device_is_a_typed_error(lr_setup):
+    from dattri.errors import DeviceError
+
+    if torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU
+    else:
+        device = "cuda"
+    with pytest.raises(DeviceError, match=rf"device='{device}'.*pass device='cpu'"):
+        IFAttributorCG(_task(lr_setup), device=device)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dattri._loader import batch_size_of, check_loader, to_device
+from dattri._loader import batch_context, batch_size_of, check_device_available, check_loader, to_device
 from dattri.errors import DattriValueError, NonFiniteError
 from dattri.func.utils import all_finite
 from dattri.task import AttributionTask
@@ -60,10 +60,12 @@ def ensemble_rng(ckpt_idx: int, device: torch.device) -> Iterator[None]:
 def resolve_device(device: str | torch.device) -> torch.device:
     """Validate and normalise the ``device`` argument of an attributor."""
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         msg = f"device={device!r} is not a torch device; pass e.g. 'cpu' or 'cuda'."
         raise DattriValueError(msg) from e
+    check_device_available(dev, device)
+    return dev
 
 
 def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -97,10 +99,13 @@ class LoaderFeatures:
         """Yield the features of every batch of ``loader`` in order; with
         ``with_batch``, ``(batch on the device, features)`` pairs, so that a caller
         needing more per batch does not iterate the loader twice."""
-        for b in tqdm(loader, desc=desc or f"{self.which} grads", leave=False,
-                      disable=_disable(self.show_progress)):
+        name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
+        for i, b in enumerate(tqdm(loader, desc=desc or f"{self.which} grads", leave=False,
+                                   disable=_disable(self.show_progress))):
             b = to_device(b, self.device)
-            yield (b, self.batch(b, ckpt_idx)) if with_batch else self.batch(b, ckpt_idx)
+            with batch_context(name, i):
+                f = self.batch(b, ckpt_idx)
+            yield (b, f) if with_batch else f
 
     def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
         """Features ``(n, d)`` of the whole loader."""
