@@ -198,3 +198,33 @@ def test_an_unavailable_device_is_a_typed_error(lr_setup):
         device = "cuda"
     with pytest.raises(DeviceError, match=rf"device='{device}'.*pass device='cpu'"):
         IFAttributorCG(_task(lr_setup), device=device)
+
+
+# -------------------------------------------------------- CLI --cache-dir
+@pytest.mark.parametrize("problem", ["file", "under_file", "read_only"])
+def test_cli_refuses_an_unusable_cache_dir_in_one_line_before_any_work(tmp_path, monkeypatch,
+                                                                       capsys, problem):
+    import errno
+    import tempfile
+
+    from dattri.benchmark import cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(cli, "_cmd_bench", no_work)
+    monkeypatch.setattr(cli, "_cmd_retrain", no_work)
+    target = tmp_path / "f"
+    target.write_text("x")
+    folder, why = {"file": (target, "is a file, not a folder"),
+                   "under_file": (target / "sub", "lies under a file"),
+                   "read_only": (tmp_path / "ro", "is not writable")}[problem]
+    if problem == "read_only":  # root may write anywhere: refuse the probe file instead
+        def refuse(*a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    for command in (["bench"], ["retrain", "--setting", "mnist_lr"]):
+        assert cli.main([*command, "--cache-dir", str(folder)]) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(folder) in err and why in err, err
+        assert "Traceback" not in err

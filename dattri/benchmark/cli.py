@@ -258,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "cache_dir", None) is not None:  # one line, before any work
+            from dattri.model_util._retrain_store import check_writable_folder
+
+            check_writable_folder(args.cache_dir, "--cache-dir")
         if args.command == "list":
             return _cmd_list()
         if args.command == "report":

@@ -11,9 +11,11 @@ writer never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,13 +23,14 @@ from typing import Any
 
 import torch
 
-from dattri.errors import GroundTruthError
+from dattri.errors import DattriValueError, GroundTruthError
 
 __all__ = [
     "FORMAT_VERSION",
     "METADATA_NAME",
     "ModelFileError",
     "SEED_SCHEME",
+    "check_writable_folder",
     "describe_job",
     "file_status",
     "job_id",
@@ -269,3 +272,30 @@ def load_metadata(retrain_dir: str | os.PathLike, mode: str | None = None) -> di
             msg = f"{str(meta_path)!r} lacks the entry {key!r}; the file is damaged."
             raise GroundTruthError(msg)
     return meta
+
+
+def check_writable_folder(path: str | os.PathLike, option: str = "path") -> Path:
+    """Make sure ``path`` is (or can be created as) a folder this process can write
+    to, by creating it and a probe file in it; return it.
+
+    Raises:
+        DattriValueError: one line naming ``option``, the folder and what is wrong.
+    """
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        msg = f"{option} {str(folder)!r} is a file, not a folder; pass a folder (created if missing)."
+        raise DattriValueError(msg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dattri-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        why = {errno.EACCES: "is not writable (permission denied)",
+               errno.EPERM: "is not writable (permission denied)",
+               errno.EROFS: "is on a read-only file system",
+               errno.ENOTDIR: "lies under a file, not a folder"}.get(
+            e.errno, f"cannot be written ({e.strerror or e})")
+        msg = f"{option} {str(folder)!r} {why}; pass a folder you can write to."
+        raise DattriValueError(msg) from e
+    return folder
