@@ -9,6 +9,7 @@ from cases import correct_probability, loaders, trained_lr
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri.algorithm import (
+    DVEmbAttributor,
     IFAttributorArnoldi,
     IFAttributorCG,
     KNNShapleyAttributor,
@@ -48,6 +49,10 @@ def _cached_row_attributors(setup):
                                        proj_params={"proj_type": "identity"}, regularization=1e-3),
         "knn": lambda: KNNShapleyAttributor(k_neighbors=3),
         "rps": lambda: RPSAttributor(_rps_task(setup), "", epoch=20),
+        "dvemb": lambda: DVEmbAttributor(
+            AttributionTask(loss_func=setup[1], model=model,
+                            checkpoints=[model.state_dict()] * 3),
+            steps=[(list(range(32)), 0.1), (list(range(32, 64)), 0.1)]),
     }
 
 
@@ -64,7 +69,7 @@ def test_knn_scores_or_refuses_a_different_train_loader(lr_setup):
         torch.testing.assert_close(got, KNNShapleyAttributor(k_neighbors=3).attribute(other, test))
 
 
-@pytest.mark.parametrize("which", ["trak", "rps"])
+@pytest.mark.parametrize("which", ["trak", "rps", "dvemb"])
 def test_cached_rows_refuse_a_different_train_loader(lr_setup, which):
     make = _cached_row_attributors(lr_setup)[which]
     (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]

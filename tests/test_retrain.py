@@ -709,3 +709,26 @@ def test_killing_the_driver_ends_its_workers(helpers, tmp_path):
     assert not any(alive(p) for p in workers)
     # an orphan would have trained the rest of its 8-model task (2 s each)
     assert len(list(out.glob("*/model_weights_0.safetensors"))) <= 1
+
+
+def test_folders_of_earlier_versions_resume_with_their_recorded_seeds(helpers, tmp_path, monkeypatch):
+    import dattri.model_util.retrain as rt
+
+    dl, path = _loader(helpers), tmp_path / "old"
+    with monkeypatch.context() as m:  # write the folder as earlier versions did
+        m.setattr(rt, "_scheme", lambda old, fp, root: (True, None))
+        old_meta = retrain_lds(helpers.train_small, dl, path, num_subsets=3, seed=8,
+                               num_workers=0, progress=False)
+    assert "seed_scheme" not in old_meta and "fingerprint" not in old_meta
+    assert [m["seed"] for m in old_meta["models"]] == [rt.derive_seed(8, s, 0) for s in range(3)]
+    before = _states(path)
+    (path / "1" / "model_weights_0.safetensors").unlink()
+    with pytest.warns(UserWarning, match="earlier dattri version: it resumes with its recorded"):
+        meta = retrain_lds(helpers.train_small, dl, path, num_subsets=3, seed=8, num_workers=0,
+                           progress=False)
+    assert meta == old_meta
+    after = _states(path)
+    assert all(torch.equal(before[f][k], after[f][k]) for f in before for k in before[f])
+    _, target, _ = _ce_target_factory()
+    values, _ = calculate_lds_ground_truth(target, path, _test_loader(helpers))
+    assert values.shape == (3, 5)
