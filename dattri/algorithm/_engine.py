@@ -25,6 +25,7 @@ __all__ = [
     "DataCache",
     "Featurizer",
     "LoaderFeatures",
+    "replayable",
     "resolve_device",
     "score_stream",
 ]
@@ -100,6 +101,7 @@ class LoaderFeatures:
         ``with_batch``, ``(batch on the device, features)`` pairs, so that a caller
         needing more per batch does not iterate the loader twice."""
         name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
+        check_loader(loader, name, empty=False)  # a one-pass iterator would lose batches
         for i, b in enumerate(tqdm(loader, desc=desc or f"{self.which} grads", leave=False,
                                    disable=_disable(self.show_progress))):
             b = to_device(b, self.device)
@@ -317,6 +319,36 @@ def close_per_example(got: torch.Tensor, ref: torch.Tensor) -> bool:
 def _disable(show_progress: bool | None) -> bool | None:
     # tqdm: None = auto (off when not a terminal)
     return None if show_progress is None else not show_progress
+
+
+#: loaders whose batches fit in this many bytes are kept on the device between the
+#: passes of a multi-checkpoint loop (the loader collates each batch only once)
+REPLAY_BYTES = 256 << 20
+
+
+def _nbytes(batch: Any) -> int:
+    from torch.utils._pytree import tree_flatten
+
+    return sum(t.numel() * t.element_size() for t in tree_flatten(batch)[0]
+               if isinstance(t, torch.Tensor))
+
+
+def replayable(loader: Iterable, device: torch.device, passes: int,
+               budget: int = REPLAY_BYTES) -> Iterable:
+    """``loader``'s batches on ``device`` as a list when it will be iterated
+    ``passes > 1`` times and its batches fit in ``budget`` bytes; else ``loader``.
+
+    The list is read once from the loader (the batches as it yields them, in order),
+    so later passes skip the loader's indexing and collation."""
+    if passes <= 1 or isinstance(loader, (list, tuple)):
+        return loader
+    batches, total = [], 0
+    for b in loader:
+        total += _nbytes(b)
+        if total > budget:
+            return loader
+        batches.append(to_device(b, device))
+    return batches
 
 
 def score_stream(left: Iterable[torch.Tensor], right: torch.Tensor) -> torch.Tensor:

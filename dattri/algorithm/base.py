@@ -155,12 +155,17 @@ def make_projection(kw: dict[str, Any] | None, device: torch.device):
 
     state: dict[int, Any] = {}
 
-    def transform(g: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
+    def projector(g: torch.Tensor):
+        """The :class:`~dattri.func.projection.Projector` for features like ``g``."""
         p = g.shape[-1]
         if p not in state:
             state[p] = random_project(g, g.shape[0], device=device, **kw)
-        return state[p](g, ensemble_id=ckpt_idx)
+        return state[p].projector
 
+    def transform(g: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
+        return projector(g).project(g, ensemble_id=ckpt_idx)
+
+    transform.projector = projector
     return transform
 
 

@@ -24,7 +24,7 @@ from dattri._convention import as_batched, is_unbatched
 from dattri._loader import batch_size_of
 from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._compat import projector_settings
-from dattri.algorithm._engine import ensemble_rng
+from dattri.algorithm._engine import ensemble_rng, replayable
 from dattri.algorithm.base import BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.errors import DattriValueError, NotCachedError
@@ -144,6 +144,7 @@ class TRAKAttributor(BaseAttributor):
 
     def _cache(self, train_loader: Iterable) -> None:
         self._phi, self._inv, q = [], [], None
+        train_loader = replayable(train_loader, self.device, self.num_checkpoints)
         for c in range(self.num_checkpoints):
             # one pass over the loader per checkpoint gives the features and Q
             feats, qc = [], []
@@ -180,6 +181,7 @@ class TRAKAttributor(BaseAttributor):
             msg = f"attribute takes (train_loader, test_loader) or (test_loader,), got {len(loaders)} loaders."
             raise DattriValueError(msg)
         total = None
+        test_loader = replayable(test_loader, self.device, self.num_checkpoints)
         for c in range(self.num_checkpoints):
             ft = self.test_features.all(test_loader, c, "test grads")
             s = kernel_scores(self._phi[c], *self._inv[c], ft)
@@ -190,6 +192,7 @@ class TRAKAttributor(BaseAttributor):
         """``Q_i * mean_c <[Phi_c K_c^{-1}]_i, phi_target^c(z_i)>`` as ``(n_train,)``."""
         self._ensure_cached(train_loader)
         total = None
+        train_loader = replayable(train_loader, self.device, self.num_checkpoints)
         for c in range(self.num_checkpoints):
             ft = self.test_features.all(train_loader, c, "self grads").to(torch.float64)
             form, factor = self._inv[c]

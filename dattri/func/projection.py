@@ -296,6 +296,22 @@ class DenseProjector(Projector):
             out.addmm_(x[:, r0:r1], m.to(x.dtype))
         return out
 
+    def back_project(self, y: torch.Tensor, ensemble_id: int = 0) -> torch.Tensor:
+        """``Y M^T`` ``(m, P)`` for ``Y`` ``(m, k)``: the adjoint of :meth:`project`, from
+        the same blocks, so ``<x M, y> = <x, back_project(y)>``."""
+        if y.ndim != 2 or y.shape[1] != self.proj_dim:
+            msg = f"y must be (m, {self.proj_dim}), got shape {tuple(y.shape)}"
+            raise DattriValueError(msg)
+        rows, p = self.rows_per_block, self.feature_dim
+        out = y.new_empty(y.shape[0], p)
+        for b in range(math.ceil(p / rows)):
+            r0, r1 = b * rows, min(p, (b + 1) * rows)
+            (m,) = self._cached(
+                (ensemble_id, b), y.device, lambda b=b, n=r1 - r0: self._draw(ensemble_id, b, n)
+            )
+            out[:, r0:r1] = y @ m.to(y.dtype).T
+        return out
+
     def matrix(self, ensemble_id: int = 0) -> torch.Tensor:
         """The dense ``(P, k)`` float32 matrix (for tests and small ``P`` only)."""
         rows, p = self.rows_per_block, self.feature_dim
