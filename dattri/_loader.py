@@ -67,12 +67,14 @@ def _is_empty(loader: Iterable) -> bool:
     return next(iter(loader), None) is None
 
 
-def check_loader(loader: Iterable, name: str = "train_loader") -> None:
+def check_loader(loader: Iterable, name: str = "train_loader", empty: bool = True) -> None:
     """Raise :class:`ShuffledLoaderError` if ``loader`` iterates in a random order.
 
     Args:
         loader: a ``torch.utils.data.DataLoader`` or any iterable of batches.
         name: argument name used in the error message.
+        empty: also refuse a loader that yields nothing (from its ``len`` where it
+            has one, else by reading its first batch).
 
     Raises:
         ShuffledLoaderError: the loader uses a random sampler.
@@ -95,7 +97,7 @@ def check_loader(loader: Iterable, name: str = "train_loader") -> None:
             f"list({name}) of batches, or a torch.utils.data.DataLoader."
         )
         raise OnePassLoaderError(msg)
-    if _is_empty(loader):
+    if empty and _is_empty(loader):
         msg = f"{name} is empty (it yields no batches); pass a loader with at least one example."
         raise LoaderError(msg)
     if isinstance(loader, tud.DataLoader):
@@ -169,6 +171,22 @@ def count_examples(loader: Iterable) -> int:
     return sum(batch_size_of(b) for b in loader)
 
 
+def head(loader: Iterable, n: int) -> Any:
+    """The first ``n`` examples of ``loader`` as one batch (``None`` if it is empty).
+
+    A map-style ``DataLoader`` with automatic batching loads only those examples
+    (the indices of its first batch, collated by its ``collate_fn``); any other
+    iterable gives the head of its first batch."""
+    if (isinstance(loader, tud.DataLoader) and loader.batch_sampler is not None
+            and not isinstance(loader.dataset, tud.IterableDataset)):
+        idx = next(iter(loader.batch_sampler), None)
+        if idx is None:
+            return None
+        return loader.collate_fn([loader.dataset[i] for i in list(idx)[:n]])
+    first = next(iter(loader), None)
+    return None if first is None else slice_batch(first, slice(0, n))
+
+
 class LoaderFingerprint(NamedTuple):
     """What :func:`loader_fingerprint` records about a loader."""
 
@@ -187,7 +205,7 @@ def loader_fingerprint(loader: Iterable, name: str = "train_loader") -> LoaderFi
     Raises:
         LoaderError: the loader yields no batches (the message names it).
     """
-    first = next(iter(loader), None)
+    first = head(loader, FINGERPRINT_EXAMPLES)
     if first is None:
         msg = f"{name} yielded no batches; pass a non-empty loader."
         raise LoaderError(msg)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dattri._loader import check_loader, count_examples, to_device
+from dattri._loader import check_loader, count_examples, head, to_device
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import replayable, score_stream
 from dattri.algorithm._factored import FactoredGrads
@@ -103,7 +103,7 @@ class TracInAttributor(BaseAttributor):
     def _use_factored(self, loader: Iterable, ckpt: int) -> bool:
         if not self.fast_path:
             return False
-        first = to_device(next(iter(loader)), self.device)
+        first = to_device(head(loader, 4), self.device)  # loads 4 examples, not a batch
         return (self.train_features.factored_ok(first, ckpt)
                 and self.test_features.factored_ok(first, ckpt))
 
