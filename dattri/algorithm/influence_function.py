@@ -165,7 +165,7 @@ class _IFBase(BaseAttributor):
         total = None
         for c in range(self.num_checkpoints):
             parts = []
-            targets = None if same else self.test_features.iterate(train_loader, c)
+            targets = None if same else self.test_features.iterate(train_loader, c, "self targets")
             for g in self.train_features.iterate(train_loader, c, "self-influence"):
                 gt = g if targets is None else next(targets)
                 si = (self._ihvp(g, c) * gt).sum(dim=1)
