@@ -105,8 +105,10 @@ def _batched(task, batch, layer_name=None):
     return bg.run(task.original_loss_func, batch, dict(task.named_parameters))
 
 
+@pytest.mark.parametrize("grouped_min", [10**9, 1])  # unfolded patches / grouped convolution
 @pytest.mark.parametrize("make,data", [(ConvNet, _data_conv), (SeqNet, _data_seq)])
-def test_batched_equals_vmap_grad(make, data):
+def test_batched_equals_vmap_grad(make, data, grouped_min, monkeypatch):
+    monkeypatch.setattr("dattri.func.per_example.GROUPED_MIN_POSITIONS", grouped_min)
     torch.manual_seed(0)
     model = make().eval()
     if isinstance(model, ConvNet):  # non-trivial running statistics

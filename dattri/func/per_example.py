@@ -69,17 +69,48 @@ def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tens
     return cols, k, cols.shape[-1]
 
 
+#: output positions from which a convolution's per-example weight gradients come from
+#: one grouped weight-gradient convolution (the examples as groups) rather than from
+#: unfolded patches (measured on 2 cores: 2-3.5x faster at 16x16 and 32x32 outputs,
+#: 1.2x slower at 8x8)
+GROUPED_MIN_POSITIONS = 128
+
+
+def _conv_weight_grouped(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients ``(B, *weight.shape)``: the weight gradient of a
+    convolution with the ``B`` examples stacked as ``B * groups`` groups."""
+    b = x.shape[0]
+    if m.padding_mode != "zeros":
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+        padding = (0,) * len(m.kernel_size)
+    elif isinstance(m.padding, str):  # "same" / "valid": the padding actually applied
+        x = F.pad(x, m._reversed_padding_repeated_twice)
+        padding = (0,) * len(m.kernel_size)
+    else:
+        padding = m.padding
+    w = m.weight.new_empty((b * m.out_channels, *m.weight.shape[1:]), dtype=x.dtype)
+    grads = torch.ops.aten.convolution_backward(
+        delta.to(x.dtype).reshape(1, b * m.out_channels, *delta.shape[2:]),
+        x.reshape(1, b * m.in_channels, *x.shape[2:]), w, None, m.stride, padding, m.dilation,
+        False, [0] * len(m.kernel_size), b * m.groups, [False, True, False])
+    return grads[1].reshape(b, *m.weight.shape)
+
+
 def conv_grads(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads:
-    """``nn.Conv1d`` / ``nn.Conv2d``: per-example products of output gradients and patches."""
+    """``nn.Conv1d`` / ``nn.Conv2d``: per-example products of output gradients and
+    patches (unfolded, or a grouped weight-gradient convolution for large outputs)."""
     b = x.shape[0]
     d = delta.reshape(b, m.out_channels, -1).to(x.dtype)
     out: Grads = {}
     if "weight" in names:
-        cols, _, length = _conv_patches(m, x)
-        g = m.groups
-        cols = cols.reshape(b, g, -1, length)  # (B, g, C_in/g * K, L)
-        dg = d.reshape(b, g, m.out_channels // g, length)
-        out["weight"] = (dg @ cols.transpose(-1, -2)).reshape(b, *m.weight.shape)
+        if d.shape[-1] >= GROUPED_MIN_POSITIONS:
+            out["weight"] = _conv_weight_grouped(m, x, delta)
+        else:
+            cols, _, length = _conv_patches(m, x)
+            g = m.groups
+            cols = cols.reshape(b, g, -1, length)  # (B, g, C_in/g * K, L)
+            dg = d.reshape(b, g, m.out_channels // g, length)
+            out["weight"] = (dg @ cols.transpose(-1, -2)).reshape(b, *m.weight.shape)
     if "bias" in names:
         out["bias"] = d.sum(-1)
     return out
