@@ -108,6 +108,7 @@ class BatchedGrads:
         owned = {g for u in self.units for g in u.params.values()}
         #: every selected parameter belongs to a module we can hook
         self.supported = owned == set(self.spec.names)
+        self._b = 1  # examples of the batch being run
 
     def _hook(self, unit: _Unit, leaves: list[torch.Tensor], tapped: dict[int, torch.Tensor]) -> Callable:
         """Forward hook: keep the inputs; make each floating output's gradient
@@ -119,6 +120,10 @@ class BatchedGrads:
             def tap(t: Any) -> Any:
                 if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
                     return t
+                if t.dim() and t.shape[0] == 1 and self._b > 1:
+                    # an output shared by the batch (position embeddings of (1, T)
+                    # broadcast later): expanded, so its gradient stays per example
+                    t = t.expand(self._b, *t.shape[1:])
                 if t.requires_grad:  # the gradient at this value, even if changed in place later
                     key = len(tapped)
                     tapped[key] = None
@@ -146,6 +151,7 @@ class BatchedGrads:
             return None  # batch statistics couple the examples (and the run would update them)
         leaves: list[torch.Tensor] = []
         tapped: dict[int, torch.Tensor | None] = {}
+        self._b = batch_size_of(batch)
         for u in self.units:
             u.calls = []
         handles = [u.module.register_forward_hook(self._hook(u, leaves, tapped), with_kwargs=True)
@@ -181,6 +187,10 @@ class BatchedGrads:
         if all(g is None for g in gs):
             return {}
         scale = float(b)
+        # inputs shared by the batch (shape (1, ...)) seen by every example
+        args, kwargs = tree_map(
+            lambda t: t.expand(b, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim()
+            and t.shape[0] == 1 and b > 1 else t, (args, kwargs))
         if u.rule is not None:
             if len(gs) != 1 or not args or not isinstance(args[0], torch.Tensor) or kwargs:
                 return None

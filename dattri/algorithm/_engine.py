@@ -155,6 +155,7 @@ class Featurizer(LoaderFeatures):
         self._batched: Any = False
         self._batched_ok: dict[int, bool] = {}
         self._warned = False
+        self._vmap_fails = False
         self._fn: dict[int, tuple[Callable, torch.Tensor]] = {}
 
     def _grad_fn(self, ckpt_idx: int) -> tuple[Callable, torch.Tensor]:
@@ -187,12 +188,26 @@ class Featurizer(LoaderFeatures):
         return self.vmapped(batch, ckpt_idx)
 
     def vmapped(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
-        """Dense per-example gradients ``(B, P)`` by ``vmap(grad)`` on batches of one."""
+        """Dense per-example gradients ``(B, P)`` by ``vmap(grad)`` on batches of one
+        (a model that ``vmap`` cannot trace, e.g. data-dependent control flow in a
+        Hugging Face mask, gets autograd on each example in turn)."""
         fn, theta = self._grad_fn(ckpt_idx)
         self.task.validate_batch(batch, self.which, ckpt_idx)
-        with ensemble_rng(ckpt_idx, self.device):
-            g = fn(theta, batch).detach()
-        return _check_finite(g, f"{self.which} gradients (checkpoint {ckpt_idx})")
+        if not self._vmap_fails:
+            try:
+                with ensemble_rng(ckpt_idx, self.device):
+                    g = fn(theta, batch).detach()
+                return _check_finite(g, f"{self.which} gradients (checkpoint {ckpt_idx})")
+            except RuntimeError as e:
+                if "vmap" not in str(e):
+                    raise
+                self._vmap_fails = True
+                warnings.warn(
+                    f"{self.which} gradients: vmap cannot trace this model ({str(e)[:120]}...); "
+                    "computing per-example gradients one example at a time (slow).",
+                    stacklevel=3,
+                )
+        return self.reference(batch, ckpt_idx)
 
     def reference(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Per-example gradients ``(B, P)`` by autograd on each example as a batch of
@@ -227,8 +242,11 @@ class Featurizer(LoaderFeatures):
             small = _head(batch)
             task = self.task
             task.load_checkpoint(ckpt_idx, self.device)
-            with ensemble_rng(ckpt_idx, self.device):
-                got = self.batched.run(self._func(), small, dict(task.named_parameters))
+            try:
+                with ensemble_rng(ckpt_idx, self.device):
+                    got = self.batched.run(self._func(), small, dict(task.named_parameters))
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                got = None  # the hooks do not fit this model (the reference path decides)
             ok = got is not None and close_per_example(got, self.reference(small, ckpt_idx))
             self._batched_ok[ckpt_idx] = ok
             if not ok and not self._warned:

@@ -16,6 +16,7 @@ closed forms that cost about one batched weight-gradient (no loop over examples)
   ``dgamma_b = sum delta_b * x_hat_b``, ``dbeta_b = sum delta_b`` over the
   positions sharing a parameter, with ``x_hat`` the normalised input (per-example
   statistics for Layer/GroupNorm, running statistics for BatchNorm).
+- Hugging Face ``Conv1D`` (GPT-2): the linear rule with the weight transposed.
 - any other module with parameters: ``torch.func.vjp`` of the module alone, mapped
   over the examples with ``vmap``, for its own parameters only.
 
@@ -190,12 +191,32 @@ GRAD_RULES: dict[type, Callable[..., Grads | None]] = {
 }
 
 
+def hf_conv1d_grads(m: nn.Module, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads:
+    """Hugging Face ``transformers`` ``Conv1D`` (GPT-2's linear layer, ``y = x W + b``
+    with ``W`` of shape ``(d_in, d_out)``): ``dW_b = sum_t a_bt delta_bt^T``."""
+    a, d = _seq(x), _seq(delta).to(x.dtype)
+    out: Grads = {}
+    if "weight" in names:
+        out["weight"] = a.transpose(1, 2) @ d
+    if "bias" in names:
+        out["bias"] = d.sum(1)
+    return out
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+            and hasattr(module, "nf"))
+
+
 def rule_for(module: nn.Module) -> Callable[..., Grads | None] | None:
     """The closed-form rule of ``module`` (subclasses of the listed types too, when
     they own no parameters beyond ``weight`` and ``bias``), or ``None``."""
     own = {n for n, _ in module.named_parameters(recurse=False)}
     if not own <= {"weight", "bias"}:
         return None
+    if _is_hf_conv1d(module):
+        return hf_conv1d_grads
     for cls in type(module).__mro__:
         if cls in GRAD_RULES:
             # a subclass that overrides forward may compute something else
