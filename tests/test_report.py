@@ -486,3 +486,41 @@ def test_colour_images_are_drawn_de_normalised(tmp_path):
         assert img.shape[:2] == (32, 32)
         np.testing.assert_allclose(img[..., :3], pixels[row].numpy() / 255.0, atol=1 / 255 + 1e-6)
     assert "label 1: dog" in (tmp_path / "rgb.html").read_text()
+
+
+def test_topk_from_attributor_ranks_only_the_chosen_test_examples(tmp_path):
+    from torch import nn
+
+    from dattri.algorithm import TracInAttributor
+    from dattri.report import topk_from_attributor
+    from dattri.task import AttributionTask
+
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    train, test = TensorDataset(x[:24], y[:24]), TensorDataset(x[24:], y[24:])
+    model = nn.Linear(5, 3).double()
+
+    def loss(params, data):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (data[0],)),
+                                           data[1])
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    att = TracInAttributor(task, weight_list=[1.0], normalized_grad=False)
+    loader = DataLoader(train, batch_size=5)
+    top, score = topk_from_attributor(att, loader, test, [4, 1], 3, batch_size=1)
+    full = att.attribute(loader, DataLoader(test, batch_size=6))
+    torch.testing.assert_close(score, full[:, [4, 1]])
+    # dense reference: per-example gradients of the linear layer, g_i . g_j
+    def grads(xs, ys):
+        p = torch.softmax(xs @ model.weight.detach().T + model.bias.detach(), -1)
+        d = p - nn.functional.one_hot(ys, 3)
+        return torch.cat([(d[:, :, None] * xs[:, None, :]).flatten(1), d], dim=1)
+
+    ref = grads(x[:24], y[:24]) @ grads(x[24:], y[24:])[[4, 1]].T
+    torch.testing.assert_close(score, ref)
+    assert top.test_indices.tolist() == [4, 1]
+    assert torch.equal(top.proponents, torch.argsort(ref, dim=0, descending=True)[:3].T)
+    assert torch.equal(top.opponents, torch.argsort(ref, dim=0)[:3].T)
+    page = _parse(write_report(tmp_path / "user.html", top, train, test, method="Grad-Dot"))
+    _check_against_scores(page, torch.zeros(24, 6, dtype=torch.float64).index_copy(
+        1, torch.tensor([4, 1]), score), 3, [4, 1])
