@@ -232,7 +232,7 @@ def test_ekfac_errors(lr, mlp):
         IFAttributorEKFAC(_task(mlp), module_name="drop")
     with pytest.raises(DattriValueError, match="damping=-1"):
         IFAttributorEKFAC(_task(lr), damping=-1)
-    conv = nn.Sequential(nn.Conv1d(1, 1, 3)).double()
+    conv = nn.Sequential(nn.Conv1d(2, 2, 3, groups=2)).double()  # grouped: not a K-FAC layer
     task = AttributionTask(loss_func=lambda p, d: d[0].sum(), model=conv,
                            checkpoints=conv.state_dict())
     with pytest.raises(DattriValueError, match="no nn.Linear"):

@@ -26,31 +26,47 @@ def _param_names(module_name: str, bias: bool) -> list[str]:
     return [f"{pre}weight"] + ([f"{pre}bias"] if bias else [])
 
 
+def _is_layer(m: nn.Module, conv: bool) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return conv and isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1
+
+
 def resolve_linear_modules(
-    task: AttributionTask, module_name: str | Sequence[str] | None,
+    task: AttributionTask, module_name: str | Sequence[str] | None, conv: bool = False,
 ) -> tuple[list[str], dict[str, bool], list[str]]:
-    """Selected Linear modules, whether each has a trainable bias, their param names."""
+    """Selected Linear modules (and, with ``conv``, ungrouped ``nn.Conv1d`` /
+    ``nn.Conv2d``: linear maps of their input patches), whether each has a trainable
+    bias, their param names."""
     task._resolve_layer_name(None)  # loads checkpoint 0 -> named_parameters
     modules = dict(task.model.named_modules())
     trainable = task.named_parameters
+    kinds = "nn.Linear or ungrouped nn.Conv1d/Conv2d" if conv else "nn.Linear"
     if module_name is None:
-        names = [n for n, m in modules.items() if isinstance(m, nn.Linear)
+        names = [n for n, m in modules.items() if _is_layer(m, conv)
                  and _param_names(n, False)[0] in trainable]
         if not names:
-            msg = ("module_name=None: the model has no nn.Linear module with a trainable "
-                   "weight; K-FAC-style methods need Linear layers.")
+            msg = (f"module_name=None: the model has no {kinds} module with a trainable "
+                   "weight; K-FAC-style methods need such layers.")
             raise DattriValueError(msg)
     else:
         names = [module_name] if isinstance(module_name, str) else list(module_name)
-        linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        linear = [n for n, m in modules.items() if _is_layer(m, conv)]
         bad = [n for n in names if n not in linear or _param_names(n, False)[0] not in trainable]
         if bad or not names:
-            msg = (f"module_name={module_name!r}: {bad} are not nn.Linear modules with a "
+            msg = (f"module_name={module_name!r}: {bad} are not {kinds} modules with a "
                    f"trainable weight; use names of model.named_modules(), e.g. {linear[:8]}.")
             raise LayerNameError(msg)
     bias = {n: _param_names(n, True)[1] in trainable for n in names}
     params = [p for n in names for p in _param_names(n, bias[n])]
     return names, bias, [p for p in trainable if p in set(params)]
+
+
+def _patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input as ``(B, L, C_in * K)`` patches (the linear map's inputs)."""
+    from dattri.func.per_example import _conv_patches
+
+    return _conv_patches(m, x)[0].transpose(1, 2)
 
 
 def _as_seq(t: torch.Tensor) -> torch.Tensor:
@@ -125,6 +141,8 @@ class LinearCapture:
             a, leaf = store[n][0]
             g = next(it)
             g = torch.zeros_like(leaf) if g is None else g.detach() * b
+            if isinstance(mods[n], (nn.Conv1d, nn.Conv2d)):  # positions = output pixels
+                a, g = _patches(mods[n], a), g.reshape(b, g.shape[1], -1).transpose(1, 2)
             out[n] = (_as_seq(a), _check_finite(_as_seq(g), f"{which} output gradients"))
         return out
 

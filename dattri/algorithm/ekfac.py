@@ -4,7 +4,9 @@ For every selected ``nn.Linear`` layer ``l`` (``y = W a + b``) the per-example
 gradient is the matrix :math:`G_{nl} = \sum_t s_{n,t} a_{n,t}^\top` of shape
 ``(d_out, d_in + 1)`` (bias last; ``t`` runs over sequence positions), with ``a``
 the layer input and ``s`` the gradient of example ``n``'s own loss w.r.t. the layer
-output. Both are captured with forward hooks while the task's loss runs on a
+output. An ungrouped ``nn.Conv1d`` / ``nn.Conv2d`` is the same linear map applied
+at every output position ``t`` to the input patch ``a_{n,t}`` (``C_in * K``
+values), so its covariances run over positions too (as kronfluence does). Both are captured with forward hooks while the task's loss runs on a
 batch; the loss is a batch mean, so ``s = B * dL_batch/dy``. The curvature is the
 empirical Fisher of the loss (the ground-truth labels), block-diagonal over
 layers, Kronecker-factored :math:`F_l \approx S_l \otimes A_l` with eigenbases
@@ -53,8 +55,9 @@ class IFAttributorEKFAC(_IFBase):
 
     Args:
         task: the attribution task; its loss must be a mean over the batch.
-        module_name: Linear module names (``model.named_modules()`` keys, a string
-            is one name); ``None`` = every Linear module with a trainable weight.
+        module_name: Linear / ungrouped Conv1d / Conv2d module names
+            (``model.named_modules()`` keys, a string is one name); ``None`` = every
+            such module with a trainable weight.
         device: computation device.
         damping: ``delta >= 0`` added to the eigenvalues; ``0`` = pseudo-inverse.
         fisher_loss_func: optional ``f(params, data) -> scalar`` used instead of
@@ -69,7 +72,7 @@ class IFAttributorEKFAC(_IFBase):
         if not isinstance(task, AttributionTask):
             super().__init__(task, None, device)  # raises the typed error
         task = model_style_task(task, device)  # loss_func(model, batch, device) too
-        names, bias, params = resolve_linear_modules(task, module_name)
+        names, bias, params = resolve_linear_modules(task, module_name, conv=True)
         super().__init__(task, params, device)
         _check_nonneg("damping", damping)
         self.max_iter: int | None = None

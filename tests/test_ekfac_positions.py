@@ -1,0 +1,96 @@
+"""EK-FAC on a convolution and on a linear layer over a sequence, against a dense
+float64 reference built from formed per-example gradients, layer inputs and
+per-position output gradients (the K-FAC-expand factors over positions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from dattri.algorithm import IFAttributorEKFAC
+from dattri.task import AttributionTask
+
+
+class ConvSeq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.seq = nn.Linear(3, 4)  # applied at every pixel: a sequence layer
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))  # (B, 3, 3, 3)
+        h = torch.tanh(self.seq(h.flatten(2).transpose(1, 2)))  # (B, 9, 4)
+        return self.out(h.mean(1))
+
+
+def _loss(model):
+    def loss(params, data):
+        x, y = data
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+    return loss
+
+
+def _reference(model, batches, test, layer, damping):
+    """IF scores of one layer with EK-FAC built from dense quantities."""
+    mod = dict(model.named_modules())[layer]
+    names = [f"{layer}.weight", f"{layer}.bias"]
+    params = dict(model.named_parameters())
+
+    def per_example(batch):  # formed gradients G_n (o, i + 1), and (a, s) per position
+        rows, acts, outs = [], [], []
+        for i in range(batch[0].shape[0]):
+            store = {}
+            h = mod.register_forward_hook(lambda m, inp, o: store.update(a=inp[0], y=o))
+            p = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}
+            loss = F.cross_entropy(torch.func.functional_call(model, p, (batch[0][i:i + 1],)),
+                                   batch[1][i:i + 1])
+            h.remove()
+            gw, gb, gy = torch.autograd.grad(loss, [p[names[0]], p[names[1]], store["y"]])
+            rows.append(torch.cat([gw.reshape(gw.shape[0], -1), gb[:, None]], 1))
+            a = store["a"].detach()
+            if isinstance(mod, nn.Conv2d):
+                a = F.unfold(a, 3, padding=1, stride=2).transpose(1, 2)[0]  # (L, C_in * 9)
+                s = gy.reshape(gy.shape[1], -1).T  # (L, C_out)
+            else:
+                a, s = a[0], gy[0]
+            acts.append(torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1))
+            outs.append(s)
+        return torch.stack(rows), acts, outs
+
+    gs, acts, outs = zip(*(per_example(b) for b in batches))
+    g = torch.cat(gs)
+    acts, outs = [a for part in acts for a in part], [s for part in outs for s in part]
+    n, tokens = g.shape[0], sum(a.shape[0] for a in acts)
+    A = sum(a.T @ a for a in acts) / tokens
+    S = sum(s.T @ s for s in outs) / n
+    qa, qs = torch.linalg.eigh(A)[1], torch.linalg.eigh(S)[1]
+    lam = ((qs.T @ g @ qa) ** 2).mean(0)  # (o, i + 1)
+    gt, _, _ = per_example(test)
+    pre = qs @ ((qs.T @ gt @ qa) / (lam + damping)) @ qa.T
+    return g.reshape(n, -1) @ pre.reshape(pre.shape[0], -1).T
+
+
+@pytest.mark.parametrize("layer", ["conv", "seq"])
+def test_ekfac_over_positions_matches_dense_reference(layer):
+    torch.manual_seed(0)
+    model = ConvSeq().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    train = [(x[:7], y[:7]), (x[7:], y[7:])]
+    test = (x[:3], y[:3])
+    task = AttributionTask(_loss(model), model, model.state_dict())
+    att = IFAttributorEKFAC(task, module_name=layer, damping=1e-3).cache(train)
+    got = att.attribute(train, [test])
+    want = _reference(model, train, test, layer, 1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_ekfac_default_modules_include_convolutions():
+    model = ConvSeq()
+    task = AttributionTask(_loss(model), model, model.state_dict())
+    att = IFAttributorEKFAC(task, damping=0.1)
+    assert att.module_name == ["conv", "seq", "out"]
