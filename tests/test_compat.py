@@ -431,7 +431,7 @@ def test_projector_classes_and_random_project_params():
     )
     from dattri.params.projection import RandomProjectionParams
 
-    x = torch.randn(6, 30, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(6, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     basic = BasicProjector(30, 8, 0, ProjectionType.normal, "cpu")
     fn = random_project(x, 6, 8, 32, 0, "normal")
     torch.testing.assert_close(basic.project(x, 0), fn(x, 0))
@@ -452,3 +452,20 @@ def test_ekfac_max_iter_uses_first_batches(data):
     a.cache(full_train_dataloader=tr, max_iter=2)
     b = IFAttributorEKFAC(task, damping=0.05).cache(first)
     torch.testing.assert_close(a.attribute(tr, te), b.attribute(tr, te))
+
+
+def test_arnoldi_project_takes_the_published_positional_order():
+    """(feature_dim, func, x, argnums, proj_dim, max_iter, norm_constant, tol, ...)."""
+    from dattri.func.projection import arnoldi_project
+
+    h = torch.diag(torch.arange(1.0, 7.0, dtype=D64))
+
+    def f(t):
+        return 0.5 * t @ h @ t
+
+    x = torch.zeros(6, dtype=D64)
+    proj = arnoldi_project(6, f, x, 0, 2, 6, 3.0, 1e-10)  # r = 2, norm_constant 3
+    got = proj(torch.eye(6, dtype=D64)[4:])
+    want = 3.0 / torch.tensor([5.0, 6.0], dtype=D64).sqrt()
+    # e_5, e_6 lie in the top-2 eigenspace: each maps to norm_constant / sqrt(lambda)
+    torch.testing.assert_close(got.abs().max(1).values, want, rtol=1e-8, atol=1e-10)

@@ -714,14 +714,14 @@ def arnoldi_project(
     x,
     argnums: int = 0,
     proj_dim: int = 100,
-    tol: float = 1e-5,
     max_iter: int = 100,
     norm_constant: float = 1.0,
-    device: str | torch.device = "cpu",
-    regularization: float = 0.0,
-    *,
+    tol: float = 1e-5,
     mode: str = "rev-rev",
+    regularization: float = 0.0,
     seed: int = 0,
+    device: str | torch.device = "cpu",
+    *,
     progress: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Project features onto the top Hessian eigenspace, scaled by ``Lambda^(-1/2)``.
@@ -749,13 +749,15 @@ def arnoldi_project(
         argnums: which argument to differentiate (tensor or name -> tensor dict,
             flattened in dict order to match the features).
         proj_dim: eigenpairs kept (output dimension ``r``).
-        tol: Arnoldi breakdown tolerance; also ``tol^2`` is the eigenvalue floor.
         max_iter: Krylov dimension (number of Hessian-vector products).
         norm_constant: output scale (see the formula).
-        device: device of the Arnoldi basis.
-        regularization: ``lambda`` added to the Hessian (``>= 0``).
+        tol: Arnoldi breakdown tolerance; also ``tol^2`` is the eigenvalue floor.
         mode: ``"rev-rev"`` or ``"rev-fwd"`` Hessian-vector products.
+        regularization: ``lambda`` added to the Hessian (``>= 0``).
         seed: seed of the Arnoldi start vector.
+        device: device of the Arnoldi basis (the positional order is the published
+            one: ``proj_dim, max_iter, norm_constant, tol, mode, regularization,
+            seed, device``).
         progress: tqdm bar over Arnoldi iterations.
 
     Returns:
