@@ -47,10 +47,9 @@ def _features(model, x, normalize=False):
     return torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
 
 
-def _scipy_optimum(h, y, lam):
+def _scipy_optimum(h, y, lam, c=3):
     """argmin (1/n) sum_j CE(W h_j, y_j) + lam ||W||^2 by scipy's BFGS, to gtol 1e-12."""
     n, d = h.shape
-    c = int(y.max()) + 1
     hn, onehot = h.numpy(), np.eye(c)[y.numpy()]
 
     def fun(wflat):
@@ -91,6 +90,20 @@ def test_newton_fit_is_the_float64_optimum_and_alpha_satisfies_the_representer_t
     torch.testing.assert_close(scores, parts[:, torch.arange(7), y[40:]].float())
 
 
+def test_fewer_examples_than_features_solve_in_their_row_space():
+    """n = 3 < d + 1 = 5: W lies in the span of the 3 feature rows and is the optimum."""
+    model, train, test, x, y = _case(n=3, n_test=2, seed=5)
+    task = AttributionTask(loss_func=F.cross_entropy, model=model, checkpoints=model.state_dict())
+    att = RPSAttributor(task, "fc2", l2_strength=0.02).cache(train)
+    h = _features(model, x[:3])
+    torch.testing.assert_close(att.weight, _scipy_optimum(h, y[:3], 0.02), rtol=1e-6, atol=1e-8)
+    coef = torch.linalg.lstsq(h.T, att.weight.T).solution  # W^T = h^T coef exactly
+    torch.testing.assert_close(h.T @ coef, att.weight.T, rtol=0, atol=1e-12)
+    h_t = _features(model, x[3:])
+    torch.testing.assert_close(att.decompose(test).sum(0), h_t @ att.weight.T, rtol=1e-9,
+                               atol=1e-11)
+
+
 def test_the_fit_leaves_the_model_untouched_and_starts_from_its_layer():
     model, train, _, _, _ = _case(seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -120,7 +133,9 @@ def test_dense_hessian_and_hvp_match_autograd():
     ref = torch.autograd.functional.hessian(
         lambda v: F.cross_entropy(h @ v.reshape(3, 4).T, y) + 0.3 * (v * v).sum(), w.reshape(-1))
     lam_j = prob.output_hessians(w)
-    torch.testing.assert_close(prob.dense_hessian(lam_j), ref)
+    dense = prob.dense_hessian(lam_j)  # block upper triangle: what Cholesky(upper) reads
+    torch.testing.assert_close(dense.triu() + dense.triu(1).T, ref)
+    assert torch.count_nonzero(dense[4:8, :4]) == 0 and torch.count_nonzero(dense[8:, :8]) == 0
     v = torch.randn(2, 12, generator=g, dtype=torch.float64)
     torch.testing.assert_close(prob.hvp(lam_j, v) + 0.6 * v, v @ ref)
 
