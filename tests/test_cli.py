@@ -23,8 +23,10 @@ TINY_BENCH = ["bench", "--size", "tiny", "--settings", "mnist_lr", "--methods",
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # no time limit: a slow but correct run must pass (stdout and stderr are pipes,
+    # so the runner prints its one-line-per-result progress)
     return subprocess.run([sys.executable, "-m", "dattri.benchmark.cli", *args],
-                          check=False, capture_output=True, text=True, timeout=600,
+                          check=False, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
 
 
@@ -41,9 +43,46 @@ def test_help_and_list():
     assert "regularization=1e-05" in listing.stdout
 
 
-def test_bad_method_is_a_clean_error(tmp_path):
-    out = _cli("bench", "--methods", "Nope", "--out", str(tmp_path), "--no-progress")
-    assert out.returncode == 2 and "unknown method 'Nope'" in out.stderr
+def test_bad_arguments_are_clean_errors_before_the_banner(tmp_path):
+    for bad, says in ((["--methods", "Nope"], "unknown method 'Nope'"),
+                      (["--metrics", "lds,bogus"], "unknown metric(s) ['bogus']"),
+                      (["--settings", "mnist_cnn"], "mnist_cnn")):
+        out = _cli("bench", *bad, "--out", str(tmp_path))
+        assert out.returncode == 2 and says in out.stderr
+        assert "dattri bench: settings=" not in out.stdout  # no banner for a failed start
+        assert not (tmp_path / "summary.json").exists()
+
+
+def test_quick_preset_at_tiny_size_prints_a_line_per_result(tmp_path):
+    """The quick default's methods end to end (seconds at the tiny size), output to a pipe."""
+    out = _cli("bench", "--size", "tiny", "--metrics", "lds", "--out", str(tmp_path / "out"),
+               "--cache-dir", str(tmp_path / "c"), "--no-plot")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("dattri bench: settings=mnist_lr methods=IF-Explicit,Grad-Dot,"
+                               "TRAK-10,RPS-L2 metrics=lds size=tiny search=quick")
+    # search quick: IF-Explicit 2, Grad-Dot 1, TRAK-10 1 (infeasible), RPS-L2 2 configs:
+    # 6 runs, one line per finished result
+    progress = [x for x in lines if x.startswith("[")]
+    assert [x.split("]")[0] for x in progress] == [f"[{k}/6" for k in range(1, 7)]
+    assert all("elapsed " in x for x in progress)
+    assert all("ETA ~" in x for x in progress[:-1]) and "0 run(s) left" in progress[-1]
+    assert "mnist_lr lds RPS-L2 l2_strength=0.001_normalize_preactivate=False: " in progress[-1]
+    assert "TRAK-10 default: INFEASIBLE" in progress[3] and "[loaded]" not in progress[3]
+    assert any(x.startswith("mnist_lr lds: ready, 10 model(s) trained") for x in lines)
+    assert "5 result(s) computed, 0 loaded" in out.stdout
+    assert "each method's best, 4 row(s)" in out.stdout
+    rows = _rows(tmp_path / "out")
+    assert rows[("lds", "TRAK-10")]["status"] == "infeasible"
+    for name, configs in (("IF-Explicit", 2), ("Grad-Dot", 1), ("RPS-L2", 2)):
+        row = rows[("lds", name)]
+        assert row["status"] == "ok" and row["search_size"] == configs
+        files = sorted((tmp_path / "out" / "results" / "mnist_lr" / "tiny" / "lds"
+                        / name).glob("*.json"))
+        spent = [json.loads(f.read_text())["seconds"]["total"] for f in files]
+        assert len(spent) == configs
+        assert math.isclose(row["seconds"], sum(spent), rel_tol=1e-12)  # the whole search
+        assert row["best_seconds"] in spent
 
 
 def _rows(out: Path) -> dict[tuple[str, str], dict]:
@@ -78,8 +117,11 @@ def test_tiny_bench_writes_json_and_resumes(tmp_path, capsys):
                          / "proj_dim=512.json").read_text())
     assert {"setting", "metric", "method", "hyperparameters", "value", "seconds"} <= set(record)
     stamps = [f.stat().st_mtime_ns for f in files]
-    assert main(args) == 0  # resume: everything is loaded, nothing rewritten
-    assert "0 result(s) computed, 6 loaded" in capsys.readouterr().out
+    # resume: everything is loaded, nothing rewritten; progress on (captured: lines)
+    assert main([a for a in args if a != "--no-progress"]) == 0
+    again = capsys.readouterr().out
+    assert "0 result(s) computed, 6 loaded" in again
+    assert "mnist_lr lds Grad-Dot default: 0." in again and "[loaded]" in again  # lines mode
     assert [f.stat().st_mtime_ns for f in files] == stamps
     (out / "results" / "mnist_lr" / "tiny" / "lds" / "Grad-Cos" / "default.json").unlink()
     assert main(args) == 0
@@ -128,13 +170,19 @@ def test_best_results_table_and_figures(tmp_path):
     assert rows[("lds", "IF-Explicit")]["value"] == 0.4
     assert rows[("lds", "IF-Explicit")]["hyperparameters"] == {"regularization": 0.01}
     assert len(rows[("lds", "IF-Explicit")]["all"]) == 3
+    # time: the whole search (three configurations of 1 s), not the winner's 1 s
+    assert rows[("lds", "IF-Explicit")]["seconds"] == 3.0
+    assert rows[("lds", "IF-Explicit")]["best_seconds"] == 1.0
     assert rows[("lds", "TRAK-50")]["status"] == "infeasible"
     table = format_table(list(rows.values()))
     assert "0.4000" in table and "regularization=0.01" in table and "INFEASIBLE" in table
     assert "n1" in table
     # the paper's value sits beside ours at the paper's size only
     line = next(x for x in table.splitlines() if "IF-Explicit" in x)
-    assert "0.80" in line
+    assert "0.80" in line and "3.0s (3 configs)" in line
+    # the paper gives no AUC numbers (Figure 4 is bars): "-", not a blank
+    auc = next(x for x in table.splitlines() if "Grad-Dot" in x).split()
+    assert auc[4:6] == ["0.9000", "-"]
     reduced = format_table([{**rows[("lds", "IF-Explicit")], "size": "reduced"}])
     assert "0.80" not in reduced
     pytest.importorskip("matplotlib")

@@ -62,6 +62,10 @@ def _hyper_text(hyper: dict[str, Any]) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table: setting, size, metric, method, best value, chosen hyper, time.
 
+    ``paper`` is the paper's value at the paper's size (``PAPER_VALUES``; ``-`` where
+    the paper gives none in numbers, e.g. the AUC bars of its Figure 4), blank at
+    other sizes. ``search time`` is the method's whole search (every configuration).
+
     Args:
         rows: :func:`dattri.benchmark.run.best_results` rows.
 
@@ -69,7 +73,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         The table, then the distinct notes (sizes, stand-in data, LOO subsets).
     """
     head = ("setting", "size", "metric", "method", "value", "paper", "best hyper-parameters",
-            "time")
+            "search time")
     lines = [head]
     key = lambda r: (r["setting"], r["metric"], _order(r["method"]))
     for r in sorted(rows, key=key):
@@ -77,12 +81,17 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             value = f"{r['value']:.4f}"
             secs = r.get("seconds")
             took = f"{secs:.1f}s" if isinstance(secs, (int, float)) else ""
+            if took and r.get("search_size", 1) > 1:
+                took += f" ({r['search_size']} configs)"
             hyper = _hyper_text(r.get("hyperparameters", {}))
         else:
             value, took = str(r.get("status", "?")).upper(), ""
             hyper = str(r.get("reason", ""))[:70]
         paper = PAPER_VALUES.get((r["setting"], r["metric"]), {}).get(r["method"])
-        paper = f"{paper:.2f}" if paper is not None and r["size"] == "full" else ""
+        if r["size"] != "full":
+            paper = ""
+        else:
+            paper = "-" if paper is None else f"{paper:.2f}"
         label = _METRIC.get(r["metric"], r["metric"])
         if r["metric"] == "loo" and r.get("loo_points"):  # LOO on a sample: say so
             label += f" ({r['loo_points']} left out)"

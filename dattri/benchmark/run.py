@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -74,7 +75,10 @@ class BenchConfig:
         force: try methods beyond their feasibility limit.
         retry_failed: recompute results recorded as failed.
         num_workers, executor: retraining parallelism (see load_benchmark).
-        progress: progress bars (None: on a terminal).
+        progress: ``None`` (default): a bar when stderr is a terminal, and one line
+            per finished result (value, elapsed time, estimate of what remains) on
+            stdout when stdout or stderr is not a terminal (a file, a pipe, CI);
+            ``True``: the bar always; ``False``: neither.
     """
 
     settings: Sequence[str] = ("mnist_lr",)
@@ -158,8 +162,8 @@ def _run_hyper(cfg, md, gts, spec, hyper, ctx, todo) -> dict[str, dict]:
     test = torch.utils.data.DataLoader(md["test_dataset"], batch_size=rec.attr_batch_size,
                                        sampler=md["test_sampler"])
     out = {m: _base_record(cfg, md, m, spec, hyper) for m in todo}
+    t0 = time.perf_counter()
     try:
-        t0 = time.perf_counter()
         att = spec.build(md, hyper, ctx)
         proj = getattr(att, "proj_params", None)
         if isinstance(proj, dict):
@@ -182,11 +186,13 @@ def _run_hyper(cfg, md, gts, spec, hyper, ctx, todo) -> dict[str, dict]:
                 out[m]["loo_points"] = len(gts[m][1])
     except (MemoryBudgetError, MemoryError, _OOM) as e:  # the paper's "OOM" red cross
         for m in todo:
-            out[m].update(status="infeasible", reason=f"{type(e).__name__}: {e}")
+            out[m].update(status="infeasible", reason=f"{type(e).__name__}: {e}",
+                          seconds={"total": time.perf_counter() - t0})
     except (DattriError, RuntimeError, ValueError) as e:
         for m in todo:
             out[m].update(status="failed", reason=f"{type(e).__name__}: {e}",
-                          traceback=traceback.format_exc(limit=3))
+                          traceback=traceback.format_exc(limit=3),
+                          seconds={"total": time.perf_counter() - t0})
     return out
 
 
@@ -215,15 +221,88 @@ def _load_existing(path: Path, fingerprint: str, retry_failed: bool) -> dict | N
     return None if retry_failed and rec.get("status") == "failed" else rec
 
 
+def _clock(seconds: float) -> str:
+    """``"42s"``, ``"3m05s"`` or ``"1h02m"``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class _Progress:
+    """A tqdm bar on a terminal; one printed line per finished result otherwise.
+
+    ``enabled``: ``False`` prints nothing; ``True`` forces the bar; ``None`` shows
+    the bar when stderr is a terminal. Lines go to stdout whenever stdout or stderr
+    is not a terminal (output to a file or a pipe, CI), with the elapsed time and
+    an estimate of what remains (the mean time of the runs computed so far times
+    the runs left).
+    """
+
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        ttys = sys.stdout.isatty() and sys.stderr.isatty()
+        bar = bool(enabled) if enabled is not None else sys.stderr.isatty()
+        self.lines = enabled is not False and not ttys
+        self.bar = tqdm(total=total, desc="bench", unit="run", disable=not bar)
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.runs, self.run_seconds = 0, 0.0
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def say(self, text: str) -> None:
+        if self.lines:
+            print(text, flush=True)
+
+    def start(self, text: str) -> None:
+        self.bar.set_postfix_str(text)
+
+    def finish(self, runs: int, records: Sequence[dict], seconds: float | None,
+               loaded: bool = False) -> None:
+        """``runs`` search configurations done, with their result records; ``seconds``
+        is the compute time (None: nothing computed, not used for the estimate);
+        ``loaded``: the records come from an earlier run."""
+        self.bar.update(runs)
+        self.done += runs
+        if seconds is not None:
+            self.runs += runs
+            self.run_seconds += seconds
+        if not self.lines:
+            return
+        left = self.total - self.done
+        eta = (f"ETA ~{_clock(self.run_seconds / self.runs * left)} for {left} more run(s)"
+               if self.runs and left else f"{left} run(s) left")
+        clock = f"elapsed {_clock(time.perf_counter() - self.t0)}, {eta}"
+        for rec in records:
+            hyper = hyper_slug(rec.get("hyperparameters") or {})
+            head = (f"[{self.done}/{self.total}] {rec['setting']} {rec['metric']} "
+                    f"{rec['method']} {hyper}")
+            if rec.get("status") == "ok":
+                what = f"{rec['value']:.4f} ({rec['seconds']['total']:.1f}s)"
+            else:
+                what = f"{str(rec.get('status')).upper()}: {str(rec.get('reason', ''))[:80]}"
+            print(f"{head}: {what}{' [loaded]' if loaded else ''}; {clock}", flush=True)
+
+
 def _run_group(cfg, setting, metrics, specs, bar, results, counts) -> None:
     """One setting and one metric group (clean: lds/loo; noisy: auc)."""
     gts, md = {}, None
     for m in metrics:
+        t = time.perf_counter()
+        bar.say(f"{setting.name} {m}: models and ground truth (trained on first use, then "
+                "cached)")
         md, gts[m] = load_benchmark(
             setting.model, setting.dataset, m, cache_dir=cfg.cache_dir, size=cfg.size,
             data_path=cfg.data_paths.get(setting.name), seed=cfg.seed, loo_size=cfg.loo_size,
             device=cfg.device, executor=cfg.executor, num_workers=cfg.num_workers,
             progress=cfg.progress)
+        bar.say(f"{setting.name} {m}: ready, {md['cache']['trained_models']} model(s) trained "
+                f"in {_clock(time.perf_counter() - t)}")
     prints = {m: _fingerprint(md, m, gts[m]) for m in metrics}
     for spec in specs:
         ctx: dict[str, Any] = {"device": cfg.device}
@@ -238,23 +317,26 @@ def _run_group(cfg, setting, metrics, specs, bar, results, counts) -> None:
                     rec["fingerprint"] = prints[m]
                     _write_json(rec, path)
                 results.append(rec)
-            bar.update(len(search_space(spec, cfg.search)))
+            bar.finish(len(search_space(spec, cfg.search)), results[-len(metrics):], None)
             continue
         for hyper in search_space(spec, cfg.search):
             paths = {m: _result_path(cfg, setting.name, m, spec.name, hyper) for m in metrics}
             have = {m: _load_existing(p, prints[m], cfg.retry_failed) for m, p in paths.items()}
             todo = [m for m in metrics if have[m] is None]
             counts["skipped"] += len(metrics) - len(todo)
+            seconds = None
             if todo:
-                bar.set_postfix_str(f"{setting.name} {spec.name} {hyper_slug(hyper)}")
+                bar.start(f"{setting.name} {spec.name} {hyper_slug(hyper)}")
+                t = time.perf_counter()
                 new = _run_hyper(cfg, md, gts, spec, hyper, ctx, todo)
+                seconds = time.perf_counter() - t
                 for m, rec in new.items():
                     rec["fingerprint"] = prints[m]
                     _write_json(rec, paths[m])
                     have[m] = rec
                 counts["computed"] += len(todo)
             results.extend(have[m] for m in metrics)
-            bar.update(1)
+            bar.finish(1, [have[m] for m in metrics], seconds, loaded=not todo)
 
 
 def _check_config(cfg: BenchConfig) -> tuple[list, list[MethodSpec], list[str]]:
@@ -275,6 +357,9 @@ def best_results(results: Sequence[dict]) -> list[dict]:
 
     Rows with no ``ok`` result keep the status (``"infeasible"``, ``"failed"``,
     ``"n/a"``) and reason. ``"all"`` lists every hyper-parameter's value.
+    ``"seconds"`` is the method's whole search time: the sum over all its search
+    configurations (failed ones included) of cache + attribute (or self-influence)
+    time; ``"best_seconds"`` is the chosen configuration's alone.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -288,9 +373,11 @@ def best_results(results: Sequence[dict]) -> list[dict]:
                         "value": r.get("value")} for r in rs]}
         if ok:
             best = max(ok, key=lambda r: r["value"])
+            spent = [(r.get("seconds") or {}).get("total") for r in rs]
             row.update(status="ok", value=best["value"], hyperparameters=best["hyperparameters"],
-                       seconds=best.get("seconds", {}).get("total"),
-                       loo_points=best.get("loo_points"))
+                       seconds=sum(t for t in spent if isinstance(t, (int, float))),
+                       best_seconds=(best.get("seconds") or {}).get("total"),
+                       search_size=len(rs), loo_points=best.get("loo_points"))
         else:
             row.update(status=rs[0].get("status", "failed"), value=None,
                        reason=rs[0].get("reason", ""), hyperparameters={})
@@ -317,8 +404,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         avail = [m for m in metrics if m in s.metrics]
         plan += [(s, g) for g in ([m for m in avail if m != "auc"], [m for m in avail if m == "auc"]) if g]
     total = sum(len(search_space(sp, cfg.search)) for _ in plan for sp in specs)
-    with tqdm(total=total, desc="bench", unit="run",
-              disable=None if cfg.progress is None else not cfg.progress) as bar:
+    with _Progress(total, cfg.progress) as bar:
         for setting, group in plan:
             _run_group(cfg, setting, group, specs, bar, results, counts)
     summary = {
