@@ -313,11 +313,19 @@ def test_dvemb_recorded_workflow_equals_steps(data):
         steps.append((idx, 0.3))
     ckpts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     te = DataLoader(TensorDataset(xt, yt), batch_size=3)
-    got = rec.cache().attribute(te)
+    got = rec.cache(memory_saving=False).attribute(te)
+    rec2 = DVEmbAttributor(_task(model, single_loss(model)))
+    rec2._recorded = dict(rec._recorded)
+    same_grads = {e: [g for _, _, g in st] for e, st in rec._recorded.items()}
+    doubled_lr = {e: [2 * lr for _, lr, _ in st] for e, st in rec._recorded.items()}
+    got2 = rec2.cache(same_grads, doubled_lr).attribute(te)  # 0.3.0's cache(gradients, lrs)
     tr = DataLoader(TensorDataset(x[:10], y[:10]), batch_size=5)
     want = DVEmbAttributor(AttributionTask(loss, model, ckpts), steps).cache(tr).attribute(tr, te)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-    parts = rec.attribute(te, epoch=0) + rec.attribute(te, epoch=1)
+    steps2 = [(idx, 2 * lr) for idx, lr in steps]  # the same trajectory, rates doubled
+    want2 = DVEmbAttributor(AttributionTask(loss, model, ckpts), steps2).cache(tr).attribute(tr, te)
+    torch.testing.assert_close(got2, want2, rtol=1e-9, atol=1e-12)
+    parts = rec.attribute(te, 0) + rec.attribute(te, epoch=1)  # 0.3.0's positional epoch
     torch.testing.assert_close(parts, got)
     torch.testing.assert_close(rec.attribute(te, train_data_indices=[2, 5]), got[[2, 5]])
 

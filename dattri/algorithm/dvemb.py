@@ -201,9 +201,17 @@ class DVEmbAttributor(BaseAttributor):
         """Drop the recorded gradients (the embeddings are kept)."""
         self._recorded = {}
 
-    def cache(self, train_loader: Iterable | None = None) -> DVEmbAttributor:
+    def cache(self, train_loader: Iterable | None = None, learning_rates: dict | None = None,
+              memory_saving: bool = True, *, gradients: dict | None = None) -> DVEmbAttributor:
         """With ``steps``: the embeddings of the trajectory on ``train_loader``. In the
-        recording workflow: ``cache()`` computes them from the recorded steps."""
+        recording workflow: ``cache()`` computes them from the recorded steps;
+        0.3.0's ``gradients={epoch: [G_t (B_t, k)]}`` / ``learning_rates={epoch: [eta_t]}``
+        replace the recorded ones step by step (the recorded indices are kept), and
+        ``memory_saving`` drops the recorded gradients afterwards."""
+        if isinstance(train_loader, dict):  # 0.3.0's cache(gradients, learning_rates, ...)
+            train_loader, gradients = None, train_loader
+        if gradients is not None or learning_rates is not None:
+            self._replace_recorded(gradients or {}, learning_rates or {})
         if train_loader is not None or self.steps is not None:
             if train_loader is None or self.steps is None:
                 msg = ("DVEmbAttributor: pass steps= and cache(train_loader), or record "
@@ -227,7 +235,25 @@ class DVEmbAttributor(BaseAttributor):
             self._epoch_emb[epoch] = emb
         self._emb = torch.stack(list(self._epoch_emb.values())).sum(0)
         self._cached = True
+        if memory_saving:
+            self.clear_cache()
         return self
+
+    def _replace_recorded(self, gradients: dict, learning_rates: dict) -> None:
+        for epoch in set(gradients) | set(learning_rates):
+            steps = self._recorded.get(int(epoch))
+            if steps is None:
+                msg = (f"gradients/learning_rates name epoch {epoch!r}, which cache_gradients "
+                       f"did not record (recorded: {sorted(self._recorded)}).")
+                raise DattriValueError(msg)
+            gs = gradients.get(epoch, [g for _, _, g in steps])
+            lrs = learning_rates.get(epoch, [lr for _, lr, _ in steps])
+            if len(gs) != len(steps) or len(lrs) != len(steps):
+                msg = (f"epoch {epoch}: {len(steps)} recorded steps but {len(gs)} gradients "
+                       f"and {len(lrs)} learning rates given; pass one per step.")
+                raise DattriValueError(msg)
+            self._recorded[int(epoch)] = [(idx, float(lr), torch.as_tensor(g).to(self.device))
+                                          for (idx, _, _), lr, g in zip(steps, lrs, gs)]
 
     def _cache(self, train_loader: Iterable) -> None:
         data = DataCache(train_loader, self.device)
@@ -270,7 +296,9 @@ class DVEmbAttributor(BaseAttributor):
         parameters, the embeddings of one ``epoch`` (default: summed), the rows of
         ``train_data_indices`` (default: all recorded indices ``0..max``).
         """
-        if self.steps is None:
+        if self.steps is None:  # attribute(test_loader, epoch, train_data_indices)
+            if test_loader is not None and not isinstance(test_loader, Iterable):
+                test_loader, epoch, train_data_indices = None, test_loader, epoch
             return self._attribute_recorded(test_loader or train_loader, epoch, train_data_indices)
         self._check_pair(train_loader, test_loader)
         self._ensure_cached(train_loader)

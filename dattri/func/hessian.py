@@ -441,15 +441,17 @@ def ihvp_arnoldi(
     func: Callable,
     argnums: int = 0,
     max_iter: int = 100,
-    top_k: int = 100,
-    norm_constant: float = 1.0,
     tol: float = 1e-7,
     mode: str = "rev-fwd",
     regularization: float = 0.0,
+    top_k: int = 100,
+    norm_constant: float = 1.0,
     seed: int = 0,
     progress: bool = False,
 ) -> Callable[..., torch.Tensor]:
-    r"""IHVP by Arnoldi: ``f(x, v)``; see :func:`ihvp_at_x_arnoldi`."""
+    r"""IHVP by Arnoldi: ``f(x, v)``; see :func:`ihvp_at_x_arnoldi` (the positional
+    order is the published one: ``max_iter, tol, mode, regularization``, then
+    dattri's ``top_k, norm_constant, seed, progress``)."""
     _check_mode(mode)
     _check_argnums(argnums)
 
