@@ -157,7 +157,7 @@ def test_cg_converges_at_any_scale_in_float32(c):
 
 
 def test_cg_warns_when_products_underflow():
-    b = torch.ones(2, 5)
+    b = torch.ones(2, 5, dtype=torch.float32)
     with pytest.warns(RuntimeWarning, match=r"cg_solve: for 2 of 2 .*underflowed"):
         x = cg_solve(lambda v: v * 1e-46, b, max_iter=5)  # float32: the products are 0
     assert torch.equal(x, torch.zeros_like(b))
