@@ -186,3 +186,46 @@ def test_published_trak_noisy_label_example_runs_unchanged_on_mnist():
     auc = float(mislabel_detection_auc(score, ground_truth)[0])
     assert score.shape == (300,) and bool(torch.isfinite(score).all())
     assert auc > 0.8, auc  # the flipped labels rank high in self-influence
+
+
+def test_published_dvemb_example_call_pattern():
+    """``examples/dvemb/dvemb_mlp.py``'s calls: a ``loss_func(model, batch, device)``
+    task, ``DVEmbAttributor(task=, proj_dim=, factorization_type="elementwise")``,
+    ``cache_gradients`` before each optimizer step, ``cache()``,
+    ``attribute(test_loader, epoch=None)``. Without ``proj_dim`` the factored form
+    gives the exact scores of ``factorization_type="none"``."""
+    from torch.utils.data import TensorDataset
+
+    from dattri.algorithm import DVEmbAttributor
+    from dattri.task import AttributionTask
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 6, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+    idx = torch.arange(24)
+
+    def loss_func_for_task(model, batch, device):
+        inputs, targets = batch
+        return nn.functional.cross_entropy(model(inputs.to(device)), targets.to(device))
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        task = AttributionTask(loss_func=loss_func_for_task, model=model,
+                               checkpoints=[model.state_dict()])
+        att = DVEmbAttributor(task=task, **kw)
+        loader = DataLoader(TensorDataset(x, y, idx), batch_size=8, shuffle=False)
+        for epoch in range(2):
+            for inputs, labels, indices in loader:
+                att.cache_gradients(epoch=epoch, batch_data=(inputs, labels), indices=indices,
+                                    learning_rate=0.1)
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(inputs), labels).backward()
+                opt.step()
+        att.cache()
+        return att.attribute(DataLoader(TensorDataset(x[:5], y[:5]), batch_size=4), epoch=None)
+
+    projected = run(proj_dim=16, factorization_type="elementwise")
+    assert projected.shape == (24, 5) and bool(torch.isfinite(projected).all())
+    torch.testing.assert_close(run(factorization_type="elementwise"),
+                               run(factorization_type="none"))
