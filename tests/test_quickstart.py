@@ -42,3 +42,19 @@ def test_readme_quick_start_runs_as_printed(capsys):
     x = torch.stack([namespace["train_set"][i][0] for i in range(200)])
     y = torch.tensor([int(namespace["train_set"][i][1]) for i in range(200)])
     assert (model(x).argmax(1) == y).float().mean() > 0.8
+
+
+def _indented_commands(section: str) -> list[str]:
+    return [line.strip() for line in section.splitlines() if line.startswith("    ")]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    text = README.read_text()
+    setup = text[text.index("## Set-up\n"):text.index("## Quick start\n")]
+    commands = _indented_commands(setup)
+    test_cmd = next(c for c in commands if "python -m pytest" in c)
+    # the test command installs the tests' data: nothing skips for want of it
+    assert "apt-get install -y" in test_cmd and "dataset-fashion-mnist" in test_cmd
+    assert test_cmd.endswith("python -m pytest && python -m pytest -m slow")
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert [line for line in ci if line and not line.startswith(("#", "set ", "cd "))] == [test_cmd]
