@@ -13,7 +13,16 @@ from dattri.algorithm._batched import BatchedGrads
 from dattri.algorithm._engine import Featurizer
 from dattri.task import AttributionTask
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every tensor of these tests in float64 (restored afterwards: other modules
+    run in the same session)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class Scale(nn.Module):

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from dattri._loader import batch_context, batch_size_of, check_device_available, check_loader, to_device
-from dattri.errors import DattriValueError, NonFiniteError
-from dattri.func.utils import all_finite
+from dattri._loader import batch_size_of, check_loader, to_device
+from dattri.algorithm._batched import BatchedGrads, reference_grads
+from dattri.algorithm._factored import FactoredLinearFeaturizer
+from dattri.algorithm._loop import (  # noqa: F401 - re-exported for the attributors
+    ENSEMBLE_SEED,
+    LoaderFeatures,
+    _check_finite,
+    _disable,
+    _head,
+    close_per_example,
+    ensemble_rng,
+    resolve_device,
+)
+from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -29,94 +38,6 @@ __all__ = [
     "resolve_device",
     "score_stream",
 ]
-
-#: dropout ensembles: checkpoint c draws its dropout masks from this seed + c.
-ENSEMBLE_SEED = 12345
-
-
-@contextmanager
-def ensemble_rng(ckpt_idx: int, device: torch.device) -> Iterator[None]:
-    """Seed the random state with ``ENSEMBLE_SEED + ckpt_idx`` (the CPU generator,
-    and ``device``'s when it is an accelerator) and restore it afterwards.
-
-    On the CPU it touches only the CPU generator: ``torch.manual_seed`` would also
-    queue lazy seeding calls for every accelerator backend, each formatting a stack
-    trace (measured: ~2.4 ms a call, called once per batch).
-    """
-    seed = ENSEMBLE_SEED + ckpt_idx
-    if device.type != "cpu":
-        with torch.random.fork_rng(devices=[device]):
-            torch.manual_seed(seed)
-            yield
-        return
-    gen = torch.random.default_generator
-    state = gen.get_state()
-    gen.manual_seed(seed)
-    try:
-        yield
-    finally:
-        gen.set_state(state)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Validate and normalise the ``device`` argument of an attributor."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        msg = f"device={device!r} is not a torch device; pass e.g. 'cpu' or 'cuda'."
-        raise DattriValueError(msg) from e
-    check_device_available(dev, device)
-    return dev
-
-
-def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
-    if not all_finite(t):
-        bad = int((~torch.isfinite(t)).any(dim=-1).sum()) if t.dim() > 1 else -1
-        msg = (
-            f"{what} contain NaN or inf ({bad} rows affected). Check the model "
-            "checkpoint and loss for overflow (e.g. log of 0), or lower the learning "
-            "rate that produced the checkpoint."
-        )
-        from dattri.algorithm.utils import nonfinite_hint
-
-        raise NonFiniteError(msg + nonfinite_hint(t))
-    return t
-
-
-class LoaderFeatures:
-    """The loop over a loader shared by every featurizer: subclasses define
-    ``batch(batch, ckpt_idx)`` and have ``which``, ``device``, ``show_progress``."""
-
-    which: str
-    device: torch.device
-    show_progress: bool | None = None
-
-    def batch(self, batch: Any, ckpt_idx: int) -> Any:
-        raise NotImplementedError
-
-    def iterate(
-        self, loader: Iterable, ckpt_idx: int, desc: str = "", with_batch: bool = False,
-    ) -> Iterator[Any]:
-        """Yield the features of every batch of ``loader`` in order; with
-        ``with_batch``, ``(batch on the device, features)`` pairs, so that a caller
-        needing more per batch does not iterate the loader twice."""
-        name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
-        check_loader(loader, name, empty=False)  # a one-pass iterator would lose batches
-        for i, b in enumerate(tqdm(loader, desc=desc or f"{self.which} grads", leave=False,
-                                   disable=_disable(self.show_progress))):
-            b = to_device(b, self.device)
-            with batch_context(name, i):
-                f = self.batch(b, ckpt_idx)
-            yield (b, f) if with_batch else f
-
-    def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
-        """Features ``(n, d)`` of the whole loader."""
-        parts = list(self.iterate(loader, ckpt_idx, desc))
-        if not parts:
-            msg = "the data loader yielded no batches; pass a non-empty loader."
-            raise DattriValueError(msg)
-        return torch.cat(parts)
-
 
 class Featurizer(LoaderFeatures):
     """Per-example gradient features of a task on one checkpoint.
@@ -212,8 +133,6 @@ class Featurizer(LoaderFeatures):
     def reference(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Per-example gradients ``(B, P)`` by autograd on each example as a batch of
         one: the definition, for checking the batched paths on a few examples."""
-        from dattri.algorithm._batched import reference_grads
-
         self._grad_fn(ckpt_idx)
         self.task.validate_batch(batch, self.which, ckpt_idx)
         task = self.task
@@ -227,8 +146,6 @@ class Featurizer(LoaderFeatures):
     def batched(self):
         """The hook-based batched per-example gradients (``BatchedGrads``) or None."""
         if self._batched is False:
-            from dattri.algorithm._batched import BatchedGrads
-
             bg = BatchedGrads(self.task, self.layer_name)
             self._batched = bg if bg.supported and not _unbatched(self._func()) else None
         return self._batched
@@ -266,8 +183,6 @@ class Featurizer(LoaderFeatures):
     def factored(self):
         """The verified ``nn.Linear`` fast path (``FactoredLinearFeaturizer``) or None."""
         if self._factored is False:
-            from dattri.algorithm._factored import FactoredLinearFeaturizer
-
             fz = FactoredLinearFeaturizer(self.task, self.which, self.layer_name, self.device)
             self._factored = fz if fz.supported else None
         return self._factored
@@ -303,12 +218,6 @@ class Featurizer(LoaderFeatures):
         return g
 
 
-def _head(batch: Any, n: int = 4) -> Any:
-    from dattri._loader import slice_batch
-
-    return slice_batch(batch, slice(0, min(n, batch_size_of(batch))))
-
-
 def _unbatched(func: Callable) -> bool:
     """A loss written for one example (the published 0.3.0 style): hooks see no batch."""
     try:
@@ -316,27 +225,6 @@ def _unbatched(func: Callable) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return bool(is_unbatched(func))
-
-
-def close_per_example(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Whether two ``(B, P)`` sets of per-example gradients agree, per example in norm.
-
-    A structural mismatch (coupled examples, a shared layer, dropout) is O(1); float32
-    rounding of two computation orders is not, but reaches ~1e-4 through an
-    ill-conditioned output function (the TRAK margin ``log(p / (1 - p))`` at
-    ``p ~ 1``: 5.7e-5 measured on one checkpoint of 50), hence ``rtol = 1e-3``.
-    """
-    if got.shape != ref.shape:
-        return False
-    ref = ref.to(got.dtype)
-    err = (got - ref).norm(dim=1)
-    scale = ref.norm(dim=1)
-    return bool((err <= 1e-3 * scale + 1e-6 * float(scale.max().clamp_min(1e-30))).all())
-
-
-def _disable(show_progress: bool | None) -> bool | None:
-    # tqdm: None = auto (off when not a terminal)
-    return None if show_progress is None else not show_progress
 
 
 #: loaders whose batches fit in this many bytes are kept on the device between the

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dattri._loader import batch_size_of
-from dattri.algorithm._engine import LoaderFeatures, close_per_example
+from dattri.algorithm._loop import LoaderFeatures, close_per_example
 from dattri.algorithm._hooks import LinearCapture
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask

@@ -14,7 +14,7 @@ from torch import nn
 
 from dattri._convention import capture_per_example, is_unbatched
 from dattri._loader import batch_size_of
-from dattri.algorithm._engine import LoaderFeatures, _check_finite, ensemble_rng
+from dattri.algorithm._loop import LoaderFeatures, _check_finite, ensemble_rng
 from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
 from dattri.task import AttributionTask
 
