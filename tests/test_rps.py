@@ -77,6 +77,7 @@ def test_newton_fit_is_the_float64_optimum_and_alpha_satisfies_the_representer_t
     ref = _scipy_optimum(h, y[:40], lam)
     torch.testing.assert_close(att.weight, ref, rtol=1e-6, atol=1e-8)
     assert att.stationarity <= 1e-10 and att.newton_iterations < 30
+    assert 1 <= att.hessian_factorizations <= att.newton_iterations
     # alpha_j = -(1/(2 lam n)) dCE_j/dPhi_j at the optimum, in closed form
     p = torch.softmax(h @ ref.T, 1)
     alpha = -(p - F.one_hot(y[:40], 3).double()) / (2 * lam * 40)

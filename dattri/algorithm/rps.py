@@ -27,7 +27,9 @@ penalty and vanish), so a layer of ``C x (d + 1)`` weights fitted on ``n < d``
 examples has ``C n`` unknowns. Up to ``DENSE_NEWTON_MAX_PARAMS`` unknowns the
 Hessian is formed densely in float64 and factored by Cholesky (at most 7,850 for
 MNIST LR: 0.5 GB); above, the Newton
-system is solved by conjugate gradients on Hessian-vector products. Steps are
+system is solved by conjugate gradients on Hessian-vector products. A formed
+Hessian's factor preconditions CG on the next Newton systems, and a new one is
+formed only when that CG does not converge within 25 steps. Steps are
 damped by a backtracking (Armijo) line search. The fit stops at stationarity,
 ``||grad F|| <= rtol * (||grad of the loss term|| + ||2 lambda W~||)`` (the two
 terms that cancel at the optimum; ``rtol = 1e-10``), where the representer
@@ -58,6 +60,8 @@ __all__ = ["DENSE_NEWTON_MAX_PARAMS", "RPSAttributor"]
 DENSE_NEWTON_MAX_PARAMS = 12_000
 _RTOL = 1e-10
 _CG_MAX_ITER = 1000
+_NEWTON_TOL = 1e-10  # relative residual of each Newton system
+_PCG_MAX_ITER = 25  # steps preconditioned by an earlier Hessian before forming a new one
 
 
 def _labels(batch: Any) -> torch.Tensor:
@@ -77,6 +81,8 @@ class _L2Problem:
 
     def __init__(self, loss_fn: Callable, h: torch.Tensor, y: torch.Tensor, lam: float) -> None:
         self.loss_fn, self.h, self.y, self.lam = loss_fn, h, y, lam
+        self.chol: torch.Tensor | None = None  # upper Cholesky factor of a formed Hessian
+        self.factorizations = 0
 
     def loss_grad(self, w: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """``F(w)``, the loss term's gradient (C, d) and ``dL/dPhi`` (n, C), mean-scaled."""
@@ -125,14 +131,30 @@ class _L2Problem:
         return torch.einsum("mna,nd->mad", t, self.h).reshape(v.shape[0], c * d)
 
     def newton_direction(self, w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """``-H(w)^{-1} grad``; a positive shift is added where ``H`` is not definite."""
+        """``-H(w)^{-1} grad`` (to a relative residual of ``_NEWTON_TOL``).
+
+        Dense: preconditioned CG on ``H(w)`` (Hessian-vector products, ~4 n C r flops
+        each) with the Cholesky factor of the last Hessian formed; when that does not
+        converge within ``_PCG_MAX_ITER`` steps (early, damped iterations move the
+        Hessian), ``H(w)`` itself is formed and factored (``factorizations`` counts
+        them). A positive shift is added where ``H`` is not definite.
+        """
         from dattri.linalg import cg_solve
 
         lam_j = self.output_hessians(w)
+        b = -grad.reshape(-1)
         if grad.numel() > DENSE_NEWTON_MAX_PARAMS:
-            step = cg_solve(lambda v: self.hvp(lam_j, v), grad.reshape(1, -1),
-                            max_iter=_CG_MAX_ITER, tol=1e-10, regularization=2 * self.lam)
-            return -step.reshape(grad.shape)
+            step = cg_solve(lambda v: self.hvp(lam_j, v), b.reshape(1, -1),
+                            max_iter=_CG_MAX_ITER, tol=_NEWTON_TOL,
+                            regularization=2 * self.lam)
+            return step.reshape(grad.shape)
+        if self.chol is not None:
+            step = _pcg(lambda v: self.hvp(lam_j, v.reshape(1, -1)).reshape(-1)
+                        + 2 * self.lam * v,
+                        b, lambda r: torch.cholesky_solve(r.reshape(-1, 1), self.chol,
+                                                          upper=True).reshape(-1))
+            if step is not None:
+                return step.reshape(grad.shape)
         hess = self.dense_hessian(lam_j)
         chol, info = torch.linalg.cholesky_ex(hess, upper=True)
         shift = 2 * self.lam
@@ -140,7 +162,31 @@ class _L2Problem:
             shift *= 10
             hess.diagonal().add_(shift)
             chol, info = torch.linalg.cholesky_ex(hess, upper=True)
-        return -torch.cholesky_solve(grad.reshape(-1, 1), chol, upper=True).reshape(grad.shape)
+        self.chol, self.factorizations = chol, self.factorizations + 1
+        return torch.cholesky_solve(b.reshape(-1, 1), chol, upper=True).reshape(grad.shape)
+
+
+def _pcg(apply_a: Callable, b: torch.Tensor, apply_m: Callable) -> torch.Tensor | None:
+    """Preconditioned CG for ``A x = b`` from 0 to ``||r|| <= _NEWTON_TOL ||b||``;
+    None when it needs more than ``_PCG_MAX_ITER`` steps or ``A`` is not definite."""
+    x, r = torch.zeros_like(b), b.clone()
+    z = apply_m(r)
+    p, rz, bound = z.clone(), float(r @ z), _NEWTON_TOL * float(b.norm())
+    for _ in range(_PCG_MAX_ITER):
+        ap = apply_a(p)
+        curv = float(p @ ap)
+        if curv <= 0:
+            return None
+        alpha = rz / curv
+        x.add_(p, alpha=alpha)
+        r.sub_(ap, alpha=alpha)
+        if float(r.norm()) <= bound:
+            return x
+        z = apply_m(r)
+        rz_new = float(r @ z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return None
 
 
 def _row_basis(h: torch.Tensor) -> torch.Tensor:
@@ -165,8 +211,10 @@ class RPSAttributor(BaseAttributor):
         device: computation device.
 
     After ``cache``: ``alpha`` (n_train, C), ``weight`` (C, d + 1, the fine-tuned
-    layer, bias last), ``newton_iterations`` and ``stationarity`` (the relative
-    gradient norm reached, see the module docstring).
+    layer, bias last), ``newton_iterations``, ``hessian_factorizations`` (dense
+    Hessians formed; the other Newton systems were solved by CG preconditioned
+    with the last one) and ``stationarity`` (the relative gradient norm reached,
+    see the module docstring).
     """
 
     def __init__(
@@ -199,6 +247,7 @@ class RPSAttributor(BaseAttributor):
         self.h_train: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
         self.newton_iterations: int | None = None
+        self.hessian_factorizations: int | None = None
         self.stationarity: float | None = None
 
     def _features(self, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +293,7 @@ class RPSAttributor(BaseAttributor):
             if t <= 1e-12:  # no decrease at the precision of float64
                 break
             w = w + t * step
+        self.hessian_factorizations = problem.factorizations
         if self.stationarity > _RTOL:
             warnings.warn(
                 f"RPSAttributor: the L2 fine-tuning stopped after {self.newton_iterations} Newton "
