@@ -67,9 +67,43 @@ def hvp_matmat(
     """
     g = grad(lambda t: loss(t, batch))
     if mode == "rev-rev":
-        _, pull = vjp(g, theta)
-        return vmap(lambda v: pull(v)[0], chunk_size=chunk)
+        return _RevRev(loss, theta, batch, chunk)
     return vmap(lambda v: jvp(g, (theta,), (v,))[1], chunk_size=chunk)
+
+
+#: up to this many vectors a product is a loop of plain autograd passes over the
+#: recorded gradient graph: no torch.func transform, whose first use in a process
+#: imports ~1-2 s of compiler modules (Arnoldi multiplies one vector at a time)
+FEW_VECTORS = 8
+
+
+class _RevRev:
+    """``V (k, P) -> H_b V`` by reverse-over-reverse, the gradient graph recorded
+    once: plain ``autograd.grad`` per vector for ``k <= FEW_VECTORS``, ``vmap`` of
+    ``torch.func.vjp`` (recorded on first use) above."""
+
+    def __init__(self, loss: Callable, theta: torch.Tensor, batch: Any, chunk: int) -> None:
+        self.loss, self.theta, self.batch, self.chunk = loss, theta, batch, chunk
+        self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batched: Callable | None = None
+
+    def _one(self, v: torch.Tensor) -> torch.Tensor:
+        if self._graph is None:
+            th = self.theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)
+            self._graph = (th, g)
+        th, g = self._graph
+        (h,) = torch.autograd.grad(g, th, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if h is None else h.detach()
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape[0] <= FEW_VECTORS:
+            return torch.stack([self._one(row) for row in v])
+        if self._batched is None:
+            _, pull = vjp(grad(lambda t: self.loss(t, self.batch)), self.theta)
+            self._batched = vmap(lambda u: pull(u)[0], chunk_size=self.chunk)
+        return self._batched(v)
 
 
 def dataset_matmat(
