@@ -166,13 +166,13 @@ class TracInAttributor(BaseAttributor):
         for c in range(self.num_checkpoints):
             if self._use_factored(train_loader, c):
                 fl, ft_ = self.train_features.factored, self.test_features.factored
-                tgt = None if same else ft_.iterate(train_loader, c)
+                tgt = None if same else ft_.iterate(train_loader, c, "self-influence targets")
                 parts = []
                 for fg in fl.iterate(train_loader, c, "self-influence"):
                     fg = self._unit(fg)
                     parts.append(fg.sq_norms() if tgt is None else fg.rowdot(self._unit(next(tgt))))
             else:
-                targets = None if same else self.test_features.iterate(train_loader, c)
+                targets = None if same else self.test_features.iterate(train_loader, c, "self-influence targets")
                 parts = []
                 for g in self.train_features.iterate(train_loader, c, "self-influence"):
                     gt = g if targets is None else next(targets)
