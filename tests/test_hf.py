@@ -92,3 +92,24 @@ def test_tracin_and_trak_on_gpt2():
     trak.cache(train)
     out = trak.attribute(train, test)
     assert out.shape == (6, 2) and torch.isfinite(out).all()
+
+
+def test_ekfac_and_logra_on_gpt2_conv1d_layers():
+    from dattri.algorithm import IFAttributorEKFAC, LoGraAttributor
+
+    model = _gpt2()
+    task = AttributionTask(_loss(model), model, model.state_dict())
+    data = _batch(6)
+    train = [{k: v[i:i + 3] for k, v in data.items()} for i in (0, 3)]
+    test = [{k: v[:2] for k, v in data.items()}]
+    mods = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    ek = IFAttributorEKFAC(task, module_name=mods, damping=0.1).cache(train)
+    s = ek.attribute(train, test)
+    assert s.shape == (6, 2) and torch.isfinite(s).all() and s.abs().max() > 0
+    # LoGra without projection and curvature = exact inner products of those layers
+    lg = LoGraAttributor(task, module_name=mods, hessian="Identity",
+                         proj_params={"proj_type": "identity"}).cache(train)
+    params = [f"{m}.{p}" for m in mods for p in ("weight", "bias")]
+    exact = TracInAttributor(task, weight_list=[1.0], normalized_grad=False,
+                             layer_name=params).attribute(train, test)
+    torch.testing.assert_close(lg.attribute(train, test), exact, rtol=1e-8, atol=1e-11)

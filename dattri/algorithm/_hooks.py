@@ -16,9 +16,10 @@ from dattri._convention import capture_per_example, is_unbatched
 from dattri._loader import batch_size_of
 from dattri.algorithm._loop import LoaderFeatures, _check_finite, ensemble_rng
 from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
+from dattri.func.per_example import _is_hf_conv1d
 from dattri.task import AttributionTask
 
-__all__ = ["HookFeaturizer", "LinearCapture", "resolve_linear_modules"]
+__all__ = ["HookFeaturizer", "LinearCapture", "layer_dims", "resolve_linear_modules"]
 
 
 def _param_names(module_name: str, bias: bool) -> list[str]:
@@ -27,9 +28,20 @@ def _param_names(module_name: str, bias: bool) -> list[str]:
 
 
 def _is_layer(m: nn.Module, conv: bool) -> bool:
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
         return True
     return conv and isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1
+
+
+def layer_dims(m: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of the linear map a captured layer applies at each position:
+    ``nn.Linear``; Hugging Face ``Conv1D`` (GPT-2, weight ``(d_in, d_out)``); a
+    convolution on its ``C_in * K`` input patches."""
+    if _is_hf_conv1d(m):
+        return m.nf, m.weight.shape[0]
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return m.out_channels, m.weight[0].numel()
+    return m.out_features, m.in_features
 
 
 def resolve_linear_modules(
@@ -41,7 +53,8 @@ def resolve_linear_modules(
     task._resolve_layer_name(None)  # loads checkpoint 0 -> named_parameters
     modules = dict(task.model.named_modules())
     trainable = task.named_parameters
-    kinds = "nn.Linear or ungrouped nn.Conv1d/Conv2d" if conv else "nn.Linear"
+    kinds = ("nn.Linear (or transformers Conv1D) or ungrouped nn.Conv1d/Conv2d" if conv
+             else "nn.Linear (or transformers Conv1D)")
     if module_name is None:
         names = [n for n, m in modules.items() if _is_layer(m, conv)
                  and _param_names(n, False)[0] in trainable]

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from dattri._convention import model_style_task
-from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, resolve_linear_modules
+from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, layer_dims, resolve_linear_modules
 from dattri.algorithm._offload import FeatureStore, check_offload
 from dattri.algorithm.influence_function import _check_choice, _IFBase
 from dattri.errors import DattriValueError
@@ -132,7 +132,7 @@ class _BlockProjectedIF(_IFBase):
         self.module_name, self.bias = names, bias
         self.hessian, self.damping = hessian, None if damping is None else float(damping)
         mods = dict(task.model.named_modules())
-        self._dims = {n: (mods[n].out_features, mods[n].in_features + int(bias[n]))
+        self._dims = {n: (layer_dims(mods[n])[0], layer_dims(mods[n])[1] + int(bias[n]))
                       for n in names}
         self.capture = LinearCapture(task, names, self.device)
         self.train_features = HookFeaturizer(self.capture, "loss", self._features)
