@@ -257,8 +257,17 @@ def _mnist_data(path: str | os.PathLike | None, size: SettingSize, seed: int) ->
 
     if size.data_kwargs.get("source") == "mnist_5k":
         ds = create_mnist_5k_dataset(path)
+        # the file is sorted by class: interleave the classes (the k-th digit of each
+        # class, then the (k+1)-th, ...), so that every prefix is balanced (the tiny
+        # size's first 200 digits were all zeros and its test digits all eights)
+        y = ds.targets
+        rank = torch.empty_like(y)
+        for c in y.unique():
+            where = (y == c).nonzero().squeeze(1)
+            rank[where] = torch.arange(len(where))
+        order = torch.argsort(rank * (int(y.max()) + 1) + y, stable=True)
         split = int(size.data_kwargs.get("split", 4000))
-        return ds.subset(range(split)), ds.subset(range(split, len(ds)))
+        return ds.subset(order[:split]), ds.subset(order[split:])
     return create_mnist_dataset(path)
 
 
