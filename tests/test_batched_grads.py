@@ -55,11 +55,13 @@ class ConvNet(nn.Module):
 
 
 class SeqNet(nn.Module):
-    """Embedding (repeated tokens, padding index), LayerNorm, attention, tied read-out."""
+    """Embedding (repeated tokens, padding index), position embeddings of shape (T, d)
+    broadcast over the batch, LayerNorm, attention, tied read-out."""
 
     def __init__(self, v: int = 7, d: int = 8) -> None:
         super().__init__()
         self.emb = nn.Embedding(v, d, padding_idx=0)
+        self.pos = nn.Embedding(6, d)  # called on positions (T,): shared by the batch
         self.ln = nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
         self.mha_tf = nn.MultiheadAttention(d, 2)  # (T, B, d) layout
@@ -69,7 +71,7 @@ class SeqNet(nn.Module):
         self.head.weight = self.emb.weight  # tied weights
 
     def forward(self, tok: torch.Tensor) -> torch.Tensor:
-        h = self.ln(self.emb(tok))
+        h = self.ln(self.emb(tok) + self.pos(torch.arange(tok.shape[1])))
         h = h + self.attn(h, h, h, need_weights=False)[0]
         ht = h.transpose(0, 1)
         h = h + self.mha_tf(ht, ht, ht)[0].transpose(0, 1)

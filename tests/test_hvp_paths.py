@@ -9,6 +9,7 @@ from dattri.algorithm import influence_function as IF
 
 
 def test_few_and_many_vector_paths_equal_the_dense_hessian(monkeypatch):
+    monkeypatch.setattr(IF, "FEW_VECTORS", 4)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
     theta = torch.randn(18, generator=g, dtype=torch.float64)

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from dattri._loader import batch_size_of
 from dattri.errors import InvalidLossError
-from dattri.func.per_example import generic_grads, rule_for
+from dattri.func.per_example import _batch_dim, generic_grads, rule_for
 from dattri.task import AttributionTask
 
 __all__ = ["BatchedGrads", "reference_grads"]
@@ -116,14 +116,18 @@ class BatchedGrads:
         as the gradient of a zero leaf added to it (``y + 0``)."""
         def hook(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             slots: list[tuple[str, int]] = []
+            b = self._b
+            # a call on inputs without the batch axis (position ids of shape (T,) or
+            # (1, T)) makes an output that the batch shares, broadcast later: it is
+            # expanded to (B, ...), so that its gradient stays per example
+            lift = b > 1 and not any(_batch_dim(t, b, _m) is not None
+                                     for t in tree_flatten((args, kwargs))[0])
 
             def tap(t: Any) -> Any:
                 if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
                     return t
-                if t.dim() and t.shape[0] == 1 and self._b > 1:
-                    # an output shared by the batch (position embeddings of (1, T)
-                    # broadcast later): expanded, so its gradient stays per example
-                    t = t.expand(self._b, *t.shape[1:])
+                if lift:
+                    t = t.expand(b, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t.expand(b, *t.shape)
                 if t.requires_grad:  # the gradient at this value, even if changed in place later
                     key = len(tapped)
                     tapped[key] = None
@@ -137,6 +141,11 @@ class BatchedGrads:
 
             out = tree_map(tap, output)
             detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+            if lift:  # the inputs as every example saw them
+                args, kwargs = tree_map(
+                    lambda t: (t.expand(b, *t.shape[1:]) if t.dim() and t.shape[0] == 1
+                               else t.expand(b, *t.shape)) if isinstance(t, torch.Tensor) else t,
+                    (args, kwargs))
             unit.calls.append((tree_map(detach, args), tree_map(detach, kwargs),
                                tree_map(detach, out), slots))
             return out
@@ -187,10 +196,6 @@ class BatchedGrads:
         if all(g is None for g in gs):
             return {}
         scale = float(b)
-        # inputs shared by the batch (shape (1, ...)) seen by every example
-        args, kwargs = tree_map(
-            lambda t: t.expand(b, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim()
-            and t.shape[0] == 1 and b > 1 else t, (args, kwargs))
         if u.rule is not None:
             if len(gs) != 1 or not args or not isinstance(args[0], torch.Tensor) or kwargs:
                 return None
