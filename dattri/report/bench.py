@@ -213,6 +213,8 @@ def report_setting(  # noqa: PLR0913
     elif evaluate and clean is not None:
         from dattri.metric import lds, loo_corr
 
+        if not att.is_cached:
+            att.cache(_loader(md, "train"))
         score = att.attribute(_loader(md, "train"), _loader(md, "test")).detach().cpu()
         corr, _ = (lds if clean == "lds" else loo_corr)(score, gt)
         values[f"{_LABELS[clean]} ({spec.name}, {_slug(hyper)})"] = float(corr.nanmean())

@@ -218,6 +218,8 @@ def topk_from_attributor(
 
     chosen = [int(i) for i in test_indices]
     loader = DataLoader(Subset(test_dataset, chosen), batch_size=batch_size)
+    if not getattr(attributor, "is_cached", True):
+        attributor.cache(train_loader)
     score = attributor.attribute(train_loader, loader).detach().cpu()
     top = topk_from_blocks([(0, score)], k, torch.tensor(chosen, dtype=torch.int64))
     return top, score
