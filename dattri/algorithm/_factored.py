@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dattri._loader import batch_size_of
-from dattri.algorithm._loop import LoaderFeatures, close_per_example
+from dattri.algorithm._loop import LoaderFeatures, _head, close_per_example
 from dattri.algorithm._hooks import LinearCapture
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -162,9 +161,7 @@ class FactoredLinearFeaturizer(LoaderFeatures):
         examples of ``batch``, once per checkpoint."""
         if ckpt_idx in self._verified:
             return self._verified[ckpt_idx]
-        from dattri._loader import slice_batch
-
-        small = slice_batch(batch, slice(0, min(4, batch_size_of(batch))))
+        small = _head(batch)
         ref = dense(small, ckpt_idx)  # also moves the model to the device
         fg = self.try_batch(small, ckpt_idx) if self.supported else None
         ok = fg is not None and close_per_example(fg.dense(), ref)

@@ -812,6 +812,7 @@ def arnoldi_project(
 
 
 # the published projector classes (dattri.func.projection.BasicProjector, ...)
+from dattri.func import projector_classes as _published  # noqa: E402
 from dattri.func.projector_classes import (  # noqa: E402
     AbstractProjector,
     ArnoldiProjector,
@@ -822,12 +823,4 @@ from dattri.func.projector_classes import (  # noqa: E402
     make_random_projector,
 )
 
-__all__ += [
-    "AbstractProjector",
-    "ArnoldiProjector",
-    "BasicProjector",
-    "ChunkedCudaProjector",
-    "CudaProjector",
-    "ProjectionType",
-    "make_random_projector",
-]
+__all__ += _published.__all__
