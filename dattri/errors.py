@@ -24,6 +24,7 @@ __all__ = [
     "NotCachedError",
     "OnePassLoaderError",
     "ShuffledLoaderError",
+    "StoreError",
 ]
 
 
@@ -90,3 +91,8 @@ class NonFiniteError(DattriRuntimeError):
 
 class GroundTruthError(DattriValueError):
     """Ground truth or a retraining folder is missing, corrupt or mismatched."""
+
+
+class StoreError(DattriValueError):
+    """A feature store on disk (``dattri.store``) disagrees with the run that opens
+    it (other data, settings, dimension or dtype) or is damaged."""
