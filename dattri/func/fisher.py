@@ -31,7 +31,8 @@ eigenvalues :math:`\Lambda_{oi} = \frac1N\sum_n (Q_S^\top G_n Q_A)_{oi}^2`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.func import grad, vmap
@@ -50,9 +51,13 @@ from dattri.func.hessian import (
 from dattri.linalg import factorize
 
 __all__ = [
+    "IFVPUsageError",
     "ekfac_corrected_eigenvalues",
     "ekfac_corrected_eigenvalues_from_activations",
     "empirical_fisher",
+    "estimate_covariance",
+    "estimate_eigenvector",
+    "estimate_lambda",
     "ifvp_at_x_explicit",
     "ifvp_explicit",
     "kfac_covariances",
@@ -357,3 +362,175 @@ def kfac_ifvp(
         msg = f"`V` must end in (d_out, d_a) = {tuple(eig.shape)}, got {tuple(V.shape)}."
         raise DattriValueError(msg)
     return Q_S @ ((Q_S.T @ V @ Q_A) / (eig + damping)) @ Q_A.T
+
+
+# ------------------------------------------- the published EK-FAC estimation API
+class IFVPUsageError(DattriValueError):
+    """Bad arguments to the Fisher functions (the published release's name)."""
+
+
+def _hooked_pass(func: Callable, batch: Any, layer_cache: Mapping[str, tuple],
+                 device: str | torch.device, what: str):
+    """One forward of ``func`` on ``batch`` (which fills ``layer_cache`` by hooks) and
+    the per-example output gradients of every cached layer.
+
+    Yields ``(name, inputs, output_grads, mask)`` per cached layer, where
+    ``output_grads`` is the gradient of ``N * loss`` (``N`` the batch size): for a
+    mean loss, the gradient of each example's own loss. The gradients are taken with
+    :func:`torch.autograd.grad`, so no ``.grad`` of a parameter is touched.
+    """
+    from dattri._loader import batch_size_of, to_device
+
+    batch = to_device(batch, device)
+    if isinstance(batch, list):
+        batch = tuple(batch)
+    n = batch_size_of(batch)
+    out = func(batch)
+    loss, mask = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        msg = (f"{what}: func(batch) must return the batch's mean loss (a scalar), or "
+               f"(loss, mask); it returned {type(loss).__name__}"
+               f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}.")
+        raise IFVPUsageError(msg)
+    if not layer_cache:
+        msg = (f"{what}: layer_cache is empty after func(batch); register forward hooks "
+               "on the layers that store layer_cache[name] = (inputs, outputs) (inputs "
+               "with a column of ones appended for a bias).")
+        raise IFVPUsageError(msg)
+    names = list(layer_cache)
+    outputs = [layer_cache[k][1] for k in names]
+    if not all(isinstance(o, torch.Tensor) and o.requires_grad for o in outputs):
+        bad = [k for k, o in zip(names, outputs) if not (isinstance(o, torch.Tensor) and o.requires_grad)]
+        msg = (f"{what}: the cached outputs of {bad} do not require grad; func must use "
+               "parameters that require grad (e.g. task.get_param()).")
+        raise IFVPUsageError(msg)
+    grads = torch.autograd.grad(loss * n, outputs, allow_unused=True)
+    for k, g in zip(names, grads):
+        a = layer_cache[k][0]
+        if g is None:
+            g = torch.zeros_like(layer_cache[k][1])
+        m = mask
+        if m is not None:
+            m = m.reshape(a.shape[0], -1) if a.ndim == 3 else m.reshape(a.shape[0], 1)  # noqa: PLR2004
+        yield k, a.detach(), g.detach(), m
+
+
+def _batches(dataloader: Iterable, max_iter: int | None) -> Iterable:
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
+                                 or max_iter < 1):
+        msg = f"max_iter={max_iter!r} must be None (every batch) or an int >= 1."
+        raise IFVPUsageError(msg)
+    for i, batch in enumerate(dataloader):
+        if max_iter is not None and i >= max_iter:
+            return
+        yield batch
+
+
+def estimate_covariance(
+    func: Callable,
+    dataloader: Iterable,
+    layer_cache: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    max_iter: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    r"""The K-FAC factors of every hooked layer over a loader (the published API).
+
+    For each layer in ``layer_cache`` (``name -> (inputs, outputs)``, filled by
+    forward hooks while ``func`` runs; ``inputs`` already carry the bias column of
+    ones when the layer has a bias),
+
+    .. math:: A = \frac{1}{N_{tok}} \sum_{n,t} a_{n,t} a_{n,t}^\top, \qquad
+              S = \frac{1}{N} \sum_{n,t} s_{n,t} s_{n,t}^\top,
+
+    with ``s`` the gradient of example ``n``'s own loss w.r.t. the layer output
+    (that of ``N * func(batch)``, ``func`` returning the batch's mean loss), summed
+    over the first ``max_iter`` batches (all by default) and divided by the totals,
+    as :func:`kfac_covariances` defines them.
+
+    Args:
+        func: ``func(batch) -> loss`` (mean over the batch), or ``(loss, mask)``
+            with a 0/1 ``(N, T)`` mask of the positions that count.
+        dataloader: training batches (a tuple/list of tensors, or a dict).
+        layer_cache: the dict the hooks fill; read after each forward.
+        max_iter: number of batches used (``None``: all).
+        device: where batches are moved.
+
+    Returns:
+        ``{name: (A, S)}``.
+
+    Raises:
+        IFVPUsageError: ``func`` does not return a scalar, no layer was cached, or
+            the cached outputs carry no gradient.
+    """
+    sums: dict[str, list] = {}  # name -> [sum a a^T, sum s s^T, tokens, examples]
+    for batch in _batches(dataloader, max_iter):
+        for k, a, s, m in _hooked_pass(func, batch, layer_cache, device, "estimate_covariance"):
+            A, S = kfac_covariances(a, s, bias=False, mask=m, reduction="sum")
+            t = a.shape[0] * (a.shape[1] if a.ndim == 3 else 1)  # noqa: PLR2004
+            new = [A, S, t if m is None else float(m.sum()), a.shape[0]]
+            sums[k] = new if k not in sums else [x + y for x, y in zip(sums[k], new)]
+    if not sums:
+        msg = "estimate_covariance: dataloader yielded no batches."
+        raise IFVPUsageError(msg)
+    return {k: (A / max(t, 1), S / n) for k, (A, S, t, n) in sums.items()}
+
+
+def estimate_eigenvector(
+    covariances: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Eigenvectors ``(Q_A, Q_S)`` (columns) of each layer's ``(A, S)`` (the published API).
+
+    ``A = Q_A diag(l_A) Q_A^T`` and ``S = Q_S diag(l_S) Q_S^T`` (:func:`kfac_eigen`,
+    float64 inside).
+    """
+    out = {}
+    for k, pair in covariances.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:  # noqa: PLR2004
+            msg = f"covariances[{k!r}] must be a pair (A, S), got {type(pair).__name__}."
+            raise IFVPUsageError(msg)
+        _, qa, _, qs = kfac_eigen(pair[0], pair[1])
+        out[k] = (qa, qs)
+    return out
+
+
+def estimate_lambda(
+    func: Callable,
+    dataloader: Iterable,
+    eigenvectors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    layer_cache: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    max_iter: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    r"""EK-FAC corrected eigenvalues of every hooked layer (the published API).
+
+    .. math:: \Lambda = \frac1N \sum_n (Q_S^\top G_n Q_A)^{\odot 2}, \qquad
+              G_n = \sum_t s_{n,t} a_{n,t}^\top,
+
+    over the first ``max_iter`` batches, ``(Q_A, Q_S)`` from
+    :func:`estimate_eigenvector` (eigenvectors as columns; the published code
+    multiplies ``Q_S G_n Q_A^T``, the transposed rotation, which is not the EK-FAC
+    basis unless ``Q`` is symmetric). ``func`` / ``layer_cache`` as in
+    :func:`estimate_covariance`.
+
+    Returns:
+        ``{name: Lambda (d_out, d_in[+1])}``, ready for :func:`kfac_ifvp`.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    examples = 0
+    for batch in _batches(dataloader, max_iter):
+        n = 0
+        for k, a, s, m in _hooked_pass(func, batch, layer_cache, device, "estimate_lambda"):
+            if k not in eigenvectors:
+                msg = (f"estimate_lambda: eigenvectors has no entry for the cached layer "
+                       f"{k!r}; pass the output of estimate_eigenvector for the same layers.")
+                raise IFVPUsageError(msg)
+            qa, qs = eigenvectors[k]
+            lam = ekfac_corrected_eigenvalues_from_activations(
+                a, s, qa.to(a), qs.to(s), bias=False, mask=m, reduction="sum")
+            sums[k] = sums[k] + lam if k in sums else lam
+            n = a.shape[0]
+        examples += n
+    if not sums:
+        msg = "estimate_lambda: dataloader yielded no batches."
+        raise IFVPUsageError(msg)
+    return {k: v / examples for k, v in sums.items()}
