@@ -1,4 +1,4 @@
-"""dattri.report: top-k without the full matrix, the HTML page (parsed), renderers, the
+"""dattri.report: the HTML page (parsed), renderers, the
 benchmark pages (``dattri report``, ``dattri bench``) and a real headless browser."""
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ from dattri.benchmark.datasets.shakespeare_char.data import CharBlockDataset, Ch
 from dattri.errors import DattriValueError
 from dattri.report import (
     GenericRenderer,
-    TopK,
     custom,
-    merge_topk,
     piano_roll,
-    topk_from_blocks,
     topk_from_scores,
     write_report,
 )
@@ -119,50 +116,6 @@ def _check_against_scores(page: _Page, score: torch.Tensor, k: int, columns: lis
 def digits():
     ds = create_mnist_5k_dataset()
     return ds.subset(range(0, 5000, 20)), ds.subset(range(7, 5000, 250))  # 250 / 20, all classes
-
-
-# ----------------------------------------------------------------------------- top-k
-def test_topk_from_blocks_and_shards_equal_a_dense_sort():
-    g = torch.Generator().manual_seed(0)
-    score = torch.randn(257, 9, generator=g, dtype=torch.float64)
-    cols = [8, 0, 3]
-    ref_hi = torch.sort(score[:, cols], dim=0, descending=True)
-    ref_lo = torch.sort(score[:, cols], dim=0)
-    for block in (1, 50, 256, 1000):
-        top = topk_from_scores(score, 7, cols, block_size=block)
-        assert top.test_indices.tolist() == cols
-        assert torch.equal(top.proponents, ref_hi.indices[:7].T)
-        assert torch.equal(top.proponent_scores, ref_hi.values[:7].T)
-        assert torch.equal(top.opponents, ref_lo.indices[:7].T)
-        assert torch.equal(top.opponent_scores, ref_lo.values[:7].T)
-    # blocks in any order, and shards ranked separately then merged: the same answer
-    blocks = [(s, score[s:s + 40][:, cols]) for s in range(0, 257, 40)][::-1]
-    shuffled = topk_from_blocks(blocks, 7, cols)
-    shards = [(s, topk_from_scores(score[s:s + 100], 7, cols)) for s in (0, 100, 200)]
-    merged = merge_topk(shards[:2] + [(200, topk_from_scores(score[200:], 7, cols))])
-    for top in (shuffled, merged):
-        assert torch.equal(top.proponents, ref_hi.indices[:7].T)
-        assert torch.equal(top.opponents, ref_lo.indices[:7].T)
-
-
-def test_topk_ties_go_to_the_lower_row_and_bad_input_is_refused(tmp_path):
-    score = torch.tensor([[1.0], [2.0], [2.0], [0.0], [0.0]])
-    top = topk_from_scores(score, 2, block_size=2)
-    assert top.proponents.tolist() == [[1, 2]] and top.opponents.tolist() == [[3, 4]]
-    path = top.save(tmp_path / "top.pt")
-    again = TopK.load(path)
-    assert torch.equal(again.proponents, top.proponents)
-    assert torch.equal(again.opponent_scores, top.opponent_scores)
-    with pytest.raises(DattriValueError, match="k: 6 exceeds the 5 training rows"):
-        topk_from_scores(score, 6)
-    with pytest.raises(DattriValueError, match="k: expected a positive int"):
-        topk_from_scores(score, 0)
-    with pytest.raises(DattriValueError, match="test_indices: must lie in 0..0"):
-        topk_from_scores(score, 1, [1])
-    with pytest.raises(DattriValueError, match="every block must be 2-D"):
-        topk_from_blocks([(0, torch.zeros(3, 2)), (3, torch.zeros(3, 1))], 1)
-    with pytest.raises(DattriValueError, match="parts: shards rank different test examples"):
-        merge_topk([(0, top), (5, topk_from_scores(torch.zeros(5, 2), 1, [1]))])
 
 
 # ----------------------------------------------------------------------------- the page

@@ -5,7 +5,8 @@ training examples of highest and lowest score of every chosen test example, per
 modality (images, character windows, piano rolls, any tensor, or a user's render
 function), under a summary (method, checkpoints, metric values, the noisy-label
 ranking). The ranking comes from a score matrix read in blocks, from the shards
-of a sharded run, or from an attributor on the shown test examples only
+of a sharded run, from training features cached on disk (:mod:`dattri.store`),
+or from an attributor on the shown test examples only
 (:mod:`dattri.report.topk`), so no full score matrix is needed.
 The benchmark's page (``dattri report``, ``dattri bench``) is
 :mod:`dattri.report.bench`. This package imports torch, numpy and matplotlib only.
@@ -28,6 +29,7 @@ from dattri.report.topk import (
     topk_from_attributor,
     topk_from_blocks,
     topk_from_scores,
+    topk_from_store,
 )
 
 __all__ = [
@@ -45,5 +47,6 @@ __all__ = [
     "topk_from_attributor",
     "topk_from_blocks",
     "topk_from_scores",
+    "topk_from_store",
     "write_report",
 ]
