@@ -89,3 +89,71 @@ def test_fisher_estimates_equal_per_example_gradient_reference():
         estimate_covariance(func, loader, cache, max_iter=0)
     with pytest.raises(IFVPUsageError, match="layer_cache is empty"):
         estimate_covariance(func, loader, {})
+
+
+# ------------------------------------------------------------ dattri.benchmark.load
+def test_published_load_maps_and_url_map():
+    from dattri.benchmark import load
+    from dattri.benchmark.models.mlp import MLPMnist
+    from dattri.errors import DattriValueError
+
+    urls = load.generate_url_map("mnist_lr")
+    assert urls["models_full"] == load.REPO_URL + "mnist_lr/mnist_lr_full.zip?download=true"
+    assert urls["groundtruth"]["lds"][1].endswith("mnist_lr/lds/target_values_lds.pt?download=true")
+    assert urls["groundtruth"]["loo"][0].endswith("mnist_lr/loo/indices_loo.pt?download=true")
+    with pytest.raises(DattriValueError, match="identifier"):
+        load.generate_url_map(3)
+    identifiers = {"mnist_mlp", "mnist_lr", "cifar2_resnet9", "shakespeare_nanogpt",
+                   "maestro_musictransformer", "wikitext2_gpt2"}
+    for m in (load.LOSS_MAP, load.TRAIN_FUNC_MAP, load.MODEL_MAP, load.SAMPLERSIZE_MAP):
+        assert set(m) == identifiers
+    assert isinstance(load.MODEL_MAP["mnist_mlp"](), MLPMnist)  # zero-argument factory
+    assert load.SAMPLERSIZE_MAP["mnist_lr"] == [5000, 500]
+    assert load.SAMPLERSIZE_MAP["wikitext2_gpt2"] == [4656, 481]
+    assert {"mnist", "cifar2", "shakespeare", "maestro", "wikitext2"} <= set(load.SUPPORTED_DATASETS)
+    # the published loss functions evaluate a saved checkpoint on a loader
+    model = load.MODEL_MAP["mnist_lr"]()
+    assert callable(load.LOSS_MAP["mnist_lr"]) and callable(load.TRAIN_FUNC_MAP["mnist_lr"])
+    assert model.linear.in_features == 784
+
+
+def test_gpt2_wikitext2_setting_offline(tmp_path):
+    pytest.importorskip("transformers", reason="the GPT-2 setting needs transformers")
+    from dattri.algorithm import TracInAttributor
+    from dattri.benchmark.datasets.cifar import StandInDataWarning
+    from dattri.benchmark.load import load_benchmark
+    from dattri.benchmark.settings import PUBLISHED_SETTINGS, SETTINGS, get_setting
+    from dattri.task import AttributionTask, load_state_dict_file
+
+    rec = get_setting("gpt2", "wikitext2")
+    assert rec is PUBLISHED_SETTINGS["wikitext2_gpt2"] and rec.name not in SETTINGS
+    with pytest.warns(StandInDataWarning, match="WikiText-2 STAND-IN"):
+        md, (values, indices) = load_benchmark("gpt2", "wikitext2", "lds", size="tiny",
+                                               cache_dir=tmp_path, progress=False)
+    assert type(md["model"]).__name__ == "GPT2LMHeadModel"
+    assert any("STAND-IN" in n for n in md["notes"])
+    assert values.shape == (3, 4) and indices.shape == (3, 8)  # 3 LDS models, half of 16
+    assert len(md["models_full"]) == 1 and len(md["models_half"]) == 4
+    train = DataLoader(md["train_dataset"], batch_size=8, sampler=md["train_sampler"])
+    test = DataLoader(md["test_dataset"], batch_size=4, sampler=md["test_sampler"])
+    batch = next(iter(test))
+    model = md["model"]
+    # LDS ground truth = minus the model's own loss of each test block, first LDS model
+    model.load_state_dict(load_state_dict_file(md["models_half"][1]))
+    with torch.no_grad():
+        own = torch.stack([model(**{k: v[j:j + 1] for k, v in batch.items()}).loss
+                           for j in range(4)])
+    torch.testing.assert_close(values[0], -own.double(), rtol=1e-5, atol=1e-6)
+    state = dict(model.state_dict())
+    torch.testing.assert_close(md["loss_func"](state, batch), model(**batch).loss)
+    # TRAK's margin, stable form, against log(p / (1 - p)) from the logits
+    with torch.no_grad():
+        z = model(input_ids=batch["input_ids"]).logits[:, :-1].double()
+    p = torch.softmax(z, -1).gather(-1, batch["labels"][:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(md["margin_func"](state, batch).double(),
+                               torch.log(p / (1 - p)).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(md["correct_probability_func"](state, batch).double(), p.mean(),
+                               rtol=1e-4, atol=1e-6)
+    task = AttributionTask(md["loss_func"], model, md["models_full"][0])
+    scores = TracInAttributor(task, weight_list=[1.0], normalized_grad=False).attribute(train, test)
+    assert scores.shape == (16, 4) and torch.isfinite(scores).all()

@@ -28,6 +28,7 @@ import inspect
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,11 +43,132 @@ from dattri.benchmark.settings import BenchmarkSetting, SettingSize, get_setting
 from dattri.benchmark.utils import SubsetSampler, flip_label
 from dattri.errors import DattriValueError
 
-__all__ = ["PreparedSetting", "default_cache_dir", "load_benchmark", "prepare_setting"]
+__all__ = [
+    "LOSS_MAP",
+    "MODEL_MAP",
+    "REPO_URL",
+    "SAMPLERSIZE_MAP",
+    "SUPPORTED_DATASETS",
+    "TRAIN_FUNC_MAP",
+    "PreparedSetting",
+    "default_cache_dir",
+    "generate_url_map",
+    "load_benchmark",
+    "prepare_setting",
+]
 
 METRICS = ("lds", "loo", "auc")
 _FORMAT = 1
 _NOISE = 0.1
+
+
+# ----------------------------------------------------------------------------- published maps
+#: where the published release downloads its checkpoints and ground truth from
+#: (nothing here downloads: ``load_benchmark`` trains them; see the module docstring)
+REPO_URL = "https://huggingface.co/datasets/trais-lab/dattri-benchmark/resolve/main/"
+
+
+def generate_url_map(identifier: str) -> dict[str, Any]:
+    """The published release's download addresses of a setting ``f"{dataset}_{model}"``.
+
+    ``{"models_full": url, "models_half": url, "groundtruth": {"lds": [indices_url,
+    values_url], "loo": [indices_url, values_url]}}``, as the published layout of
+    ``REPO_URL`` has them. Only the addresses: this package cannot reach them and
+    produces the same files itself (:func:`load_benchmark`).
+
+    Raises:
+        DattriValueError: ``identifier`` is not a non-empty string.
+    """
+    if not isinstance(identifier, str) or not identifier:
+        msg = f"identifier: expected a setting name such as 'mnist_lr', got {identifier!r}."
+        raise DattriValueError(msg)
+    base = f"{REPO_URL}{identifier}/"
+
+    def gt(metric: str) -> list[str]:
+        return [f"{base}{metric}/{kind}_{metric}.pt?download=true"
+                for kind in ("indices", "target_values")]
+
+    return {"models_full": f"{base}{identifier}_full.zip?download=true",
+            "models_half": f"{base}{identifier}_half.zip?download=true",
+            "groundtruth": {"lds": gt("lds"), "loo": gt("loo")}}
+
+
+class _LazyMap(Mapping):
+    """A read-only map whose values are imported on first access (``"module:attr"``,
+    optionally with positional arguments bound), so that importing this module does
+    not import every setting's dependencies (``transformers``, ``music21``)."""
+
+    def __init__(self, spec: Mapping[str, tuple | None]) -> None:
+        self._spec = dict(spec)
+        self._done: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._done:
+            spec = self._spec[key]
+            if spec is None:
+                self._done[key] = None
+            else:
+                import importlib
+
+                module, attr = spec[0].split(":")
+                obj = getattr(importlib.import_module(module), attr)
+                self._done[key] = partial(obj, *spec[1:]) if len(spec) > 1 else obj
+        return self._done[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spec)
+
+    def __len__(self) -> int:
+        return len(self._spec)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({sorted(self._spec)})"
+
+
+_D = "dattri.benchmark.datasets."
+#: published ``SUPPORTED_DATASETS``: dataset name -> ``create_*(path) -> (train, test)``
+SUPPORTED_DATASETS = _LazyMap({
+    "mnist": (_D + "mnist:create_mnist_dataset",),
+    "cifar2": (_D + "cifar:create_cifar2_dataset",),
+    "cifar10": (_D + "cifar:create_cifar10_dataset",),
+    "shakespeare": (_D + "shakespeare_char:create_shakespeare_dataset",),
+    "maestro": (_D + "maestro:create_maestro_datasets",),
+    "wikitext2": (_D + "wikitext2:create_wikitext2_dataset",),
+})
+#: published ``LOSS_MAP``: setting -> ``loss(model_path, dataloader) -> per-batch losses``
+LOSS_MAP = _LazyMap({
+    "mnist_mlp": (_D + "mnist:loss_mnist_mlp",),
+    "mnist_lr": (_D + "mnist:loss_mnist_lr",),
+    "cifar2_resnet9": (_D + "cifar:loss_cifar_resnet9",),
+    "shakespeare_nanogpt": (_D + "shakespeare_char:loss_shakespeare_nanogpt",),
+    "maestro_musictransformer": (_D + "maestro:loss_maestro_musictransformer",),
+    "wikitext2_gpt2": (_D + "wikitext2:loss_wikitext2_gpt2",),
+})
+#: published ``TRAIN_FUNC_MAP``: setting -> ``train(dataloader, seed=, device=) -> model``
+TRAIN_FUNC_MAP = _LazyMap({
+    "mnist_mlp": (_D + "mnist:train_mnist_mlp",),
+    "mnist_lr": (_D + "mnist:train_mnist_lr",),
+    "cifar2_resnet9": (_D + "cifar:train_cifar_resnet9",),
+    "shakespeare_nanogpt": (_D + "shakespeare_char:train_shakespeare_nanogpt",),
+    "maestro_musictransformer": (_D + "maestro:train_maestro_musictransformer",),
+    "wikitext2_gpt2": (_D + "wikitext2:train_wikitext2_gpt2",),
+})
+#: published ``MODEL_MAP``: setting -> zero-argument factory of the (untrained) model
+MODEL_MAP = _LazyMap({
+    "mnist_mlp": (_D + "mnist:create_mlp_model", "mnist"),
+    "mnist_lr": (_D + "mnist:create_lr_model", "mnist"),
+    "cifar2_resnet9": (_D + "cifar:create_resnet9_model",),
+    "shakespeare_nanogpt": (_D + "shakespeare_char:create_nanogpt_model",),
+    "maestro_musictransformer": (_D + "maestro:create_musictransformer_model",),
+    "wikitext2_gpt2": ("dattri.benchmark.models.gpt2:create_gpt2_model",),
+})
+#: published ``SAMPLERSIZE_MAP``: ``[n_train, n_test]`` of each setting's full size on
+#: the original data (nanoGPT / GPT-2: every block of Tiny Shakespeare / WikiText-2)
+SAMPLERSIZE_MAP = {
+    "mnist_mlp": [5000, 500], "mnist_lr": [5000, 500], "cifar2_resnet9": [5000, 500],
+    "shakespeare_nanogpt": [3921, 435], "maestro_musictransformer": [5000, 178],
+    "wikitext2_gpt2": [4656, 481],
+}
 
 
 def default_cache_dir() -> Path:
@@ -172,7 +294,8 @@ def prepare_setting(
     seed = _check_int("seed", seed, 0)
     train, test = rec.create_datasets(data_path, sz, seed)
     n_train = len(train) if sz.n_train is None else sz.n_train
-    for name, want, have in (("n_train", n_train, len(train)), ("n_test", sz.n_test, len(test))):
+    n_test = len(test) if sz.n_test is None else sz.n_test
+    for name, want, have in (("n_train", n_train, len(train)), ("n_test", n_test, len(test))):
         if want > have:
             msg = (f"size: {rec.name} at size {sz.name!r} needs {name}={want} examples but the "
                    f"data has {have}; use a smaller size or pass data_path= the full data.")
@@ -182,7 +305,7 @@ def prepare_setting(
         model_kwargs.update(rec.model_kwargs_from_data(train))
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root = base / "benchmark" / rec.name / f"{sz.name}-{_cache_key(rec, sz, data_path, seed)}"
-    prep = PreparedSetting(rec, sz, root, train, test, n_train, sz.n_test, seed, model_kwargs)
+    prep = PreparedSetting(rec, sz, root, train, test, n_train, n_test, seed, model_kwargs)
     prep.config = {"setting": rec.name, "size": sz.to_dict(), "seed": seed,
                    "data_path": None if data_path is None else str(data_path),
                    "train_source": getattr(train, "source", type(train).__name__),

