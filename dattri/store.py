@@ -392,7 +392,7 @@ class FeatureStore:
         self.folder.rmdir()
 
 
-def open_store(cache_dir: str | os.PathLike, loader: Iterable, ckpt: int = 0, shard: int = 0,
+def open_store(cache_dir: str | os.PathLike, loader: Iterable, ckpt: int = 0, *, shard: int = 0,
                settings: Any = None, row_offset: int = 0, name: str = "train_loader") -> FeatureStore:
     """The store of ``loader``'s features at checkpoint ``ckpt`` (shard ``shard``)
     under ``cache_dir``, created or checked against the loader's fingerprint and
