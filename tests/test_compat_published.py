@@ -157,3 +157,125 @@ def test_gpt2_wikitext2_setting_offline(tmp_path):
     task = AttributionTask(md["loss_func"], model, md["models_full"][0])
     scores = TracInAttributor(task, weight_list=[1.0], normalized_grad=False).attribute(train, test)
     assert scores.shape == (16, 4) and torch.isfinite(scores).all()
+
+
+# ------------------------------------------------------- published dataset modules
+def test_published_dataset_module_paths():
+    from dattri.benchmark.datasets import mnist
+    from dattri.benchmark.datasets.cifar import cifar_resnet9, resnet9
+    from dattri.benchmark.datasets.mnist import mnist_lr, mnist_mlp
+
+    assert mnist_lr.train_mnist_lr is mnist.train_mnist_lr
+    assert mnist_lr.loss_mnist_lr is mnist.loss_mnist_lr
+    assert mnist_mlp.train_mnist_mlp is mnist.train_mnist_mlp
+    assert mnist_mlp.loss_mnist_mlp is mnist.loss_mnist_mlp
+    net = cifar_resnet9.create_resnet9_model(num_classes=2)
+    assert isinstance(net, resnet9.ResNet9)
+    assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    assert callable(cifar_resnet9.train_cifar_resnet9) and callable(cifar_resnet9.loss_cifar_resnet9)
+
+
+def test_get_cifar2_indices_relabels_cat_dog_in_place():
+    from dattri.benchmark.datasets.cifar.data import get_cifar2_indices_and_adjust_labels
+    from dattri.errors import DattriValueError
+
+    class Fake:
+        targets = [3, 0, 5, 5, 9, 3]
+
+    ds = Fake()
+    assert get_cifar2_indices_and_adjust_labels(ds) == [0, 2, 3, 5]
+    assert ds.targets == [0, 0, 1, 1, 9, 0]  # cat -> 0, dog -> 1, others untouched
+    t = type("T", (), {"targets": torch.tensor([5, 3, 1])})()
+    assert get_cifar2_indices_and_adjust_labels(t) == [0, 1]
+    assert t.targets.tolist() == [1, 0, 1]
+    with pytest.raises(DattriValueError, match="1-d `targets`"):
+        get_cifar2_indices_and_adjust_labels(object())
+
+
+def test_shakespeare_custom_dataset_blocks():
+    import numpy as np
+
+    from dattri.benchmark.datasets.shakespeare_char.data import CustomDataset
+    from dattri.errors import DattriValueError
+
+    data = np.arange(23, dtype=np.uint16)
+    ds = CustomDataset(data, block_size=5)
+    assert len(ds) == 4  # 23 // 5
+    x, y = ds[1]
+    assert x.tolist() == [5, 6, 7, 8, 9] and y.tolist() == [6, 7, 8, 9, 10]
+    assert x.dtype == torch.int64
+    ds2 = CustomDataset(np.arange(10, dtype=np.uint16), 5)
+    assert ds2[1][1].tolist() == [6, 7, 8, 9, 0]  # the array ends: y padded with 0
+    xs, ys = ds.get_subset([3, 0])
+    assert xs.shape == (2, 5) and xs[0].tolist() == [15, 16, 17, 18, 19]
+    assert torch.equal(ys[1], ds[0][1])
+    with pytest.raises(IndexError):
+        ds[4]
+    with pytest.raises(DattriValueError, match="block_size"):
+        CustomDataset(data, 0)
+
+
+def test_tinystories_missing_then_present_and_prepare_round_trip(tmp_path, monkeypatch):
+    import pickle
+
+    import numpy as np
+
+    from dattri.benchmark.datasets.shakespeare_char.data import CustomDataset
+    from dattri.benchmark.datasets.tinystories import (
+        TinyStoriesNotFoundError,
+        create_tinystories_dataset,
+    )
+    from dattri.benchmark.datasets.tinystories.prepare import main as prepare_main
+
+    monkeypatch.setenv("DATTRI_DATA", str(tmp_path / "nodata"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(TinyStoriesNotFoundError, match="TinyStoriesV2-GPT4-train.txt.*put it in"):
+        create_tinystories_dataset()
+    with pytest.raises(FileNotFoundError):  # also a FileNotFoundError, as published
+        create_tinystories_dataset(tmp_path / "missing.txt")
+    folder = tmp_path / "nodata" / "tinystories"
+    folder.mkdir(parents=True)
+    text = "Once upon a time there was a cat. The cat sat on a mat. " * 20
+    (folder / "TinyStoriesV2-GPT4-train.txt").write_text(text)
+    train, test = create_tinystories_dataset(block_size=16)  # found via $DATTRI_DATA
+    cut = int(0.9 * len(text))
+    assert len(train) == (cut - 1) // 16 and len(test) == (len(text) - cut - 1) // 16
+    x, y = train[2]
+    assert train.vocab.decode(x) == text[32:48] and train.vocab.decode(y) == text[33:49]
+    out = tmp_path / "bin"
+    assert prepare_main(["--data_file", str(folder / "TinyStoriesV2-GPT4-train.txt"),
+                         "--out_dir", str(out)]) == 0
+    meta = pickle.loads((out / "meta.pkl").read_bytes())
+    assert meta["vocab_size"] == len(set(text))
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    assert "".join(meta["itos"][int(i)] for i in ids) == text[:cut]
+    xb, yb = CustomDataset(ids, 16)[2]  # the published reader of the files
+    assert torch.equal(xb, x) and torch.equal(yb, y)
+
+
+def test_retrain_nanogpt_function(tmp_path):
+    import json
+
+    from dattri.errors import DattriValueError
+    from dattri.script.dattri_retrain_nanogpt import read_nanogpt_config, retrain
+
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(900))
+    (tmp_path / "input.txt").write_text(text)
+    cfg = tmp_path / "train_tiny.py"
+    cfg.write_text("out_dir = 'x'\nn_layer = 1\nn_head = 1\nn_embd = 8\nblock_size = 16\n"
+                   "dropout = 0.0\nmax_iters = 2\nlr = 1e-3 * 2\n")
+    assert read_nanogpt_config(cfg)["n_embd"] == 8
+    with pytest.raises(DattriValueError, match="subset_ratio"):
+        retrain(0, 1.5, cfg, tmp_path, None, tmp_path / "out", [0, 2, 2])
+    with pytest.raises(DattriValueError, match="selects no model"):
+        retrain(0, 0.5, cfg, tmp_path, None, tmp_path / "out", [2, 2, 2])
+    retrain(0, 0.5, cfg, tmp_path, None, tmp_path / "out", [0, 2, 2])
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    n_blocks = (int(0.9 * 900) - 1) // 16
+    assert len(meta["subsets"]) == 2 and len(meta["models"]) == 2
+    assert all(len(s["indices"]) == int(n_blocks * 0.5) for s in meta["subsets"])
+    from dattri.model_util._retrain_store import load_model_file
+
+    state = load_model_file(tmp_path / "out" / meta["models"][0]["file"])
+    emb = [v for k, v in state.items() if k.endswith("wte.weight")][0]
+    assert emb.shape == (26, 8)  # vocabulary of the text, n_embd of the config

@@ -47,6 +47,7 @@ __all__ = [
     "create_cifar10_dataset",
     "create_cifar2_dataset",
     "create_cifar_dataset",
+    "get_cifar2_indices_and_adjust_labels",
 ]
 
 CIFAR_MEAN = (0.5, 0.5, 0.5)
@@ -160,6 +161,35 @@ def _two_classes(ds: ImageDataset, pair: tuple[int, int]) -> ImageDataset:
     sub.targets = (sub.targets == pair[1]).to(torch.int64)
     sub.classes = [ds.classes[pair[0]], ds.classes[pair[1]]]
     return sub
+
+
+def get_cifar2_indices_and_adjust_labels(dataset: object) -> list[int]:
+    """Positions of the cat (3) and dog (5) images of a CIFAR-10 dataset, relabelled
+    in place to 0 / 1 (the published helper; other labels are left as they are).
+
+    Args:
+        dataset: a CIFAR-10 dataset with a ``targets`` list or 1-d tensor (e.g.
+            ``torchvision.datasets.CIFAR10`` or :func:`create_cifar10_dataset`'s).
+
+    Returns:
+        The positions, in order.
+
+    Raises:
+        DattriValueError: ``dataset`` has no 1-d ``targets`` (checked before any change).
+    """
+    targets = getattr(dataset, "targets", None)
+    if targets is None or np.ndim(targets) != 1:
+        msg = (f"dataset: expected a CIFAR-10 dataset with 1-d `targets`, got "
+               f"{type(dataset).__name__} (targets {type(targets).__name__}).")
+        raise DattriValueError(msg)
+    cat, dog = _CIFAR2_PAIR
+    indices = []
+    for i in range(len(targets)):
+        label = int(targets[i])
+        if label in (cat, dog):
+            indices.append(i)
+            targets[i] = 0 if label == cat else 1
+    return indices
 
 
 def create_cifar2_dataset(

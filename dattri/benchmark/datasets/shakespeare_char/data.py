@@ -44,6 +44,8 @@ __all__ = [
     "SHAKESPEARE_LICENCE",
     "CharBlockDataset",
     "CharVocab",
+    "CustomDataset",
+    "char_block_datasets",
     "create_shakespeare_dataset",
     "load_shakespeare_text",
 ]
@@ -121,6 +123,54 @@ class CharBlockDataset(TensorDataset):
     def __repr__(self) -> str:
         block = self.tensors[0].shape[-1]
         return f"CharBlockDataset(n={len(self)}, block_size={block}, vocab={len(self.vocab)})"
+
+
+class CustomDataset(torch.utils.data.Dataset):
+    """The published nanoGPT dataset over a 1-d array of token ids (e.g. the
+    ``np.memmap`` of a ``train.bin`` written by ``prepare``).
+
+    ``len = len(data) // block_size``; item ``i`` is ``(x, y)`` int64 with
+    ``x = data[i bs : (i + 1) bs]`` and ``y = data[i bs + 1 : (i + 1) bs + 1]``, the
+    last ``y`` padded with zeros when the array ends (as published).
+
+    Args:
+        data: 1-d array (numpy, memmap or tensor) of token ids.
+        block_size: tokens per example.
+    """
+
+    def __init__(self, data: np.ndarray | torch.Tensor, block_size: int) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            msg = f"block_size: expected an int >= 1, got {block_size!r}."
+            raise DattriValueError(msg)
+        if np.ndim(data) != 1:
+            msg = f"data: expected a 1-d array of token ids, got shape {np.shape(data)}."
+            raise DattriValueError(msg)
+        self.data, self.block_size = data, int(block_size)
+
+    def __len__(self) -> int:
+        return len(self.data) // self.block_size
+
+    def _ids(self, start: int, stop: int) -> torch.Tensor:
+        chunk = self.data[start:stop]
+        if isinstance(chunk, torch.Tensor):
+            return chunk.to(torch.int64)
+        return torch.from_numpy(np.asarray(chunk).astype(np.int64))
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= idx < len(self):
+            msg = f"index {idx} out of range for {len(self)} blocks."
+            raise IndexError(msg)
+        start = (idx % len(self)) * self.block_size
+        x = self._ids(start, start + self.block_size)
+        y = self._ids(start + 1, start + 1 + self.block_size)
+        if len(y) < self.block_size:
+            y = torch.cat([y, torch.zeros(self.block_size - len(y), dtype=torch.int64)])
+        return x, y
+
+    def get_subset(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The items ``indices`` stacked: ``(x (k, block_size), y (k, block_size))``."""
+        items = [self[int(i)] for i in indices]
+        return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
 
 def _offline_dir() -> Path | None:
@@ -244,6 +294,19 @@ def create_shakespeare_dataset(
     if path is None:
         warnings.warn(_OFFLINE_WARNING, UserWarning, stacklevel=2)
     text, source, licence = load_shakespeare_text(path)
+    return char_block_datasets(text, source, licence, block_size, n_train, n_test,
+                               train_fraction, seed)
+
+
+def char_block_datasets(
+    text: str, source: str, licence: str, block_size: int, n_train: int | None,
+    n_test: int | None, train_fraction: float, seed: int,
+) -> tuple[CharBlockDataset, CharBlockDataset]:
+    """nanoGPT's character-level split of ``text`` (see the module docstring):
+    vocabulary of the whole text, first ``int(train_fraction n)`` characters for
+    training, blocks of ``block_size``, ``n_train`` / ``n_test`` sampled (seeded,
+    kept in text order)."""
+    _check_args(block_size, n_train, n_test, train_fraction)
     vocab = CharVocab.from_text(text)
     ids = vocab.encode(text)
     cut = int(len(ids) * train_fraction)
