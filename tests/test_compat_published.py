@@ -279,3 +279,63 @@ def test_retrain_nanogpt_function(tmp_path):
     state = load_model_file(tmp_path / "out" / meta["models"][0]["file"])
     emb = [v for k, v in state.items() if k.endswith("wte.weight")][0]
     assert emb.shape == (26, 8)  # vocabulary of the text, n_embd of the config
+
+
+# ------------------------------------------------ published LOO retraining folders
+def _published_loo_folder(root, pickled=True):
+    """What the published 0.3.0 ``retrain_loo`` writes: ``index_<i>/model_weights.pt``
+    holding ``torch.save(model)`` (a whole pickled model) and a ``metadata.yml``."""
+    models = {}
+    for i in (5, 0, 2):
+        torch.manual_seed(i)
+        m = nn.Linear(3, 2).double()
+        (root / f"index_{i}").mkdir(parents=True)
+        torch.save(m if pickled else m.state_dict(), root / f"index_{i}" / "model_weights.pt")
+        models[i] = m
+    (root / "metadata.yml").write_text(
+        "data_length: 6\nindices: [5, 0, 2]\nmode: loo\ntrain_func: train\n")
+    return models
+
+
+def test_published_loo_folder_loads_for_ground_truth(tmp_path):
+    from dattri.errors import GroundTruthError
+    from dattri.metric import calculate_loo_ground_truth, loo_corr
+
+    models = _published_loo_folder(tmp_path / "loo")
+    g = torch.Generator().manual_seed(3)
+    xt, yt = torch.randn(4, 3, generator=g, dtype=D64), torch.tensor([0, 1, 1, 0])
+    test = DataLoader(TensorDataset(xt, yt), batch_size=2)
+    template = nn.Linear(3, 2).double()
+
+    def target(params, batch):  # dattri's convention
+        x, y = batch
+        return F.cross_entropy(torch.func.functional_call(template, params, (x,)), y)
+
+    with pytest.raises(GroundTruthError, match="pickled whole model.*allow_pickle=True"):
+        calculate_loo_ground_truth(target, tmp_path / "loo", test)
+    values, indices = calculate_loo_ground_truth(target, tmp_path / "loo", test, allow_pickle=True)
+    assert indices.tolist() == [0, 2, 5]  # sorted by left-out index, as published
+    with torch.no_grad():
+        ref = torch.stack([F.cross_entropy(models[i](xt), yt, reduction="none") for i in (0, 2, 5)])
+    torch.testing.assert_close(values, ref)
+
+    def published_target(model, dataloader):  # the published convention
+        with torch.no_grad():
+            return torch.cat([F.cross_entropy(model(x), y, reduction="none") for x, y in dataloader])
+
+    v2, i2 = calculate_loo_ground_truth(published_target, tmp_path / "loo", test, allow_pickle=True)
+    torch.testing.assert_close(v2, ref)
+    assert torch.equal(i2, indices)
+    # a constant per test column (the missing full model) does not change loo_corr
+    score = torch.randn(6, 4, generator=g, dtype=D64)
+    c1, _ = loo_corr(score, (values, indices))
+    c2, _ = loo_corr(score, (values - values[0], indices))
+    torch.testing.assert_close(c1, c2)
+    # state-dict files of the same layout need no allow_pickle
+    _published_loo_folder(tmp_path / "sd", pickled=False)
+    v3, _ = calculate_loo_ground_truth(target, tmp_path / "sd", test)
+    torch.testing.assert_close(v3, ref)
+    with pytest.raises(GroundTruthError, match="no metadata.json and no index_"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "metadata.yml").write_text("mode: loo\n")
+        calculate_loo_ground_truth(target, tmp_path / "empty", test)

@@ -240,6 +240,72 @@ def _published_lds_ground_truth(target_func, root: Path, loader, device, progres
     return -torch.stack(rows), indices
 
 
+_PICKLE_FIX = (
+    "it is a pickled whole model (the published retrain_loo saved torch.save(model)), and "
+    "unpickling runs code stored in the file. If you trust the folder (you wrote it), "
+    "pass allow_pickle=True; else load the models yourself and retrain with "
+    "dattri.model_util.retrain.retrain_loo, which stores state dicts."
+)
+
+
+def _load_published_model(file: Path, allow_pickle: bool) -> Any:
+    """A published ``model_weights.pt``: a state dict (read weights-only), or, with
+    ``allow_pickle``, the pickled ``nn.Module`` the published ``retrain_loo`` saved."""
+    import pickle
+
+    if not file.is_file():
+        msg = f"{str(file)!r} is missing; the published LOO folder is incomplete."
+        raise GroundTruthError(msg)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            msg = f"{str(file)!r} cannot be read weights-only: {_PICKLE_FIX}"
+            raise GroundTruthError(msg) from e
+    except Exception as e:  # noqa: BLE001 - a damaged file
+        msg = f"{str(file)!r} is not a torch file ({type(e).__name__}: {e}); the folder is damaged."
+        raise GroundTruthError(msg) from e
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - the model's class is not importable here
+        msg = (f"{str(file)!r} could not be unpickled ({type(e).__name__}: {e}); import the "
+               "module that defines the model's class before the call.")
+        raise GroundTruthError(msg) from e
+
+
+def _published_loo_ground_truth(target_func, root: Path, loader, device, progress,
+                                allow_pickle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LOO folder of the published 0.3.0 release: ``index_<i>/model_weights.pt``
+    per left-out position ``i`` (and ``metadata.yml``), read in place."""
+    import re
+
+    dirs = [d for d in root.iterdir() if d.is_dir() and re.fullmatch(r"index_\d+", d.name)]
+    if not dirs:
+        msg = (f"{str(root)!r} has no metadata.json and no index_<i> folders: it is neither "
+               "a dattri retrain_loo folder nor one of the published release.")
+        raise GroundTruthError(msg)
+    dirs.sort(key=lambda d: int(d.name[len("index_"):]))
+    published = _published_style(target_func)
+    rows = []
+    for d in tqdm(dirs, desc="LOO ground truth", unit="model", leave=False,
+                  disable=(not progress) if progress is not None else None):
+        obj = _load_published_model(d / "model_weights.pt", allow_pickle)
+        if published:  # the published target_func(model, dataloader) -> (n_test,)
+            rows.append(_published_values(target_func, [obj], loader)[0])
+            continue
+        state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+        if not isinstance(state, dict):
+            msg = f"{str(d / 'model_weights.pt')!r} holds a {type(obj).__name__}, not a model."
+            raise GroundTruthError(msg)
+        params = {k: v.to(device) for k, v in state.items()}
+        rows.append(per_example_target(target_func, params, loader, device))
+    if len({r.shape[0] for r in rows}) > 1:
+        msg = "target_func returned different numbers of test values for different models."
+        raise InvalidLossError(msg)
+    removed = torch.tensor([int(d.name[len("index_"):]) for d in dirs], dtype=torch.int64)
+    return torch.stack(rows), removed
+
+
 def _check_target_args(target_func: Any, test_dataloader: Any) -> None:
     if not callable(target_func):
         msg = f"target_func must be callable target_func(params, batch), got {type(target_func).__name__}."
@@ -253,28 +319,50 @@ def calculate_loo_ground_truth(
     test_dataloader: Iterable,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LOO ground truth: change of the target when each training row is left out.
 
     ``values[m, j] = target(theta_{-i_m}, z_j) - target(theta_full, z_j)``
 
+    A folder written by the published 0.3.0 ``retrain_loo`` (``metadata.yml``,
+    ``index_<i>/model_weights.pt``, no full-data model) is read in place; its
+    values are the targets themselves, ``target(theta_{-i_m}, z_j)``, as the
+    published function returned them (the missing ``- target(theta_full, z_j)`` is
+    a constant per test example, which ``loo_corr`` does not see). Its model files
+    are pickled whole models: they are read only with ``allow_pickle=True``.
+
     Args:
-        target_func: ``target_func(params, batch) -> scalar`` (e.g. the loss).
-        retrain_dir: folder written by ``retrain_loo``.
+        target_func: ``target_func(params, batch) -> scalar`` (e.g. the loss); for a
+            published folder also the published ``target_func(model, dataloader)
+            -> (n_test,)`` (told apart by its parameter names).
+        retrain_dir: folder written by ``retrain_loo`` (or by the published one).
         test_dataloader: test loader (fixed order; its order is the score columns').
         device: device of the evaluation.
         progress: progress bar over models (None: only on a terminal).
+        allow_pickle: unpickle the published folder's whole-model files (runs
+            code stored in them: only for folders you trust).
 
     Returns:
         ``(values, indices)``: ``values`` ``(n_models, n_test)`` float64,
         ``indices`` ``(n_models,)`` int64 left-out loader positions.
 
     Raises:
-        GroundTruthError: missing / corrupt / foreign model files (named), or
-            metadata of another mode.
+        GroundTruthError: missing / corrupt / foreign model files (named),
+            metadata of another mode, or a published pickled model without
+            ``allow_pickle=True``.
     """
     _check_target_args(target_func, test_dataloader)
     root = Path(retrain_dir)
+    if not (root / METADATA_NAME).is_file() and root.is_dir() and (
+            (root / "metadata.yml").is_file() or any(root.glob("index_*"))):
+        return _published_loo_ground_truth(target_func, root, test_dataloader, device,
+                                           progress, allow_pickle)
+    if _published_style(target_func):
+        msg = ("target_func: the published target_func(model, dataloader) needs the model "
+               "objects of a published LOO folder; for a dattri retrain_loo folder pass "
+               "target_func(params, batch) -> the mean target of the batch.")
+        raise DattriValueError(msg)
     meta = load_metadata(root, "loo")
     if "full_model" not in meta:
         msg = f"{str(root / 'metadata.json')!r} has no 'full_model' entry; the file is damaged."
