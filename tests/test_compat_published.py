@@ -339,3 +339,50 @@ def test_published_loo_folder_loads_for_ground_truth(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "metadata.yml").write_text("mode: loo\n")
         calculate_loo_ground_truth(target, tmp_path / "empty", test)
+
+
+def test_published_script_tables_and_shakespeare_prepare(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from dattri.benchmark.datasets.shakespeare_char.data import CustomDataset
+    from dattri.benchmark.datasets.shakespeare_char.prepare import main as prepare_main
+    from dattri.model_util.retrain import retrain_lds, retrain_loo
+    from dattri.script import dattri_retrain as script
+
+    assert {"lr", "mlp", "resnet9", "musictransformer", "nanogpt", "gpt2"} == set(script.SUPPORTED_MODELS)
+    assert script.SUPPORTED_RETRAINING_MODE["lds"] is retrain_lds
+    assert script.SUPPORTED_RETRAINING_MODE["loo"] is retrain_loo
+    assert script.DEFAULT_BATCH_SIZE["mnist_lr"] == 64  # the paper's Appendix C
+    assert script.SUPPORTED_SETTINGS["mnist_lr"].__name__ == "train_mnist_lr"
+    assert "mnist" in script.SUPPORTED_DATASETS
+    text = "To be, or not to be, that is the question.\n" * 30
+    (tmp_path / "input.txt").write_text(text)
+    assert prepare_main(["--data_file", str(tmp_path / "input.txt"), "--out_dir",
+                         str(tmp_path / "bin")]) == 0
+    meta = pickle.loads((tmp_path / "bin" / "meta.pkl").read_bytes())
+    val = np.fromfile(tmp_path / "bin" / "val.bin", dtype=np.uint16)
+    cut = int(0.9 * len(text))
+    assert "".join(meta["itos"][int(i)] for i in val) == text[cut:]
+    assert meta["stoi"][text[0]] == int(np.fromfile(tmp_path / "bin" / "train.bin", np.uint16)[0])
+    x, y = CustomDataset(val, 8)[0]
+    assert torch.equal(y[:-1], x[1:])
+
+
+def test_maestro_published_constants_drive_the_defaults():
+    from dattri.benchmark.datasets.maestro import maestro_musictransformer as mt
+    from dattri.benchmark.datasets.maestro.data import MAX_SEQUENCE
+
+    assert (mt.LR, mt.EPOCHS, mt.MAX_SEQUENCE, MAX_SEQUENCE) == (1e-4, 20, 256, 256)
+    assert (mt.N_LAYERS, mt.NUM_HEADS, mt.D_MODEL, mt.DIM_FEEDFORWARD, mt.DROPOUT) == (
+        6, 8, 512, 1024, 0.1)
+    import inspect
+
+    sig = inspect.signature(mt.create_musictransformer_model).parameters
+    assert (sig["n_layers"].default, sig["d_model"].default, sig["d_ff"].default) == (6, 512, 1024)
+    small = mt.create_musictransformer_model(n_layers=1, n_heads=2, d_model=16, d_ff=16, max_len=8)
+    opt, sched = mt.create_optimizer_and_scheduler(small, None)
+    group = opt.param_groups[0]
+    assert sched is None and (group["lr"], group["betas"], group["eps"]) == (1e-4, (0.9, 0.98), 1e-9)
+    assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in small.parameters())

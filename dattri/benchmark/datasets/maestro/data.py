@@ -57,12 +57,15 @@ from dattri.errors import DattriRuntimeError, DattriValueError
 __all__ = [
     "CHORALES_LICENCE",
     "MAESTRO_LICENCE",
+    "MAX_SEQUENCE",
     "EventDataset",
     "create_maestro_datasets",
     "default_cache_dir",
 ]
 
 MAESTRO_LICENCE = "MAESTRO (Hawthorne et al. 2019): CC BY-NC-SA 4.0"
+#: events per training window (the published name; the default ``seq_len``)
+MAX_SEQUENCE = 256
 CHORALES_LICENCE = "Bach chorales from the music21 corpus: see music21/corpus/license.txt"
 _CACHE_VERSION = "events-v1"
 _MIDI_SUFFIXES = (".mid", ".midi")
@@ -374,7 +377,7 @@ def create_maestro_datasets(  # noqa: PLR0913
     path: str | os.PathLike | None = None,
     generated_music: bool = False,
     *,
-    seq_len: int = 256,
+    seq_len: int = MAX_SEQUENCE,
     n_train: int | None = 5000,
     n_test: int | None = 178,
     stride: int | None = None,

@@ -16,28 +16,65 @@ import torch
 from torch import nn
 
 from dattri.benchmark.datasets.maestro import _lm
+from dattri.benchmark.datasets.maestro.data import MAX_SEQUENCE
 from dattri.benchmark.datasets.maestro.model import (
+    D_MODEL,
+    DIM_FEEDFORWARD,
+    DROPOUT,
+    N_LAYERS,
+    NUM_HEADS,
     MusicTransformer,
     create_musictransformer_model,
     musictransformer_from_state_dict,
 )
 
 __all__ = [
+    "ADAM_BETAS",
+    "ADAM_EPSILON",
+    "DIM_FEEDFORWARD",
+    "DROPOUT",
+    "D_MODEL",
+    "EPOCHS",
+    "LR",
+    "MAX_SEQUENCE",
+    "NUM_HEADS",
+    "N_LAYERS",
+    "RPR",
+    "create_optimizer_and_scheduler",
     "loss_maestro_musictransformer",
     "target_maestro_musictransformer",
     "train_maestro_musictransformer",
 ]
 
 
+#: the paper's training recipe (Appendix C), the published names; the defaults below
+LR = 1e-4
+EPOCHS = 20
+ADAM_BETAS = (0.9, 0.98)
+ADAM_EPSILON = 1e-9
+#: the model's attention uses relative position representations (Huang et al. 2018)
+RPR = True
+
+
+def create_optimizer_and_scheduler(model: nn.Module,
+                                   train_loader: Iterable | None = None) -> tuple[Any, None]:
+    """The optimiser of the paper's training: ``Adam(lr=LR, betas=ADAM_BETAS,
+    eps=ADAM_EPSILON)`` over ``model``'s parameters, and no scheduler (a constant
+    rate, as published with ``LR`` set); ``train_loader`` is accepted for the
+    published signature."""
+    del train_loader
+    return torch.optim.Adam(model.parameters(), lr=LR, betas=ADAM_BETAS, eps=ADAM_EPSILON), None
+
+
 def train_maestro_musictransformer(  # noqa: PLR0913
     train_dataloader: Iterable,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    epoch_num: int = 20,
+    epoch_num: int = EPOCHS,
     *,
     num_epoch: int | None = None,
     model: nn.Module | None = None,
-    lr: float = 1e-4,
+    lr: float = LR,
     progress: bool | None = None,
 ) -> MusicTransformer:
     """Train a Music Transformer with the paper's optimiser.
@@ -74,7 +111,7 @@ def train_maestro_musictransformer(  # noqa: PLR0913
         model = create_musictransformer_model(device)
     return _lm.train_language_model(
         model, train_dataloader, epoch_num=epoch_num, max_iters=None, lr=lr,
-        betas=(0.9, 0.98), eps=1e-9, grad_clip=None, device=device,
+        betas=ADAM_BETAS, eps=ADAM_EPSILON, grad_clip=None, device=device,
         progress=progress, desc="train Music Transformer",
     )
 

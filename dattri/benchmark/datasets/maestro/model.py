@@ -35,6 +35,11 @@ from dattri.benchmark.datasets.maestro.events import VOCAB_SIZE
 from dattri.errors import CheckpointError, DattriValueError
 
 __all__ = [
+    "DIM_FEEDFORWARD",
+    "DROPOUT",
+    "D_MODEL",
+    "NUM_HEADS",
+    "N_LAYERS",
     "MusicTransformer",
     "RelativeSelfAttention",
     "create_musictransformer_model",
@@ -43,6 +48,14 @@ __all__ = [
     "relative_skew",
     "sinusoidal_timing_signal",
 ]
+
+
+#: the paper's size (Appendix C), the published names; the defaults below
+N_LAYERS = 6
+NUM_HEADS = 8
+D_MODEL = 512
+DIM_FEEDFORWARD = 1024
+DROPOUT = 0.1
 
 
 def relative_skew(rel: torch.Tensor) -> torch.Tensor:
@@ -197,12 +210,12 @@ def create_musictransformer_model(
     device: str | torch.device = "cpu",
     *,
     vocab_size: int = VOCAB_SIZE,
-    n_layers: int = 6,
-    n_heads: int = 8,
-    d_model: int = 512,
-    d_ff: int = 1024,
+    n_layers: int = N_LAYERS,
+    n_heads: int = NUM_HEADS,
+    d_model: int = D_MODEL,
+    d_ff: int = DIM_FEEDFORWARD,
     max_len: int = 256,
-    dropout: float = 0.1,
+    dropout: float = DROPOUT,
 ) -> MusicTransformer:
     """Create a Music Transformer (defaults: the paper's size, about 13.1M parameters).
 
