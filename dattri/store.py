@@ -298,8 +298,9 @@ class FeatureStore:
         if rows.ndim != 2:
             msg = f"rows: features of batch {i} have shape {tuple(rows.shape)}; expected (b, d)."
             raise DattriValueError(msg)
-        if self.dim is None:
-            self._set_layout(rows.shape[1], _dtype_name(rows.dtype))
+        if self.dim is None or self.meta.get("dtype") is None:  # first batch: what is unknown
+            self._set_layout(rows.shape[1] if self.dim is None else self.dim,
+                             self.meta.get("dtype") or _dtype_name(rows.dtype))
         if rows.shape[1] != self.dim:
             self._mismatch("dim", self.dim, int(rows.shape[1]))
         if rows.dtype != self.dtype:

@@ -227,6 +227,12 @@ def test_a_store_of_other_data_settings_or_layout_is_refused(tmp_path):
     (tmp_path / "c" / "batch-00000000.npy").write_bytes(b"")
     with pytest.raises(StoreError, match="without meta.json"):
         FeatureStore(tmp_path / "c")
+    # a dimension given in advance, the dtype taken from the first batch
+    ahead = FeatureStore(tmp_path / "d", dim=10)
+    ahead.write_batch(0, torch.ones(2, 10))
+    assert ahead.dtype == torch.float32 and FeatureStore(tmp_path / "d", dim=10).dim == 10
+    with pytest.raises(StoreError, match="another feature dimension"):
+        ahead.write_batch(1, torch.ones(2, 9))
 
 
 def test_blocks_stay_within_the_byte_budget(tmp_path):
@@ -283,3 +289,48 @@ def test_shards_and_checkpoints_read_back_in_global_row_order(tmp_path):
     FeatureStore.load(store_folder(tmp_path, 1, 1)).delete()
     with pytest.raises(StoreError, match="a shard is missing"):
         shard_stores(tmp_path, 1)
+
+
+def _scale_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_bench", REPO / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_benchmark_smoke_matches_the_full_matrix_and_resumes(tmp_path):
+    scale = _scale_module()
+    args = ["--n", "700", "--test", "20", "--k", "3", "--batch-size", "100", "--train-n", "300",
+            "--epochs", "1", "--proj-dim", "32", "--graddot-proj-dim", "0", "--budget-mb", "1",
+            "--cache-dir", str(tmp_path), "--check"]
+    first = scale.main(args)
+    for method in ("trak1", "graddot"):
+        assert first["check"][method]["same_rows"], method
+        assert first[method]["computed_batches"] == 7
+    assert first["check"]["graddot"]["max_rel_score_diff"] < 1e-4  # float32 products, blocked
+    assert first["peak_under_2GiB"] and first["trak1"]["store_bytes"] > 700 * 33 * 4
+    again = scale.main(args)  # the stores are complete: nothing is featurized again
+    assert again["trak1"]["computed_batches"] == 0 and again["graddot"]["computed_batches"] == 0
+    assert again["check"]["trak1"]["same_rows"]
+    # the augmentation: row i is base digit i % 60000 shifted by (dy, dx) in -2..2
+    base, _ = scale._mnist()
+    data = scale.ShiftedDigits(base, 60_000 - 2, 60_003)
+    shifts = set()
+    for j, (x, y) in enumerate(data.__getitems__(list(range(5)))):
+        i = 60_000 - 2 + j
+        src = base[i % 60_000][0][0]
+        hits = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                if torch.equal(x[0], _shift(src, dy, dx, float(base[i % 60_000][0].min())))]
+        assert hits and int(y) == int(base.targets[i % 60_000])
+        shifts.add(hits[0])
+    assert len(shifts) > 1
+
+
+def _shift(img: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
+    out = torch.full_like(img, fill)
+    h, w = img.shape
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        img[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
