@@ -157,6 +157,20 @@ def test_gpt2_wikitext2_setting_offline(tmp_path):
     task = AttributionTask(md["loss_func"], model, md["models_full"][0])
     scores = TracInAttributor(task, weight_list=[1.0], normalized_grad=False).attribute(train, test)
     assert scores.shape == (16, 4) and torch.isfinite(scores).all()
+    # the published examples read checkpoints with torch.load(path): checkpoint_format="pt"
+    with pytest.warns(StandInDataWarning):
+        md_pt, gt_pt = load_benchmark("gpt2", "wikitext2", "lds", size="tiny", cache_dir=tmp_path,
+                                      progress=False, checkpoint_format="pt")
+    assert md_pt["cache"]["trained_models"] == 0 and torch.equal(gt_pt[0], values)
+    for a, b in zip(md["models_full"] + md["models_half"], md_pt["models_full"] + md_pt["models_half"]):
+        assert b.endswith(".pt")
+        plain, ref = torch.load(b, weights_only=True), load_state_dict_file(a)
+        assert plain.keys() == ref.keys() and all(torch.equal(plain[k], ref[k]) for k in ref)
+    from dattri.errors import DattriValueError
+
+    with pytest.raises(DattriValueError, match="checkpoint_format"):
+        load_benchmark("gpt2", "wikitext2", "lds", size="tiny", cache_dir=tmp_path,
+                       checkpoint_format="zip")
 
 
 # ------------------------------------------------------- published dataset modules

@@ -457,6 +457,32 @@ def _details(prep: PreparedSetting, metric: str, full: list[str], half: list[str
     }
 
 
+_CHECKPOINT_FORMATS = ("safetensors", "pt")
+
+
+def _plain_copies(root: Path, paths: list[str]) -> list[str]:
+    """``torch.save(state_dict)`` copies of checkpoint files, under ``root/pt/`` (same
+    relative paths, ``.pt``): what ``torch.load(path)`` in published code reads.
+    Written once (atomically); rewritten when the source is newer."""
+    from dattri.task import load_state_dict_file
+
+    out = []
+    for p in paths:
+        src = Path(p)
+        try:
+            rel = src.resolve().relative_to(root.resolve())
+        except ValueError:
+            rel = Path(src.name)
+        dst = root / "pt" / rel.with_suffix(".pt")
+        if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            torch.save(load_state_dict_file(src), tmp)
+            os.replace(tmp, dst)
+        out.append(str(dst))
+    return out
+
+
 def load_benchmark(
     model: str,
     dataset: str,
@@ -474,6 +500,7 @@ def load_benchmark(
     num_workers: int | None = 0,
     vectorized: bool = True,
     progress: bool | None = None,
+    checkpoint_format: str = "safetensors",
 ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
     """Checkpoints, data and ground truth of a benchmark setting (trained on first use).
 
@@ -495,6 +522,10 @@ def load_benchmark(
         num_workers: local processes when ``executor`` is None (0: this process).
         vectorized: train small models many at once (MNIST) with the vmapped trainer.
         progress: progress bars (``None``: on a terminal).
+        checkpoint_format: ``"safetensors"`` (the files as trained) or ``"pt"``:
+            ``models_full`` / ``models_half`` are plain ``torch.save(state_dict)``
+            copies (under ``<root>/pt/``), the files published code reads with
+            ``torch.load(path)``.
 
     Returns:
         ``(model_details, ground_truth)``. ``model_details`` has ``"model"`` (eval
@@ -518,6 +549,10 @@ def load_benchmark(
         DattriValueError: unknown model/dataset/metric/size, or bad sizes.
     """
     rec = get_setting(model, dataset)
+    if checkpoint_format not in _CHECKPOINT_FORMATS:
+        msg = (f"checkpoint_format: expected one of {list(_CHECKPOINT_FORMATS)}, got "
+               f"{checkpoint_format!r}; 'pt' gives files that torch.load reads.")
+        raise DattriValueError(msg)
     metric = str(metric).lower()
     if metric not in rec.metrics:
         msg = (f"metric: {metric!r} is not a metric of {rec.name} (paper Table 3 has "
@@ -552,6 +587,8 @@ def load_benchmark(
         mask = torch.zeros(prep.n_train)
         mask[torch.as_tensor(prep.flipped, dtype=torch.long)] = 1.0
         gt = (mask, torch.as_tensor(prep.flipped, dtype=torch.long))
+    if checkpoint_format == "pt":
+        full, half = _plain_copies(prep.root, full), _plain_copies(prep.root, half)
     details = _details(prep, metric, full, half)
     details["cache"]["trained_models"] = _model_count(prep.root) - before
     if metric == "loo":
