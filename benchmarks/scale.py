@@ -204,7 +204,9 @@ def run_rank(args: argparse.Namespace, rank: int, world: int) -> dict:
         if method == "trak1":
             d = test.shape[1]
             gram = torch.zeros(d, d, dtype=torch.float64, device=device)
-            for _, block in store.blocks(budget, device):
+            # per row: the stored float32 features and their float64 copy
+            gram_rows = max(1, budget // (store.dim * (store.dtype.itemsize + 8)))
+            for _, block in store.blocks(rows=gram_rows, device=device):
                 phi = block[:, :d].to(torch.float64)
                 gram += phi.T @ phi
             if dist is not None:
