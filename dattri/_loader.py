@@ -159,6 +159,7 @@ def count_examples(loader: Iterable) -> int:
     """Number of examples ``loader`` yields, without loading data when it is a
     map-style ``DataLoader`` (from its sampler or batch sampler); otherwise by
     iterating it."""
+    loader = getattr(loader, "_dattri_loader", loader)  # one rank's part of a loader
     if isinstance(loader, tud.DataLoader) and not isinstance(loader.dataset, tud.IterableDataset):
         try:
             if loader.batch_size is not None and loader.drop_last:
@@ -177,6 +178,7 @@ def head(loader: Iterable, n: int) -> Any:
     A map-style ``DataLoader`` with automatic batching loads only those examples
     (the indices of its first batch, collated by its ``collate_fn``); any other
     iterable gives the head of its first batch."""
+    loader = getattr(loader, "_dattri_loader", loader)  # one rank's part of a loader
     if (isinstance(loader, tud.DataLoader) and loader.batch_sampler is not None
             and not isinstance(loader.dataset, tud.IterableDataset)):
         idx = next(iter(loader.batch_sampler), None)
@@ -204,7 +206,11 @@ def loader_fingerprint(loader: Iterable, name: str = "train_loader") -> LoaderFi
 
     Raises:
         LoaderError: the loader yields no batches (the message names it).
+
+    One rank's part of a loader (``dattri.distributed.ShardedLoader``) has the
+    fingerprint of the whole loader it was split from.
     """
+    loader = getattr(loader, "_dattri_source", loader)
     first = head(loader, FINGERPRINT_EXAMPLES)
     if first is None:
         msg = f"{name} yielded no batches; pass a non-empty loader."

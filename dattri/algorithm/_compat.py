@@ -6,6 +6,10 @@ dattri names them ``train_loader`` / ``test_loader``. :func:`install` (run for e
 attributor class by ``BaseAttributor.__init_subclass__``) wraps the methods a class
 defines so that both spellings work; passing both spellings of one argument is an
 error. Nothing else changes: the wrapped method gets dattri's names.
+
+The same wrapper takes every method's ``process_group=`` keyword (a
+``torch.distributed`` group to split the training set over, see
+:mod:`dattri.distributed`): it is kept on the attributor for this and later calls.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
 
     @functools.wraps(func)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if "process_group" in kwargs:
+            from dattri.distributed import resolve
+
+            group = kwargs.pop("process_group")
+            resolve(group)  # a typed error now if torch.distributed is not initialised
+            self._process_group = group
         given = {a: kwargs.pop(a) for a in list(kwargs) if a in aliases}
         if not given:
             return func(self, *args, **kwargs)

@@ -27,6 +27,7 @@ from dattri.algorithm._loop import (  # noqa: F401 - re-exported for the attribu
     ensemble_rng,
     resolve_device,
 )
+from dattri.distributed import ShardedLoader, all_reduce, broadcast, row_range
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
 
@@ -268,6 +269,10 @@ class DataCache:
 
     Curvature operators sum over these batches (weighted by size) to get the
     curvature of the mean loss over the whole training set.
+
+    Given one rank's part of a loader (:class:`dattri.distributed.ShardedLoader`),
+    it holds that rank's batches; ``n`` is then the size of the whole training set,
+    ``n_local`` this rank's, and :meth:`reduce` sums a tensor over the ranks.
     """
 
     def __init__(self, loader: Iterable, device: torch.device, name: str = "train_loader") -> None:
@@ -277,7 +282,33 @@ class DataCache:
             msg = f"{name} yielded no batches; pass a non-empty loader."
             raise DattriValueError(msg)
         self.sizes = [batch_size_of(b) for b in self.batches]
-        self.n = int(sum(self.sizes))
+        self.n_local = int(sum(self.sizes))
+        self.shard = loader.shard if isinstance(loader, ShardedLoader) else None
+        self.first_batch = loader.batches[0] if self.shard is not None else 0
+        self.num_batches = loader.num_batches if self.shard is not None else len(self.batches)
+        self.row_start, _, self.n = row_range(self.n_local, self.shard)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks holding the other parts (``t`` for one process)."""
+        return all_reduce(t, self.shard)
+
+    def same(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``t`` on every rank (``t`` for one process)."""
+        return broadcast(t, self.shard)
+
+    def local_batches(self, first: int | None = None) -> list[int]:
+        """Indices into :attr:`batches` of this rank's batches among the first
+        ``first`` batches of the whole loader (all of them for ``None``)."""
+        stop = len(self.batches) if first is None else max(0, min(len(self.batches),
+                                                                 first - self.first_batch))
+        return list(range(stop))
+
+    def count(self, batches: Sequence[int]) -> int:
+        """Examples in ``batches`` (local indices) summed over the ranks."""
+        local = sum(self.sizes[i] for i in batches)
+        if self.shard is None:
+            return int(local)
+        return int(self.reduce(torch.tensor([local], dtype=torch.int64)))
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.batches)

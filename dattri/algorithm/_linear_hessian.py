@@ -97,6 +97,7 @@ def linear_layer_hessian(
         for c in range(n_out):  # blocks (c, c' >= c); the others by symmetry below
             right = (lam[:, c, c:, None] * a[:, None, :]).reshape(a.shape[0], -1)
             h[c, :, c:].add_((a.T @ right).reshape(d, n_out - c, d))
+    h = data.reduce(h)  # the other ranks' parts of the training set
     # blocks (c, j) x (c', j') -> the flat layout [W (C x d_in) row-major, b (C)]
     d_in = d - 1 if b_sel else d
     idx = [torch.cat(([c * d_in + torch.arange(d_in)] if w_sel else [])

@@ -16,6 +16,7 @@ import torch
 
 from dattri._loader import check_loader, check_same_loader, loader_fingerprint
 from dattri.algorithm._engine import Featurizer, resolve_device
+from dattri.distributed import Shard, all_gather_rows, resolve, shard_loader
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
 
@@ -37,6 +38,13 @@ class BaseAttributor:
     #: curvature is cached); otherwise a loader that differs from the cached one
     #: is refused (:class:`~dattri.errors.LoaderMismatchError`)
     _scores_given_train = False
+
+    #: True where the method splits the training set over the ranks of a
+    #: ``torch.distributed`` process group (:mod:`dattri.distributed`); the others
+    #: compute everything on every rank (with a warning)
+    _shardable = False
+    _process_group: Any = None  # None: the default group, if initialised
+    _warned_unsharded = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -86,10 +94,35 @@ class BaseAttributor:
             ``self``, now cached.
         """
         check_loader(train_loader, "train_loader")
-        self._cache(train_loader)
+        self._cache(self._local(train_loader))
         self._train_fingerprint = loader_fingerprint(train_loader, "train_loader")
         self._cached = True
         return self
+
+    # -- torch.distributed (dattri.distributed) --------------------------------------
+    def _shard(self) -> Shard | None:
+        """This process's share of the work (None: one process does everything)."""
+        shard = resolve(self._process_group)
+        if shard is None:
+            return None
+        if not self._shardable:
+            if not self._warned_unsharded:
+                self._warned_unsharded = True
+                warnings.warn(
+                    f"{type(self).__name__} does not split the training set across the "
+                    f"{shard.world} ranks of the process group: every rank computes all "
+                    "of it (same result, no speed-up).", stacklevel=4)
+            return None
+        return shard
+
+    def _local(self, train_loader: Iterable, name: str = "train_loader") -> Iterable:
+        """This rank's contiguous batches of ``train_loader`` (all of it for one process)."""
+        shard = self._shard()
+        return train_loader if shard is None else shard_loader(train_loader, shard, name)
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The ranks' score rows in loader order, on every rank."""
+        return all_gather_rows(rows, self._shard())
 
     def _cache(self, train_loader: Iterable) -> None:  # noqa: ARG002
         """Subclasses override; the default has nothing to precompute."""

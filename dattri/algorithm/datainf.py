@@ -56,6 +56,8 @@ def datainf_ihvp(v: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
 class IFAttributorDataInf(_IFBase):
     """Influence function with the DataInf inverse (Kwon et al. 2024).
 
+    Not split across ``torch.distributed`` ranks yet: every rank computes all of it.
+
     Args:
         task: the attribution task.
         layer_name: restrict to these parameters (each is one block).
@@ -65,6 +67,8 @@ class IFAttributorDataInf(_IFBase):
         fim_estimate_data_ratio: fraction in ``(0, 1]`` of the cached training
             examples (the first ones, in loader order) used for the Fisher terms.
     """
+
+    _shardable = False
 
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",

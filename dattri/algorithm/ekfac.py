@@ -33,7 +33,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dattri._convention import model_style_task
-from dattri._loader import batch_size_of
 from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, resolve_linear_modules
 from dattri.algorithm.influence_function import _check_nonneg, _IFBase
 from dattri.errors import DattriValueError
@@ -106,22 +105,35 @@ class IFAttributorEKFAC(_IFBase):
         self.max_iter = max_iter
         return super().cache(train_loader)
 
-    def _fit_batches(self) -> Iterable:
-        return list(self.data)[: self.max_iter] if self.max_iter else self.data
+    def _fit_batches(self) -> list:
+        """This rank's batches among the first ``max_iter`` of the training loader."""
+        data = self.data
+        if data.shard is not None and self.max_iter is not None:
+            from dattri.distributed import split
+
+            lo_last = split(data.num_batches, data.shard.world)[-1][0]
+            if self.max_iter <= lo_last:  # the same decision on every rank
+                msg = (f"max_iter={self.max_iter} batches leave some of the "
+                       f"{data.shard.world} ranks without a batch to estimate the factors "
+                       f"from; pass max_iter > {lo_last} (or None) or use fewer processes.")
+                raise DattriValueError(msg)
+        return [data.batches[i] for i in data.local_batches(self.max_iter)]
 
     def _fit(self, ckpt: int) -> list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
         func = self.fisher_loss_func
         sums: dict[str, list] = {}
-        n = 0
         for batch in tqdm(self._fit_batches(), desc="K-FAC factors", leave=False, disable=None):
             for name, (a, s) in self.capture.run(batch, ckpt, "loss", func).items():
                 A, S = kfac_covariances(a, s, self.bias[name], reduction="sum")
                 acc = sums.setdefault(name, [0, 0, 0])
                 acc[0], acc[1], acc[2] = acc[0] + A, acc[1] + S, acc[2] + a.shape[0] * a.shape[1]
-            n += batch_size_of(batch)
         eigen = {}
-        for name, (A, S, tokens) in sums.items():
+        n = self.data.count(range(len(self._fit_batches())))  # over every rank's part
+        for name in self.module_name:  # a fixed order: collectives match across ranks
+            A, S, tokens = (self.data.reduce(torch.as_tensor(t)) for t in sums[name])
             _, qa, _, qs = kfac_eigen(A / tokens, S / n)
+            # one eigenbasis for every rank (the corrected eigenvalues are summed in it)
+            qa, qs = self.data.same(qa), self.data.same(qs)
             eigen[name] = (qa, qs, torch.zeros(qs.shape[0], qa.shape[0], dtype=qa.dtype,
                                                device=qa.device))
         for batch in tqdm(self._fit_batches(), desc="EK-FAC eigenvalues", leave=False, disable=None):
@@ -132,6 +144,7 @@ class IFAttributorEKFAC(_IFBase):
         out, start = [], 0
         for name in self.module_name:
             qa, qs, lam = eigen[name]
+            lam = self.data.reduce(lam)
             size = lam.numel()
             out.append((slice(start, start + size), qa, qs, lam / n))
             start += size

@@ -15,7 +15,7 @@ always done for all right-hand sides together, once per checkpoint and test set.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from dattri.algorithm._engine import DataCache, score_stream
 from dattri.algorithm.base import BaseAttributor
+from dattri.distributed import all_gather_rows, broadcast, row_range
 from dattri.errors import DattriValueError, MemoryBudgetError
 from dattri.task import AttributionTask
 
@@ -109,11 +110,16 @@ class _RevRev:
 
 def dataset_matmat(
     loss: Callable, theta: torch.Tensor, data: DataCache, mode: str = "rev-rev",
-    batches: Sequence[int] | None = None,
+    first_batches: int | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``V -> V H`` with H the Hessian of the mean loss over (some of) ``data``."""
-    idx = list(range(len(data))) if batches is None else list(batches)
-    n = sum(data.sizes[i] for i in idx)
+    """``V -> V H`` with H the Hessian of the mean loss over ``data`` (its first
+    ``first_batches`` batches when given).
+
+    On one rank's part of the training set (``data.shard``) the products of the
+    rank's batches are summed over the ranks: every rank must call it with the
+    same ``V`` (then every rank gets the same result)."""
+    idx = data.local_batches(first_batches)
+    n = data.count(idx)
     ops = [(hvp_matmat(loss, theta, data.batches[i], mode), data.sizes[i] / n) for i in idx]
 
     def matmat(v: torch.Tensor) -> torch.Tensor:
@@ -121,7 +127,7 @@ def dataset_matmat(
         out = torch.zeros_like(vv)
         for op, w in ops:
             out.add_(op(vv), alpha=w)
-        return out.reshape(v.shape)
+        return data.reduce(out).reshape(v.shape)
 
     return matmat
 
@@ -130,9 +136,14 @@ class _IFBase(BaseAttributor):
     """Shared IF logic: subclasses implement ``_fit(ckpt)`` and ``_ihvp(V, ckpt)``.
 
     ``attribute`` scores the train loader it is given (the curvature is that of
-    the cached training set)."""
+    the cached training set).
+
+    Under ``torch.distributed`` (:mod:`dattri.distributed`) each rank caches its
+    share of the training loader, the curvature is summed over the ranks (HVPs,
+    Hessians, Kronecker factors) and the score rows are gathered."""
 
     _scores_given_train = True
+    _shardable = True
 
     def __init__(self, task: AttributionTask, layer_name=None, device="cpu") -> None:
         super().__init__(task, layer_name, device)
@@ -171,22 +182,68 @@ class _IFBase(BaseAttributor):
         """
         self._check_pair(train_loader, test_loader)
         _check_choice("relatif_method", relatif_method, _RELATIF)
+        train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
         total = None
         for c in range(self.num_checkpoints):
-            xt = self._ihvp(self.test_features.all(test_loader, c, "test grads"), c)
+            xt = self._ihvp(self._same_everywhere(self.test_features.all(test_loader, c, "test grads")), c)
             if relatif_method is None:
                 s = score_stream(self.train_features.iterate(train_loader, c), xt)
             else:
                 parts = []
-                for g in self.train_features.iterate(train_loader, c):
-                    parts.append(g @ xt.T / self._relatif_norm(g, c, relatif_method)[:, None])
+                for g in self._lockstep(self.train_features.iterate(train_loader, c), train_loader):
+                    norm = self._relatif_norm(self._rows(g), c, relatif_method)
+                    if g is not None:
+                        parts.append(g @ xt.T / norm[:, None])
                 s = torch.cat(parts)
             total = s if total is None else total + s
-        return total / self.num_checkpoints
+        return self._gather(total / self.num_checkpoints)
+
+    # -- torch.distributed: solvers whose inverse reads the training data ---------
+    #: True where ``_ihvp`` sums over the cached training data (CG, DataInf): under
+    #: ``torch.distributed`` every rank then calls it on the same right-hand sides
+    _ihvp_reads_data = False
+
+    def _collective(self) -> bool:
+        return self._ihvp_reads_data and self.data is not None and self.data.shard is not None
+
+    def _same_everywhere(self, v: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``v`` on every rank (the test gradients every rank computed):
+        a data-reading solver then runs identically (same iterations) everywhere."""
+        return broadcast(v, self.data.shard) if self._collective() else v
+
+    def _rows(self, g: torch.Tensor | None) -> torch.Tensor:
+        """``g`` (an empty block for ``None``), for :meth:`_relatif_norm`/:meth:`_ihvp`."""
+        if g is not None:
+            return g
+        spec = self.task.param_spec(self.layer_name)
+        dtype = next(iter(self.task.named_parameters.values())).dtype
+        return torch.zeros(0, spec.numel, dtype=dtype, device=self.device)
+
+    def _lockstep(self, blocks: Iterable[torch.Tensor], loader: Iterable) -> Iterator[torch.Tensor | None]:
+        """``blocks``, then ``None`` until every rank has had as many steps as the
+        rank with the most batches (a data-reading ``_ihvp`` of per-rank blocks is
+        collective: every rank must call it equally often)."""
+        if not self._collective():
+            yield from blocks
+            return
+        mine = len(loader)  # agreed on before the first block's collectives
+        steps = max(all_gather_rows(torch.tensor([mine], dtype=torch.int64), self.data.shard).tolist())
+        yield from blocks
+        for _ in range(steps - mine):
+            yield None
+
+    def _ihvp_rows(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        """``_ihvp`` of this rank's own rows ``v`` (each rank different): the ranks'
+        rows are gathered, solved together (identically everywhere) and this rank's
+        rows of the solution returned."""
+        if not self._collective():
+            return self._ihvp(v, ckpt)
+        start, stop, _ = row_range(v.shape[0], self.data.shard)
+        return self._ihvp(all_gather_rows(v, self.data.shard), ckpt)[start:stop]
 
     def _relatif_norm(self, g: torch.Tensor, ckpt: int, method: str) -> torch.Tensor:
-        x = self._ihvp(g, ckpt)
+        x = self._ihvp_rows(g, ckpt)
         if method == "theta":
             return _nonzero(x.norm(dim=1))
         return _nonzero((g * x).sum(dim=1).abs().sqrt())
@@ -195,21 +252,26 @@ class _IFBase(BaseAttributor):
         """Self-influence ``g_loss(z_i)^T (H + lambda I)^{-1} g_target(z_i)``, ``(n_train,)``;
         with ``relatif_method`` divided by the RelatIF norm of ``g_loss(z_i)``."""
         _check_choice("relatif_method", relatif_method, _RELATIF)
+        train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
         same = self.task.original_target_func is self.task.original_loss_func
         total = None
         for c in range(self.num_checkpoints):
             parts = []
             targets = None if same else self.test_features.iterate(train_loader, c, "self targets")
-            for g in self.train_features.iterate(train_loader, c, "self-influence"):
+            grads = self.train_features.iterate(train_loader, c, "self-influence")
+            for g in self._lockstep(grads, train_loader):
+                x = self._ihvp_rows(self._rows(g), c)
+                norm = None if relatif_method is None else self._relatif_norm(self._rows(g), c,
+                                                                            relatif_method)
+                if g is None:
+                    continue
                 gt = g if targets is None else next(targets)
-                si = (self._ihvp(g, c) * gt).sum(dim=1)
-                if relatif_method is not None:
-                    si = si / self._relatif_norm(g, c, relatif_method)
-                parts.append(si)
+                si = (x * gt).sum(dim=1)
+                parts.append(si if norm is None else si / norm)
             s = torch.cat(parts)
             total = s if total is None else total + s
-        return total / self.num_checkpoints
+        return self._gather(total / self.num_checkpoints)
 
 
 class IFAttributorExplicit(_IFBase):
@@ -297,6 +359,7 @@ def dense_hessian(
             basis = torch.zeros(e - s, p, dtype=theta.dtype, device=theta.device)
             basis[torch.arange(e - s), torch.arange(s, e)] = 1
             h[s:e].add_(op(basis), alpha=size / data.n)
+    h = data.reduce(h)
     return (h + h.T) / 2
 
 
@@ -328,6 +391,8 @@ class IFAttributorCG(_IFBase):
         shifts: the regularizations sharing ``shift_store``; must contain
             ``regularization``.
     """
+
+    _ihvp_reads_data = True
 
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",
@@ -393,7 +458,12 @@ class IFAttributorLiSSA(_IFBase):
     ``recursion_depth`` minibatches ``B_t`` of ``batch_size`` training examples
     drawn with a fixed seed; result ``h_T / scaling`` averaged over ``num_repeat``,
     which approximates ``(H + damping * scaling I)^{-1} v``.
+
+    Not split across ``torch.distributed`` ranks (its minibatches are drawn from
+    the whole training set): every rank computes all of it.
     """
+
+    _shardable = False
 
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",
@@ -484,8 +554,8 @@ class IFAttributorArnoldi(_IFBase):
         from dattri.linalg.solvers import arnoldi
 
         loss, theta = self._loss_and_theta(ckpt)
-        k = max(1, round(len(self.data) * self.precompute_data_ratio))
-        matmat = dataset_matmat(loss, theta, self.data, "rev-rev", batches=range(k))
+        k = max(1, round(self.data.num_batches * self.precompute_data_ratio))
+        matmat = dataset_matmat(loss, theta, self.data, "rev-rev", first_batches=k)
         vals, vecs = arnoldi(matmat, theta.numel(), max_iter=self.max_iter, top_k=self.proj_dim,
                              tol=self.tol, seed=self.seed, dtype=theta.dtype, device=theta.device)
         shifted = vals + self.regularization
@@ -521,6 +591,7 @@ class IFAttributorArnoldi(_IFBase):
 
         self._check_pair(train_loader, test_loader)
         _check_choice("relatif_method", relatif_method, _RELATIF)
+        train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
         same = loader_fingerprint(train_loader) == self._train_fingerprint
         total = None
@@ -535,7 +606,7 @@ class IFAttributorArnoldi(_IFBase):
             elif relatif_method == "theta":
                 s = s / _nonzero((tr * inv).norm(dim=1))[:, None]
             total = s if total is None else total + s
-        return total / self.num_checkpoints
+        return self._gather(total / self.num_checkpoints)
 
 
 def __getattr__(name: str) -> type:

@@ -47,6 +47,7 @@ from dattri._convention import model_style_task
 from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, layer_dims, resolve_linear_modules
 from dattri.algorithm._offload import FeatureStore, check_offload
 from dattri.algorithm.influence_function import _check_choice, _IFBase
+from dattri.distributed import all_reduce, row_range
 from dattri.errors import DattriValueError
 from dattri.func.projection import Projector, get_projector
 from dattri.linalg.solvers import factorize
@@ -193,8 +194,12 @@ class _BlockProjectedIF(_IFBase):
                 msg = "train_loader yielded no batches; pass a non-empty loader."
                 raise DattriValueError(msg)
             self._stores[c] = store
+            # torch.distributed: the Fisher blocks and counts of every rank's part
+            shard = self._shard()
+            n = row_range(store.n, shard)[2]
             self._state[c] = ([(sl, None) for sl in slices] if fisher is None
-                              else [(sl, self._damped(f / store.n)) for f, sl in zip(fisher, slices)])
+                              else [(sl, self._damped(all_reduce(f, shard) / n))
+                                    for f, sl in zip(fisher, slices)])
 
     def _damped(self, f: torch.Tensor) -> Callable:
         """Solver of ``F_l + lambda_l I`` with ``lambda_l = damping * trace(F_l) / k_l``."""
@@ -211,6 +216,7 @@ class _BlockProjectedIF(_IFBase):
         """Scores ``(n_train, n_test)``; on the cached training loader from the stored
         features (read in blocks), otherwise from features computed here."""
         self._check_pair(train_loader, test_loader)
+        train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
         if not self._same_as_cached(train_loader):
             return super().attribute(train_loader, test_loader, relatif_method)
@@ -226,7 +232,7 @@ class _BlockProjectedIF(_IFBase):
                 parts.append(s)
             s = torch.cat(parts)
             total = s if total is None else total + s
-        return total / self.num_checkpoints
+        return self._gather(total / self.num_checkpoints)
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         if self.hessian == "Identity":

@@ -40,6 +40,9 @@ def _unit_rows(g: torch.Tensor) -> torch.Tensor:
 class TracInAttributor(BaseAttributor):
     """TracInCP / Grad-Dot / Grad-Cos.
 
+    Under ``torch.distributed`` (:mod:`dattri.distributed`) each rank scores its
+    share of the training loader and the rows are gathered.
+
     Args:
         task: attribution task; its checkpoints are the TracIn checkpoints.
         weight_list: one weight per checkpoint (learning rates), tensor or list.
@@ -52,6 +55,8 @@ class TracInAttributor(BaseAttributor):
             is ignored). 0.3.0 projected to 512 dimensions by default; dattri's
             default is exact inner products (``projector_kwargs={}`` projects).
     """
+
+    _shardable = True
 
     def __init__(
         self,
@@ -139,7 +144,7 @@ class TracInAttributor(BaseAttributor):
     def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
         """Scores ``(n_train, n_test)`` = weighted sum over checkpoints."""
         self._check_pair(train_loader, test_loader)
-        train_loader = replayable(train_loader, self.device, self.num_checkpoints)
+        train_loader = replayable(self._local(train_loader), self.device, self.num_checkpoints)
         test_loader = replayable(test_loader, self.device, self.num_checkpoints)
         adjoint = self._adjoint_cheaper(train_loader, test_loader)
         total = None
@@ -155,13 +160,13 @@ class TracInAttributor(BaseAttributor):
                 s = score_stream(self.train_features.iterate(train_loader, c), ft)
             s = s * self.weight_list[c].to(s.dtype)
             total = s if total is None else total + s
-        return total
+        return self._gather(total)
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``sum_c eta_c <g_loss^c(z_i), g_target^c(z_i)>`` as ``(n_train,)``."""
         check_loader(train_loader, "train_loader")
         same = self.task.original_target_func is self.task.original_loss_func
-        train_loader = replayable(train_loader, self.device, self.num_checkpoints)
+        train_loader = replayable(self._local(train_loader), self.device, self.num_checkpoints)
         total = None
         for c in range(self.num_checkpoints):
             if self._use_factored(train_loader, c):
@@ -179,4 +184,4 @@ class TracInAttributor(BaseAttributor):
                     parts.append((g * gt).sum(dim=1))
             s = torch.cat(parts) * self.weight_list[c]
             total = s if total is None else total + s.to(total.dtype)
-        return total
+        return self._gather(total)

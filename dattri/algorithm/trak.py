@@ -27,6 +27,7 @@ from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import ensemble_rng, replayable
 from dattri.algorithm.base import BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
+from dattri.distributed import all_gather_rows, all_reduce, row_range
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.linalg import gram
 from dattri.linalg.gram import GramCholesky
@@ -74,6 +75,11 @@ def kernel_scores(phi: torch.Tensor, form: str, factor: GramCholesky, test: torc
 class TRAKAttributor(BaseAttributor):
     """TRAK with projection, Q weighting and a checkpoint ensemble.
 
+    Under ``torch.distributed`` (:mod:`dattri.distributed`) each rank featurizes its
+    share of the training loader; the Gram matrix ``Phi^T Phi`` is summed over the
+    ranks (or, when ``k`` exceeds the number of training examples, the features are
+    gathered for the dual form) and the score rows are gathered.
+
     Args:
         task: its ``loss_func`` is the model-output function (margin); its
             checkpoints are the ensemble (TRAK-1/10/50 = 1/10/50 checkpoints).
@@ -87,6 +93,8 @@ class TRAKAttributor(BaseAttributor):
         projector_kwargs: 0.3.0's name for ``proj_params`` (a dict merged into the
             default projection; its ``device`` is ignored).
     """
+
+    _shardable = True
 
     def __init__(
         self,
@@ -119,7 +127,28 @@ class TRAKAttributor(BaseAttributor):
         self.test_features.transform = transform
         self._phi: list[torch.Tensor] = []
         self._inv: list[tuple[str, GramCholesky]] = []
+        self._dual: list[tuple[torch.Tensor, int, int] | None] = []
         self._q: torch.Tensor | None = None
+
+    def _factor(self, phi: torch.Tensor) -> tuple[tuple[str, GramCholesky], Any]:
+        """The kernel factor of the whole training set from this rank's rows ``phi``;
+        with the gathered rows and this rank's ``(start, stop)`` in the dual form."""
+        shard = self._shard()
+        if shard is None:
+            return kernel_factor(phi, self.regularization), None
+        start, stop, n = row_range(phi.shape[0], shard)
+        if phi.shape[1] <= n:
+            g = all_reduce(gram.gram64(phi), shard)
+            return ("primal", GramCholesky.from_gram(g, self.regularization)), None
+        full = all_gather_rows(phi, shard)
+        return ("dual", GramCholesky(full, self.regularization, transpose=True)), (full, start, stop)
+
+    def _kernel_scores(self, c: int, ft: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of ``Phi_c (Phi_c^T Phi_c + lambda I)^{-1} ft^T``."""
+        if self._dual[c] is None:
+            return kernel_scores(self._phi[c], *self._inv[c], ft)
+        full, start, stop = self._dual[c]
+        return kernel_scores(full, *self._inv[c], ft)[start:stop]
 
     def _probabilities(self, batch: Any, ckpt: int) -> torch.Tensor:
         task = self.task
@@ -143,7 +172,7 @@ class TRAKAttributor(BaseAttributor):
             return vmap(one, randomness="same")(batch)
 
     def _cache(self, train_loader: Iterable) -> None:
-        self._phi, self._inv, q = [], [], None
+        self._phi, self._inv, self._dual, q = [], [], [], None
         train_loader = replayable(train_loader, self.device, self.num_checkpoints)
         for c in range(self.num_checkpoints):
             # one pass over the loader per checkpoint gives the features and Q
@@ -157,7 +186,9 @@ class TRAKAttributor(BaseAttributor):
             phi = torch.cat(feats)
             del feats
             self._phi.append(phi)
-            self._inv.append(kernel_factor(phi, self.regularization))
+            factor, dual = self._factor(phi)
+            self._inv.append(factor)
+            self._dual.append(dual)
             q = torch.cat(qc) if q is None else q + torch.cat(qc)
         self._q = q / self.num_checkpoints
 
@@ -184,21 +215,26 @@ class TRAKAttributor(BaseAttributor):
         test_loader = replayable(test_loader, self.device, self.num_checkpoints)
         for c in range(self.num_checkpoints):
             ft = self.test_features.all(test_loader, c, "test grads")
-            s = kernel_scores(self._phi[c], *self._inv[c], ft)
+            s = self._kernel_scores(c, ft)
             total = s if total is None else total + s
-        return self._q[:, None].to(total.dtype) * total / self.num_checkpoints
+        return self._gather(self._q[:, None].to(total.dtype) * total / self.num_checkpoints)
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``Q_i * mean_c <[Phi_c K_c^{-1}]_i, phi_target^c(z_i)>`` as ``(n_train,)``."""
+        train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
         total = None
         train_loader = replayable(train_loader, self.device, self.num_checkpoints)
         for c in range(self.num_checkpoints):
             ft = self.test_features.all(train_loader, c, "self grads").to(torch.float64)
             form, factor = self._inv[c]
-            f = self._phi[c].to(torch.float64)
-            # row i of Phi K^{-1} (primal; K symmetric) or of K^{-1} Phi (dual)
-            r = (factor.solve(f) if form == "primal" else factor.solve(f.T).T).to(f.device)
+            if form == "primal":  # row i of Phi K^{-1} (K symmetric)
+                f = self._phi[c].to(torch.float64)
+                r = factor.solve(f).to(f.device)
+            else:  # row i of K^{-1} Phi, this rank's rows of it
+                full, start, stop = self._dual[c] or (self._phi[c], 0, self._phi[c].shape[0])
+                f = full.to(torch.float64)
+                r = factor.solve(f.T).T.to(f.device)[start:stop]
             s = (r * ft).sum(dim=1).to(self._phi[c].dtype)
             total = s if total is None else total + s
-        return self._q.to(total.dtype) * total / self.num_checkpoints
+        return self._gather(self._q.to(total.dtype) * total / self.num_checkpoints)

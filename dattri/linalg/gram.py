@@ -137,9 +137,11 @@ class GramCholesky:
 
     # -- other devices ----------------------------------------------------------------
     def _factor_full(self, f: torch.Tensor, transpose: bool) -> None:
+        self._factor_gram(gram64(f.detach(), transpose))
+
+    def _factor_gram(self, g: torch.Tensor) -> None:
         from dattri.linalg.solvers import _eig_inverse
 
-        g = gram64(f.detach(), transpose)
         g.diagonal().add_(self.regularization)
         L, info = torch.linalg.cholesky_ex(g)
         if int(info) == 0:
@@ -147,6 +149,27 @@ class GramCholesky:
             return
         self._warn_singular()
         self._pinv = _eig_inverse(g)
+
+    @classmethod
+    def from_gram(cls, g: torch.Tensor, regularization: float = 0.0) -> GramCholesky:
+        r"""The factor of :math:`K + \lambda I` from a formed Gram matrix ``K``
+        ``(size, size)`` (e.g. a sum of per-shard ``F_r^T F_r`` over the ranks of a
+        process group), in full float64 storage; ``g`` is not modified."""
+        if g.ndim != 2 or g.shape[0] != g.shape[1] or not g.is_floating_point():
+            msg = f"`g` must be a real square matrix, got shape {tuple(g.shape)} dtype {g.dtype}."
+            raise DattriValueError(msg)
+        if not regularization >= 0:
+            msg = f"regularization={regularization!r} must be >= 0."
+            raise DattriValueError(msg)
+        if not all_finite(g):
+            msg = "`g` contains inf/NaN; check the features it was built from."
+            raise NonFiniteError(msg)
+        self = cls.__new__(cls)
+        self.size, self.regularization = g.shape[0], float(regularization)
+        self._rfp = self._full = self._pinv = None
+        self.device = g.device
+        self._factor_gram(g.detach().to(torch.float64).clone())
+        return self
 
     def _warn_singular(self) -> None:
         import warnings

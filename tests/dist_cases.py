@@ -1,0 +1,142 @@
+"""Attributions computed by one process and by the ranks of a gloo group
+(``tests/test_distributed.py``); run as a script, it is one rank of such a group.
+
+    python tests/dist_cases.py RANK WORLD PORT OUT_DIR
+
+Every rank writes ``OUT_DIR/rank{RANK}.pt``: ``{case: tensor}``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cases import MLP, digits, l2_loss_factory, loaders  # noqa: E402
+
+from dattri.algorithm import (  # noqa: E402
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    IFAttributorEKFAC,
+    IFAttributorExplicit,
+    IFAttributorLiSSA,
+    LoGraAttributor,
+    TracInAttributor,
+    TRAKAttributor,
+)
+from dattri.task import AttributionTask  # noqa: E402
+
+#: 46 training examples in 5 batches of 10 (the last one 6): 3 batches for rank 0,
+#: 2 for rank 1 of two, so the ranks hold unequal parts
+N_TRAIN, BATCH = 46, 10
+
+
+def _setup():
+    train, test = digits(N_TRAIN, 7, classes=3, dim=12)
+    torch.manual_seed(0)
+    model = MLP(12, 6, 3).double()
+    loss = l2_loss_factory(model)
+    # two checkpoints: the initial weights and a few gradient steps later
+    ckpts = [{k: v.clone() for k, v in model.state_dict().items()}]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        loss(dict(model.named_parameters()), train).backward()
+        opt.step()
+    ckpts.append({k: v.clone() for k, v in model.state_dict().items()})
+    return model, loss, ckpts, train, test
+
+
+def _margin(model):
+    def margin(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        p = torch.softmax(out, -1).gather(1, y[:, None]).squeeze(1)
+        return (torch.log(p) - torch.log1p(-p)).mean()
+
+    def prob(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        return torch.softmax(out, -1).gather(1, y[:, None]).squeeze(1)
+
+    return margin, prob
+
+
+def run_all() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every case's scores (equal, float64, up to summation order, for any world
+    size) and the training rows each sharded attributor held on this rank."""
+    model, loss, ckpts, train, test = _setup()
+    tr, te = loaders(train, test, bs_train=BATCH, bs_test=4)
+    last = AttributionTask(loss_func=loss, model=model, checkpoints=ckpts[-1])
+    both = AttributionTask(loss_func=loss, model=model, checkpoints=ckpts)
+    margin, prob = _margin(model)
+    trak_task = AttributionTask(loss_func=margin, model=model, checkpoints=ckpts)
+    out: dict[str, torch.Tensor] = {}
+
+    grad_dot = TracInAttributor(last, weight_list=[1.0], normalized_grad=False)
+    out["grad_dot"] = grad_dot.attribute(tr, te)
+    out["grad_dot_self"] = grad_dot.self_attribute(tr)
+    tracin = TracInAttributor(both, weight_list=[0.3, 0.7], normalized_grad=True,
+                              proj_params={"proj_dim": 16, "proj_type": "normal", "proj_seed": 1})
+    out["tracin_cos_projected"] = tracin.attribute(tr, te)
+
+    # k = 20 < n = 46: the primal Gram summed over ranks; identity (k = 129 > n): dual
+    trak = TRAKAttributor(trak_task, prob, regularization=1e-3,
+                          proj_params={"proj_dim": 20, "proj_type": "normal", "proj_seed": 0})
+    out["trak_primal"] = trak.cache(tr).attribute(te)
+    out["trak_primal_self"] = trak.self_attribute(tr)
+    trak_dual = TRAKAttributor(trak_task, prob, regularization=1e-3,
+                               proj_params={"proj_type": "identity"}).cache(tr)
+    out["trak_dual"] = trak_dual.attribute(tr, te)
+    out["trak_dual_self"] = trak_dual.self_attribute(tr)
+
+    # regularization 0.1 > 0.084 = -(the least eigenvalue of H): a positive definite
+    # system, so CG converges (an indefinite one amplifies the summation order)
+    cg = IFAttributorCG(last, max_iter=60, tol=1e-12, regularization=0.1).cache(tr)
+    out["cg"] = cg.attribute(tr, te)
+    out["cg_self"] = cg.self_attribute(tr)
+    out["cg_relatif"] = cg.attribute(tr, te, relatif_method="l")
+    out["explicit"] = IFAttributorExplicit(last, regularization=0.1).cache(tr).attribute(tr, te)
+    arnoldi = IFAttributorArnoldi(last, proj_dim=10, max_iter=40, precompute_data_ratio=0.6,
+                                  regularization=0.1).cache(tr)
+    out["arnoldi"] = arnoldi.attribute(tr, te)
+
+    ekfac_task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpts[-1])
+    ekfac = IFAttributorEKFAC(ekfac_task, damping=0.1).cache(tr)
+    out["ekfac"] = ekfac.attribute(tr, te)
+    out["ekfac_self"] = ekfac.self_attribute(tr)
+    out["ekfac_max_iter"] = IFAttributorEKFAC(ekfac_task, damping=0.1).cache(
+        tr, max_iter=4).attribute(tr, te)
+
+    logra = LoGraAttributor(last, damping=0.1,
+                            proj_params={"proj_dim": 4, "proj_type": "normal", "proj_seed": 3})
+    out["logra"] = logra.cache(tr).attribute(tr, te)
+    # not split (minibatches drawn from the whole set): the same on every rank
+    lissa = IFAttributorLiSSA(last, recursion_depth=20, batch_size=5, damping=0.1, scaling=10.0)
+    out["lissa"] = lissa.cache(tr).attribute(tr, te)
+    held = {"trak": trak._phi[0].shape[0], "cg": cg.data.n_local, "ekfac": ekfac.data.n_local,
+            "logra": logra._stores[0].n, "lissa": lissa.data.n_local}
+    return out, held
+
+
+def main(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        results, held = run_all()
+        torch.save({"scores": results, "held": held}, os.path.join(out_dir, f"rank{rank}.pt.tmp"))
+        os.replace(os.path.join(out_dir, f"rank{rank}.pt.tmp"), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -1,0 +1,113 @@
+"""Sharded attribution on torch.distributed (gloo on loopback) equals one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from dattri import distributed
+from dattri.errors import DattriValueError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: a hang guard (the 2-rank run takes seconds); on expiry the ranks are killed
+GUARD_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, out_dir: str) -> None:
+    port = _free_port()
+    root = os.path.dirname(HERE)  # the checkout, importable even without an install
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_cases.py"), str(r),
+                               str(world), str(port), out_dir], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=GUARD_S)
+            logs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [f"rank {r} (exit {p.returncode}):\n{log[-2500:]}"
+              for r, (p, log) in enumerate(zip(procs, logs)) if p.returncode != 0]
+    assert not failed, "\n".join(failed)
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    import dist_cases
+
+    torch.set_num_threads(1)
+    want, held = dist_cases.run_all()
+    assert set(held.values()) == {46}
+    _spawn(2, str(tmp_path))
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        # batches 0-2 (30 examples) on rank 0, 3-4 (16) on rank 1; LiSSA holds all
+        share = 30 if rank == 0 else 16
+        assert saved["held"] == {"trak": share, "cg": share, "ekfac": share, "logra": share,
+                                 "lissa": 46}
+        got = saved["scores"]
+        assert set(got) == set(want)
+        for name, ref in want.items():
+            assert got[name].shape == ref.shape, name
+            torch.testing.assert_close(got[name], ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()),
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_shard_loader_splits_batches_contiguously():
+    data = TensorDataset(torch.arange(23.0)[:, None], torch.arange(23))
+    loader = DataLoader(data, batch_size=4)  # 6 batches
+    parts = [distributed.shard_loader(loader, distributed.Shard(r, 4, None)) for r in range(4)]
+    assert [p.batches for p in parts] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    seen = torch.cat([b[1] for p in parts for b in p])
+    assert torch.equal(seen, torch.arange(23))  # every example once, in loader order
+    as_list = distributed.shard_loader(list(loader), distributed.Shard(1, 4, None))
+    assert [b[1].tolist() for b in as_list] == [b[1].tolist() for b in list(loader)[2:4]]
+    with pytest.raises(DattriValueError, match="6 batch.*for 7 ranks"):
+        distributed.shard_loader(loader, distributed.Shard(6, 7, None))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0, shuffle=False)
+    with pytest.raises(DattriValueError, match="DistributedSampler"):
+        distributed.shard_loader(DataLoader(data, sampler=sampler), distributed.Shard(0, 2, None))
+
+
+def test_split_covers_range():
+    for n in range(0, 12):
+        for w in range(1, 5):
+            parts = distributed.split(n, w)
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            sizes = [hi - lo for lo, hi in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_process_group_without_init_is_a_typed_error():
+    from cases import MLP, digits, l2_loss_factory, loaders
+
+    from dattri.algorithm import TracInAttributor
+    from dattri.task import AttributionTask
+
+    train, test = digits(20, 4, classes=3, dim=5)
+    model = MLP(5, 3, 3).double()
+    task = AttributionTask(loss_func=l2_loss_factory(model), model=model,
+                           checkpoints=model.state_dict())
+    tr, te = loaders(train, test)
+    att = TracInAttributor(task, weight_list=[1.0], normalized_grad=False)
+    with pytest.raises(DattriValueError, match="torch.distributed is not initialised"):
+        att.attribute(tr, te, process_group=object())
+    assert distributed.resolve(None) is None  # one process: nothing to split
