@@ -67,7 +67,7 @@ def _margin(model):
     return margin, prob
 
 
-def run_all() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Every case's scores (equal, float64, up to summation order, for any world
     size) and the training rows each sharded attributor held on this rank."""
     model, loss, ckpts, train, test = _setup()
@@ -94,6 +94,18 @@ def run_all() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
                                proj_params={"proj_type": "identity"}).cache(tr)
     out["trak_dual"] = trak_dual.attribute(tr, te)
     out["trak_dual_self"] = trak_dual.self_attribute(tr)
+    # features on disk (one store per checkpoint and rank), rankings merged over ranks
+    trak_disk = TRAKAttributor(trak_task, prob, regularization=1e-3, offload="disk",
+                               cache_dir=os.path.join(cache_dir, "trak"),
+                               proj_params={"proj_dim": 20, "proj_type": "normal", "proj_seed": 0})
+    out["trak_disk"] = trak_disk.cache(tr).attribute(te)
+    top = trak_disk.attribute(te, top_k=5)
+    out["trak_top5"], out["trak_top5_scores"] = top.proponents, top.proponent_scores
+    out["trak_bottom5"], out["trak_bottom5_scores"] = top.opponents, top.opponent_scores
+    tracin_disk = TracInAttributor(both, weight_list=[0.3, 0.7], normalized_grad=False,
+                                   offload="disk", cache_dir=os.path.join(cache_dir, "tracin"))
+    top = tracin_disk.cache(tr).attribute(tr, te, top_k=4)
+    out["tracin_top4"], out["tracin_top4_scores"] = top.proponents, top.proponent_scores
 
     # regularization 0.1 > 0.084 = -(the least eigenvalue of H): a positive definite
     # system, so CG converges (an indefinite one amplifies the summation order)
@@ -120,7 +132,8 @@ def run_all() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     lissa = IFAttributorLiSSA(last, recursion_depth=20, batch_size=5, damping=0.1, scaling=10.0)
     out["lissa"] = lissa.cache(tr).attribute(tr, te)
     held = {"trak": trak._phi[0].shape[0], "cg": cg.data.n_local, "ekfac": ekfac.data.n_local,
-            "logra": logra._stores[0].n, "lissa": lissa.data.n_local}
+            "logra": logra._stores[0].n, "lissa": lissa.data.n_local,
+            "trak_disk": trak_disk._stores[1].n}
     return out, held
 
 
@@ -131,7 +144,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
-        results, held = run_all()
+        results, held = run_all(os.path.join(out_dir, "stores"))
         torch.save({"scores": results, "held": held}, os.path.join(out_dir, f"rank{rank}.pt.tmp"))
         os.replace(os.path.join(out_dir, f"rank{rank}.pt.tmp"), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -10,7 +10,7 @@ projected first (``proj_params``); without projection the inner products are exa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,10 +19,13 @@ from dattri._loader import check_loader, count_examples, head, to_device
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import replayable, score_stream
 from dattri.algorithm._factored import FactoredGrads
+from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill_stores, ranked
 from dattri.algorithm.base import BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
+from dattri.distributed import row_range
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
+from dattri.topk import TopK
 
 __all__ = ["TracInAttributor"]
 
@@ -68,9 +71,14 @@ class TracInAttributor(BaseAttributor):
         device: str | torch.device = "cpu",
         fast_path: bool = True,
         projector_kwargs: dict[str, Any] | None = None,
+        offload: str = "none",
+        cache_dir: str | None = None,
     ) -> None:
         proj_params = projector_settings(proj_params, projector_kwargs, "TracInAttributor")
         super().__init__(task, layer_name, device)
+        check_store_args("TracInAttributor", offload, cache_dir)
+        self.offload, self.cache_dir = offload, cache_dir
+        self._stores: list[Any] = []
         try:
             w = torch.as_tensor(weight_list, dtype=torch.float64).reshape(-1)
         except (TypeError, ValueError, RuntimeError) as e:
@@ -141,10 +149,58 @@ class TracInAttributor(BaseAttributor):
         back = proj.back_project(proj.project(gt, ensemble_id=c), ensemble_id=c)
         return score_stream(self._grads(self.train_features, train_loader, c), back)
 
-    def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
-        """Scores ``(n_train, n_test)`` = weighted sum over checkpoints."""
+    def _cache(self, train_loader: Iterable) -> None:
+        """``offload="disk"``: every checkpoint's training features (projected and
+        normalised as configured) into a feature store, resumed where a killed run
+        stopped; otherwise nothing is precomputed (``attribute`` featurizes)."""
+        if self.offload != "disk":
+            return
+        settings = {"method": "TracIn", "proj": repr(self.proj_params),
+                    "normalized": self.normalized_grad, "layer_name": repr(self.layer_name)}
+        self._stores = fill_stores(self, self.train_features, train_loader, settings)
+
+    def _stored(self, train_loader: Iterable) -> bool:
+        from dattri._loader import loader_fingerprint
+
+        return bool(self._stores) and self._cached and (
+            loader_fingerprint(train_loader) == self._train_fingerprint)
+
+    def attribute(self, train_loader: Iterable, test_loader: Iterable,
+                  top_k: int | None = None) -> torch.Tensor | TopK:
+        """Scores ``(n_train, n_test)`` = weighted sum over checkpoints.
+
+        Args:
+            train_loader, test_loader: the data (fixed order).
+            top_k: instead of the score matrix, each test example's ``top_k``
+                proponents and opponents (:class:`dattri.topk.TopK`) from blocks of
+                training rows; with ``offload="disk"`` (after ``cache``) the blocks
+                are read from the feature stores and no ``n_train x n_test`` matrix
+                is formed.
+        """
         self._check_pair(train_loader, test_loader)
-        train_loader = replayable(self._local(train_loader), self.device, self.num_checkpoints)
+        top_k = check_top_k(top_k)
+        train_loader = self._local(train_loader)
+        if self._stored(train_loader):
+            blocks = self._stored_blocks(test_loader)
+        else:
+            total = self._scores(train_loader, test_loader)
+            start = row_range(total.shape[0], self._shard())[0]
+            blocks = iter([(start, total)])
+        if top_k is not None:
+            return ranked(blocks, top_k, self._shard())
+        return self._gather(torch.cat([b for _, b in blocks]))
+
+    def _stored_blocks(self, test_loader: Iterable) -> Iterator[tuple[int, torch.Tensor]]:
+        test_loader = replayable(test_loader, self.device, self.num_checkpoints)
+        fts = [self.test_features.all(test_loader, c, "test grads") * self.weight_list[c]
+               for c in range(self.num_checkpoints)]
+        rows = block_rows(self._stores[0].dim)
+        for start, parts in aligned_blocks(self._stores, rows, self.device):
+            yield start, sum(b @ ft.T.to(b.dtype) for b, ft in zip(parts, fts))
+
+    def _scores(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
+        """This rank's rows of the score matrix."""
+        train_loader = replayable(train_loader, self.device, self.num_checkpoints)
         test_loader = replayable(test_loader, self.device, self.num_checkpoints)
         adjoint = self._adjoint_cheaper(train_loader, test_loader)
         total = None
@@ -160,7 +216,7 @@ class TracInAttributor(BaseAttributor):
                 s = score_stream(self.train_features.iterate(train_loader, c), ft)
             s = s * self.weight_list[c].to(s.dtype)
             total = s if total is None else total + s
-        return self._gather(total)
+        return total
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``sum_c eta_c <g_loss^c(z_i), g_target^c(z_i)>`` as ``(n_train,)``."""

@@ -14,20 +14,29 @@ is used, so an identity projection gives the exact (pseudo-inverse) closed form.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.func import vmap
 
 from dattri._convention import as_batched, is_unbatched
-from dattri._loader import batch_size_of
+from dattri._loader import batch_size_of, to_device
 from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import ensemble_rng, replayable
 from dattri.algorithm.base import BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
+from dattri.algorithm._scored import (
+    aligned_blocks,
+    block_rows,
+    check_store_args,
+    check_top_k,
+    fill_stores,
+    ranked,
+)
 from dattri.distributed import all_gather_rows, all_reduce, row_range
+from dattri.topk import TopK
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.linalg import gram
 from dattri.linalg.gram import GramCholesky
@@ -105,9 +114,13 @@ class TRAKAttributor(BaseAttributor):
         device: str | torch.device = "cpu",
         regularization: float = 0.0,
         projector_kwargs: dict[str, Any] | None = None,
+        offload: str = "none",
+        cache_dir: str | None = None,
     ) -> None:
         proj_params = projector_settings(proj_params, projector_kwargs, "TRAKAttributor")
         super().__init__(task, layer_name, device)
+        check_store_args("TRAKAttributor", offload, cache_dir)
+        self.offload, self.cache_dir = offload, cache_dir
         if not callable(correct_probability_func):
             msg = "correct_probability_func must be callable f(params, data) -> probability."
             raise DattriValueError(msg)
@@ -128,6 +141,7 @@ class TRAKAttributor(BaseAttributor):
         self._phi: list[torch.Tensor] = []
         self._inv: list[tuple[str, GramCholesky]] = []
         self._dual: list[tuple[torch.Tensor, int, int] | None] = []
+        self._stores: list[Any] = []
         self._q: torch.Tensor | None = None
 
     def _factor(self, phi: torch.Tensor) -> tuple[tuple[str, GramCholesky], Any]:
@@ -172,7 +186,10 @@ class TRAKAttributor(BaseAttributor):
             return vmap(one, randomness="same")(batch)
 
     def _cache(self, train_loader: Iterable) -> None:
-        self._phi, self._inv, self._dual, q = [], [], [], None
+        if self.offload == "disk":
+            self._cache_to_disk(train_loader)
+            return
+        self._phi, self._inv, self._dual, self._stores, q = [], [], [], [], None
         train_loader = replayable(train_loader, self.device, self.num_checkpoints)
         for c in range(self.num_checkpoints):
             # one pass over the loader per checkpoint gives the features and Q
@@ -192,12 +209,80 @@ class TRAKAttributor(BaseAttributor):
             q = torch.cat(qc) if q is None else q + torch.cat(qc)
         self._q = q / self.num_checkpoints
 
-    def attribute(self, *loaders: Iterable) -> torch.Tensor:
+    def _cache_to_disk(self, train_loader: Iterable) -> None:
+        """``offload="disk"``: the features of each checkpoint into a feature store
+        (resumed where a killed run stopped), the Gram matrix summed over its
+        blocks, the residuals ``Q`` from a forward pass."""
+        settings = {"method": "TRAK", "proj": repr(self.proj_params),
+                    "layer_name": repr(self.layer_name)}
+        self._stores = fill_stores(self, self.train_features, train_loader, settings)
+        self._phi, self._inv, self._dual = [], [], []
+        shard, q = self._shard(), None
+        n = row_range(self._stores[0].n, shard)[2]
+        for c, store in enumerate(self._stores):
+            if store.dim > n:  # the dual form needs every row: read them (n is small)
+                phi = torch.cat([b for _, b in store.blocks(device=self.device)])
+                factor, dual = self._factor(phi)
+                self._phi.append(phi)
+            else:
+                g = None
+                for _, b in store.blocks(device=self.device):
+                    part = gram.gram64(b)
+                    g = part if g is None else g.add_(part)
+                g = all_reduce(g, shard)
+                factor, dual = ("primal", GramCholesky.from_gram(g, self.regularization)), None
+                self._phi.append(None)
+            self._inv.append(factor)
+            self._dual.append(dual)
+            qc = torch.cat([1 - self._probabilities(to_device(b, self.device), c)
+                            for b in train_loader])
+            q = qc if q is None else q + qc
+        self._q = q / self.num_checkpoints
+
+    def _test_side(self, c: int, ft: torch.Tensor) -> torch.Tensor:
+        """``(Phi_c^T Phi_c + lambda I)^{-1} ft^T`` as ``(k, m)`` float64 (primal form)."""
+        return self._inv[c][1].solve(ft.to(torch.float64)).T.to(self.device)
+
+    def _score_blocks(self, test_feats: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(global_row_start, scores (b, m))`` of this rank's training rows, one
+        block at a time (from the stores, or from the features in memory)."""
+        shard, C = self._shard(), self.num_checkpoints
+        if any(form == "dual" for form, _ in self._inv):
+            # the dual form solves with every row: the block is the rank's whole part
+            total = sum(self._kernel_scores(c, ft) for c, ft in enumerate(test_feats))
+            start = row_range(total.shape[0], shard)[0]
+            yield start, self._q[:, None].to(total.dtype) * total / C
+            return
+        xs = [self._test_side(c, ft) for c, ft in enumerate(test_feats)]
+        dim = xs[0].shape[0]
+        rows = block_rows(dim)
+        if self._stores:
+            blocks = aligned_blocks(self._stores, rows, self.device)
+            first = self._stores[0].row_offset
+        else:
+            first = row_range(self._phi[0].shape[0], shard)[0]
+            blocks = ((first + i, [p[i:i + rows] for p in self._phi])
+                      for i in range(0, self._phi[0].shape[0], rows))
+        dtype = test_feats[0].dtype
+        for start, parts in blocks:
+            s = sum(b.to(torch.float64) @ x for b, x in zip(parts, xs)) / C
+            q = self._q[start - first:start - first + s.shape[0], None].to(torch.float64)
+            yield start, (q * s).to(dtype)
+
+    def attribute(self, *loaders: Iterable, top_k: int | None = None) -> torch.Tensor | TopK:
         """``attribute(train_loader, test_loader)`` or, after ``cache``, ``attribute(test_loader)``.
 
+        Args:
+            top_k: instead of the score matrix, each test example's ``top_k``
+                proponents and opponents (a :class:`dattri.topk.TopK`), from score
+                blocks of the training rows: the ``n_train x n_test`` matrix is never
+                formed (with ``offload="disk"``, the training features are read from
+                the stores block by block).
+
         Returns:
-            Scores ``(n_train, n_test)``.
+            Scores ``(n_train, n_test)``, or a :class:`~dattri.topk.TopK` with ``top_k``.
         """
+        top_k = check_top_k(top_k)
         if len(loaders) == 1:
             if not self._cached:
                 msg = ("TRAKAttributor.attribute(test_loader) needs cache(train_loader) "
@@ -211,13 +296,13 @@ class TRAKAttributor(BaseAttributor):
         else:
             msg = f"attribute takes (train_loader, test_loader) or (test_loader,), got {len(loaders)} loaders."
             raise DattriValueError(msg)
-        total = None
         test_loader = replayable(test_loader, self.device, self.num_checkpoints)
-        for c in range(self.num_checkpoints):
-            ft = self.test_features.all(test_loader, c, "test grads")
-            s = self._kernel_scores(c, ft)
-            total = s if total is None else total + s
-        return self._gather(self._q[:, None].to(total.dtype) * total / self.num_checkpoints)
+        test_feats = [self.test_features.all(test_loader, c, "test grads")
+                      for c in range(self.num_checkpoints)]
+        blocks = self._score_blocks(test_feats)
+        if top_k is not None:
+            return ranked(blocks, top_k, self._shard())
+        return self._gather(torch.cat([b for _, b in blocks]))
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``Q_i * mean_c <[Phi_c K_c^{-1}]_i, phi_target^c(z_i)>`` as ``(n_train,)``."""
@@ -229,12 +314,16 @@ class TRAKAttributor(BaseAttributor):
             ft = self.test_features.all(train_loader, c, "self grads").to(torch.float64)
             form, factor = self._inv[c]
             if form == "primal":  # row i of Phi K^{-1} (K symmetric)
-                f = self._phi[c].to(torch.float64)
+                phi = self._phi[c]
+                if phi is None:  # offload="disk": this rank's rows from the store
+                    phi = torch.cat([b for _, b in self._stores[c].blocks(device=self.device)])
+                f = phi.to(torch.float64)
                 r = factor.solve(f).to(f.device)
             else:  # row i of K^{-1} Phi, this rank's rows of it
                 full, start, stop = self._dual[c] or (self._phi[c], 0, self._phi[c].shape[0])
                 f = full.to(torch.float64)
                 r = factor.solve(f.T).T.to(f.device)[start:stop]
-            s = (r * ft).sum(dim=1).to(self._phi[c].dtype)
+            dtype = self._stores[c].dtype if self._phi[c] is None else self._phi[c].dtype
+            s = (r * ft).sum(dim=1).to(dtype)
             total = s if total is None else total + s
         return self._gather(self._q.to(total.dtype) * total / self.num_checkpoints)

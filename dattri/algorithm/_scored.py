@@ -1,0 +1,104 @@
+"""Training features kept on disk (``offload="disk"``) and rankings without the
+score matrix (``top_k=``), shared by the attributors that cache features (private).
+
+The features of every checkpoint go to a :mod:`dattri.store` under ``cache_dir``
+(one store per checkpoint and rank), written batch by batch and resumed after a
+crash; scores are then computed in row blocks read from the stores, and with
+``top_k`` only each test example's ``k`` proponents and opponents are kept
+(:mod:`dattri.topk`), merged over the ranks of a process group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from dattri.distributed import Shard, row_range
+from dattri.errors import DattriValueError
+from dattri.topk import TopK, merge_topk, topk_from_blocks
+
+__all__ = ["OFFLOADS", "aligned_blocks", "check_store_args", "fill_stores", "ranked"]
+
+OFFLOADS = ("none", "disk")
+
+
+def check_store_args(owner: str, offload: object, cache_dir: object) -> None:
+    """Typed errors for ``offload`` / ``cache_dir``."""
+    if offload not in OFFLOADS:
+        msg = f"{owner}: offload={offload!r} must be one of {OFFLOADS}."
+        raise DattriValueError(msg)
+    if offload == "disk" and cache_dir is None:
+        msg = (f"{owner}: offload='disk' writes the training features to a feature store "
+               "on disk (dattri.store): pass cache_dir= a folder for it.")
+        raise DattriValueError(msg)
+
+
+def check_top_k(top_k: object) -> int | None:
+    """``top_k`` as an int >= 1 or None."""
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        msg = f"top_k={top_k!r} must be None (the full score matrix) or an int >= 1."
+        raise DattriValueError(msg)
+    return top_k
+
+
+def checkpoint_digest(task: Any, ckpt: int, layer_name: Any) -> str:
+    """A hash of the selected parameters at ``ckpt``: a store written for other
+    weights is refused, not reused."""
+    theta, _ = task.get_param(ckpt, layer_name)
+    t = theta.detach().to("cpu").contiguous()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def fill_stores(att: Any, features: Any, loader: Iterable, settings: dict[str, Any],
+                desc: str = "train grads") -> list[Any]:
+    """One finished store per checkpoint with ``features`` of this rank's ``loader``
+    (batches already on disk are not recomputed)."""
+    from dattri.store import featurize_to_store, open_store
+
+    shard = att._shard()
+    from dattri._loader import count_examples
+
+    start = row_range(count_examples(loader), shard)[0]
+    stores = []
+    for c in range(att.num_checkpoints):
+        key = {**settings, "checkpoint": checkpoint_digest(att.task, c, att.layer_name)}
+        store = open_store(att.cache_dir, loader, c, shard=0 if shard is None else shard.rank,
+                           settings=key, row_offset=start)
+        featurize_to_store(features, loader, c, store, desc=f"{desc} (checkpoint {c})",
+                           show_progress=att.show_progress)
+        stores.append(store)
+    return stores
+
+
+def aligned_blocks(stores: list[Any], rows: int, device: torch.device
+                   ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """``(global_row_start, [block of each checkpoint's store])`` in row order."""
+    its = [s.blocks(rows=rows, device=device) for s in stores]
+    for parts in zip(*its):
+        start = parts[0][0]
+        yield start, [b for _, b in parts]
+
+
+def ranked(blocks: Iterable[tuple[int, torch.Tensor]], k: int, shard: Shard | None) -> TopK:
+    """The top-k of score row blocks with global row starts, over every rank."""
+    local = topk_from_blocks(blocks, k)
+    if shard is None:
+        return local
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * shard.world
+    dist.all_gather_object(parts, local, group=shard.group)
+    return merge_topk(parts)
+
+
+def block_rows(dim: int, budget_bytes: int = 64 << 20) -> int:
+    """Rows of float64 features of width ``dim`` in ``budget_bytes``."""
+    return max(1, budget_bytes // max(1, 8 * dim))
+
+
+Scorer = Callable[[int, list[torch.Tensor]], torch.Tensor]
