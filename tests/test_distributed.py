@@ -115,3 +115,56 @@ def test_process_group_without_init_is_a_typed_error():
     with pytest.raises(DattriValueError, match="torch.distributed is not initialised"):
         att.attribute(tr, te, process_group=object())
     assert distributed.resolve(None) is None  # one process: nothing to split
+
+
+USER_MODULE = '''
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from cases import MLP, digits, loaders
+from dist_cases import _margin
+from dattri.algorithm import TRAKAttributor
+from dattri.task import AttributionTask
+
+def build():
+    train, test = digits(40, 6, classes=3, dim=8)
+    torch.manual_seed(0)
+    model = MLP(8, 5, 3).double()
+    margin, prob = _margin(model)
+    task = AttributionTask(loss_func=margin, model=model, checkpoints=model.state_dict())
+    tr, te = loaders(train, test, bs_train=7, bs_test=4)
+    att = TRAKAttributor(task, prob, regularization=1e-3, offload="disk", cache_dir={store!r},
+                         proj_params={{"proj_dim": 12, "proj_type": "normal", "proj_seed": 4}})
+    return {{"attributor": att, "train_loader": tr, "test_loader": te}}
+'''
+
+
+def test_attribute_cli_under_torchrun_equals_one_process(tmp_path):
+    import importlib.util
+
+    mod = tmp_path / "task.py"
+    mod.write_text(USER_MODULE.format(tests=HERE, store=str(tmp_path / "store")))
+    spec = importlib.util.spec_from_file_location("user_task", mod)
+    user = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user)
+    built = user.build()
+    built["attributor"].cache_dir = str(tmp_path / "single")
+    want = built["attributor"].cache(built["train_loader"]).attribute(built["test_loader"])
+    out = tmp_path / "top.pt"
+    root = os.path.dirname(HERE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "dattri.benchmark.attribute_cli", str(mod), "--top-k", "3", "--out", str(out)]
+    for _ in range(2):  # the second run reads the stores the first one wrote
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=GUARD_S)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "[rank 1/2] caching TRAKAttributor" in proc.stderr
+        top = torch.load(out)
+        order = torch.sort(want, dim=0, descending=True, stable=True)
+        assert torch.equal(top["proponents"], order.indices[:3].T)
+        torch.testing.assert_close(top["proponent_scores"], order.values[:3].T,
+                                   rtol=1e-10, atol=1e-14)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["ckpt-0000"]
+    assert len(list((tmp_path / "store" / "ckpt-0000").iterdir())) == 2  # one store per rank
