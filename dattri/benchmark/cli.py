@@ -32,7 +32,7 @@ __all__ = ["main", "retrain_main", "retrain_nanogpt_main"]
 _PRESETS = {
     "quick": {"settings": ["mnist_lr"], "methods": ["IF-Explicit", "Grad-Dot", "TRAK-10", "RPS-L2"],
               "metrics": ["lds", "auc"], "search": "quick"},
-    "paper": {"settings": ["all"], "methods": ["all"], "metrics": ["loo", "lds", "auc"],
+    "paper": {"settings": ["all"], "methods": ["paper"], "metrics": ["loo", "lds", "auc"],
               "search": "paper"},
 }
 
@@ -101,9 +101,12 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run the benchmark. Options override the preset.")
     b.add_argument("--preset", choices=sorted(_PRESETS), default="quick",
                    help="quick (default): mnist_lr, IF-Explicit/Grad-Dot/TRAK-10/RPS-L2, LDS+AUC, "
-                        "search quick; paper: every setting, method, metric, search paper")
+                        "search quick; paper: every setting, the paper's eleven methods, "
+                        "every metric, search paper")
     b.add_argument("--settings", type=_csv, default=None, help="comma-separated, or all")
-    b.add_argument("--methods", type=_csv, default=None, help="comma-separated, or all")
+    b.add_argument("--methods", type=_csv, default=None,
+                   help="comma-separated names, or a group: all (every method), paper (the "
+                        "paper's eleven), new (the methods beyond the paper)")
     b.add_argument("--metrics", type=_csv, default=None,
                    help=f"comma-separated subset of {','.join(METRICS)}")
     b.add_argument("--search", choices=("paper", "quick"), default=None,
@@ -157,15 +160,22 @@ def _cmd_list() -> int:
         sizes = ", ".join(f"{k} {v.n_train or 'all'}/{v.n_test}" for k, v in s.sizes.items())
         print(f"  {s.name:26s} metrics {','.join(s.metrics):12s} {sizes}")
         print(f"  {'':26s} {s.description}")
-    print("\nMethods (search space of Appendix C.1):")
-    for m in METHODS.values():
-        space = "; ".join(hyper_slug(h) for h in m.search_space)
-        print(f"  {m.name:12s} {m.family:6s} {space}")
+    print("\nMethods (search space of Appendix C.1; budget: planned seconds of one whole "
+          "search per MNIST setting and metric at the paper's size, 2-core CPU):")
+    for group, title in (("paper", "the paper's eleven (--methods paper)"),
+                         ("new", "beyond the paper (--methods new; --methods all: both)")):
+        print(f"  {title}:")
+        for m in METHODS.values():
+            if m.group != group:
+                continue
+            space = "; ".join(hyper_slug(h) for h in m.search_space)
+            budget = f"{m.budget_s:.0f}s" if m.budget_s is not None else "-"
+            print(f"    {m.name:15s} {m.family:7s} budget {budget:5s} {space}")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from dattri.benchmark.methods import METHODS
+    from dattri.benchmark.methods import resolve_methods
     from dattri.benchmark.plot import format_table, plot_results
     from dattri.benchmark.run import BenchConfig, _check_config, run_bench
     from dattri.benchmark.settings import SETTINGS
@@ -174,7 +184,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     settings = args.settings or preset["settings"]
     methods = args.methods or preset["methods"]
     settings = list(SETTINGS) if settings == ["all"] else settings
-    methods = list(METHODS) if methods == ["all"] else methods
+    methods = resolve_methods(methods)
     cfg = BenchConfig(
         settings=settings, methods=methods, metrics=args.metrics or preset["metrics"],
         out_dir=args.out, size=_size(args), search=args.search or preset["search"],

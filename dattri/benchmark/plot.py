@@ -5,7 +5,9 @@
 * Figure 4: noisy-label AUC on MNIST-10 (LR, MLP) and CIFAR-10.
 
 One panel per (setting, metric), one bar per method in the paper's order; a
-method that could not run is a red cross at zero, as in the paper. The figures
+method that could not run is a red cross at zero, as in the paper. The methods
+beyond the paper (``MethodSpec.group == "new"``) come after a gap and a dashed
+divider labelled "beyond the paper", drawn lighter and hatched. The figures
 need matplotlib (``pip install dattri[plot]``); without it :func:`plot_results`
 returns no files and says so. :func:`format_table` needs nothing.
 """
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dattri.benchmark.methods import METHODS
+from dattri.benchmark.methods import METHODS, PAPER_METHODS
 
 __all__ = ["FIGURES", "PAPER_VALUES", "format_table", "plot_results"]
 
@@ -47,7 +49,8 @@ _TITLES = {"mnist_lr": "LR / MNIST-10", "mnist_mlp": "MLP / MNIST-10",
            "maestro_musictransformer": "MusicTransformer / MAESTRO",
            "shakespeare_nanogpt": "NanoGPT / Shakespeare"}
 _METRIC = {"lds": "LDS", "loo": "LOO corr.", "auc": "AUC"}
-_COLORS = {"IF": "#4C72B0", "TracIn": "#55A868", "RPS": "#8172B2", "TRAK": "#DD8452"}
+_COLORS = {"IF": "#4C72B0", "TracIn": "#55A868", "RPS": "#8172B2", "TRAK": "#DD8452",
+           "Shapley": "#937860", "DVEmb": "#DA8BC3"}
 
 
 def _order(method: str) -> int:
@@ -64,7 +67,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
     ``paper`` is the paper's value at the paper's size (``PAPER_VALUES``; ``-`` where
     the paper gives none in numbers, e.g. the AUC bars of its Figure 4), blank at
-    other sizes. ``search time`` is the method's whole search (every configuration).
+    other sizes. ``search time`` is the method's whole search (every configuration);
+    ``peak memory`` the process's largest peak over its configurations.
 
     Args:
         rows: :func:`dattri.benchmark.run.best_results` rows.
@@ -73,7 +77,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         The table, then the distinct notes (sizes, stand-in data, LOO subsets).
     """
     head = ("setting", "size", "metric", "method", "value", "paper", "best hyper-parameters",
-            "search time")
+            "search time", "peak memory")
     lines = [head]
     key = lambda r: (r["setting"], r["metric"], _order(r["method"]))
     for r in sorted(rows, key=key):
@@ -83,6 +87,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             took = f"{secs:.1f}s" if isinstance(secs, (int, float)) else ""
             if took and r.get("search_size", 1) > 1:
                 took += f" ({r['search_size']} configs)"
+            if r.get("over_budget"):
+                took += f" > budget {r['budget_s']:.0f}s"
             hyper = _hyper_text(r.get("hyperparameters", {}))
         else:
             value, took = str(r.get("status", "?")).upper(), ""
@@ -95,7 +101,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         label = _METRIC.get(r["metric"], r["metric"])
         if r["metric"] == "loo" and r.get("loo_points"):  # LOO on a sample: say so
             label += f" ({r['loo_points']} left out)"
-        lines.append((r["setting"], r["size"], label, r["method"], value, paper, hyper, took))
+        peak = r.get("peak_memory_gib")
+        mem = f"{peak:.2f} GiB" if isinstance(peak, (int, float)) else ""
+        lines.append((r["setting"], r["size"], label, r["method"], value, paper, hyper, took, mem))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -105,13 +113,42 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _is_new(method: str) -> bool:
+    return method in METHODS and METHODS[method].group != "paper"
+
+
+def _positions(names: list[str]) -> list[float]:
+    """Bar positions: the paper's methods, a gap of one bar, then the new ones."""
+    xs, gap = [], 0.0
+    for i, n in enumerate(names):
+        if _is_new(n) and i > 0 and not _is_new(names[i - 1]):
+            gap = 1.0
+        xs.append(i + gap)
+    return xs
+
+
 def _panel(ax: Any, rows: list[dict[str, Any]], setting: str, metric: str) -> None:
     rows = sorted(rows, key=lambda r: _order(r["method"]))
     names = [r["method"] for r in rows]
     values = [r["value"] if r.get("status") == "ok" else 0.0 for r in rows]
     colors = [_COLORS.get(METHODS[n].family if n in METHODS else "", "#777777") for n in names]
-    xs = range(len(rows))
-    ax.bar(xs, values, color=colors)
+    xs = _positions(names)
+    new = [_is_new(n) for n in names]
+    from matplotlib.colors import to_rgba
+
+    # the methods beyond the paper: lighter, hatched, right of a dashed divider
+    for flag in (False, True):
+        sel = [i for i, f in enumerate(new) if f == flag]
+        if sel:
+            ax.bar([xs[i] for i in sel], [values[i] for i in sel],
+                   color=[to_rgba(colors[i], 0.5 if flag else 1.0) for i in sel],
+                   hatch="///" if flag else None, edgecolor="black" if flag else None,
+                   linewidth=0.5 if flag else 0.0)
+    if any(new) and not all(new):
+        divider = xs[new.index(True)] - 1.0
+        ax.axvline(divider, color="gray", linestyle="--", linewidth=0.8)
+        ax.text(divider + 0.2, 1.0, "beyond the paper", transform=ax.get_xaxis_transform(),
+                ha="left", va="top", fontsize=6, color="gray")
     for x, r in zip(xs, rows):
         if r.get("status") == "ok":
             v = r["value"]
@@ -170,7 +207,10 @@ def plot_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> 
                 present.append((setting, metric, sel))
         if not present:
             continue
-        fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.4), squeeze=False)
+        bars = max(len(sel) for _, _, sel in present)
+        width = 3.6 + 0.22 * max(0, bars - len(PAPER_METHODS))
+        fig, axes = plt.subplots(1, len(present), figsize=(width * len(present), 3.4),
+                                 squeeze=False)
         for ax, (setting, metric, sel) in zip(axes[0], present):
             _panel(ax, sel, setting, metric)
         fig.tight_layout()

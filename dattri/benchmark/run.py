@@ -44,6 +44,7 @@ from dattri.benchmark.methods import (
     hyper_slug,
     infeasible_reason,
     num_parameters,
+    resolve_methods,
     search_space,
 )
 from dattri.benchmark.settings import get_setting
@@ -154,6 +155,27 @@ def _base_record(cfg: BenchConfig, md: dict, metric: str, spec: MethodSpec, hype
     }
 
 
+def _reset_peak_memory() -> bool:
+    """Reset this process's peak resident memory (Linux: ``clear_refs`` 5); False
+    where that is not possible (the peak is then not recorded)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_memory_gib() -> float | None:
+    """The process's peak resident memory since the last reset (``VmHWM``), GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**20, 3)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _run_hyper(cfg, md, gts, spec, hyper, ctx, todo) -> dict[str, dict]:
     """Compute the results of one (method, hyper) for the metrics in ``todo``."""
     rec = md["setting"]
@@ -162,6 +184,10 @@ def _run_hyper(cfg, md, gts, spec, hyper, ctx, todo) -> dict[str, dict]:
     test = torch.utils.data.DataLoader(md["test_dataset"], batch_size=rec.attr_batch_size,
                                        sampler=md["test_sampler"])
     out = {m: _base_record(cfg, md, m, spec, hyper) for m in todo}
+    # the peak of this configuration alone (the process holds the models and data
+    # too: a floor shared by every method of the run, recorded as such)
+    peak = _reset_peak_memory()
+    floor = _peak_memory_gib() if peak else None
     t0 = time.perf_counter()
     try:
         att = spec.build(md, hyper, ctx)
@@ -170,6 +196,8 @@ def _run_hyper(cfg, md, gts, spec, hyper, ctx, todo) -> dict[str, dict]:
             for m in todo:
                 out[m]["projection"] = dict(proj)
         att.cache(train)
+        for m in todo:  # what a method says about its own run (DVEmb's replay)
+            out[m]["notes"] += list(getattr(att, "bench_notes", []))
         t1 = time.perf_counter()
         score = None
         if any(m != "auc" for m in todo):
@@ -193,6 +221,9 @@ def _run_hyper(cfg, md, gts, spec, hyper, ctx, todo) -> dict[str, dict]:
             out[m].update(status="failed", reason=f"{type(e).__name__}: {e}",
                           traceback=traceback.format_exc(limit=3),
                           seconds={"total": time.perf_counter() - t0})
+    if peak:
+        for m in todo:
+            out[m]["memory_gib"] = {"peak": _peak_memory_gib(), "before": floor}
     return out
 
 
@@ -341,7 +372,7 @@ def _run_group(cfg, setting, metrics, specs, bar, results, counts) -> None:
 
 def _check_config(cfg: BenchConfig) -> tuple[list, list[MethodSpec], list[str]]:
     settings = [get_setting(s) for s in cfg.settings]
-    specs = [get_method(m) for m in cfg.methods]
+    specs = [get_method(m) for m in resolve_methods(cfg.methods)]
     metrics = [str(m).lower() for m in cfg.metrics]
     bad = [m for m in metrics if m not in METRICS]
     if bad:
@@ -352,6 +383,13 @@ def _check_config(cfg: BenchConfig) -> tuple[list, list[MethodSpec], list[str]]:
     return settings, specs, metrics
 
 
+def _budget(method: str) -> float | None:
+    try:
+        return get_method(method).budget_s
+    except DattriValueError:  # a result file of a method no longer registered
+        return None
+
+
 def best_results(results: Sequence[dict]) -> list[dict]:
     """One row per (setting, size, metric, method): the best ``ok`` value and its hyper.
 
@@ -359,7 +397,11 @@ def best_results(results: Sequence[dict]) -> list[dict]:
     ``"n/a"``) and reason. ``"all"`` lists every hyper-parameter's value.
     ``"seconds"`` is the method's whole search time: the sum over all its search
     configurations (failed ones included) of cache + attribute (or self-influence)
-    time; ``"best_seconds"`` is the chosen configuration's alone.
+    time; ``"best_seconds"`` is the chosen configuration's alone. At the paper's
+    size, a method with a time budget (``MethodSpec.budget_s``) gets ``"budget_s"``
+    and ``"over_budget"`` (its whole search took longer). ``"peak_memory_gib"``:
+    the largest peak resident memory of the process over the search's
+    configurations (each measured from a reset before its build, Linux only).
     """
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -378,6 +420,13 @@ def best_results(results: Sequence[dict]) -> list[dict]:
                        seconds=sum(t for t in spent if isinstance(t, (int, float))),
                        best_seconds=(best.get("seconds") or {}).get("total"),
                        search_size=len(rs), loo_points=best.get("loo_points"))
+            peaks = [(r.get("memory_gib") or {}).get("peak") for r in rs]
+            peaks = [p for p in peaks if isinstance(p, (int, float))]
+            if peaks:  # the largest over the search's configurations
+                row["peak_memory_gib"] = max(peaks)
+            budget = _budget(method)
+            if budget is not None and size == "full":
+                row.update(budget_s=budget, over_budget=row["seconds"] > budget)
         else:
             row.update(status=rs[0].get("status", "failed"), value=None,
                        reason=rs[0].get("reason", ""), hyperparameters={})

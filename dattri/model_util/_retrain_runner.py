@@ -270,7 +270,10 @@ def run_jobs(
         else:
             where = f"{desc}: {num_workers} worker process(es)"
     if spec["kind"] == "vectorized":
-        size = models_per_task or spec["vectorized"].chunk_size
+        # equal chunks (200 models at 64: 4 x 50, not 64, 64, 64, 8): the same
+        # number of vmapped calls, and worker processes get equal shares
+        cap = spec["vectorized"].chunk_size
+        size = models_per_task or math.ceil(len(pending) / max(1, math.ceil(len(pending) / cap)))
     elif serial:
         size = 1
     else:

@@ -111,6 +111,19 @@ class VectorizedTraining:
             dtype=self.dtype, device=self.device, progress=progress,
         )
 
+    def train_one(self, x: torch.Tensor, y: torch.Tensor, subset: Any, seed: int,
+                  on_step: Callable[[int, torch.Tensor, nn.Module], None] | None = None,
+                  ) -> dict[str, torch.Tensor]:
+        """:func:`train_model` (the plain loop) with these settings: the same model
+        as :meth:`train` gives for ``seed`` (up to summation order), optionally
+        with ``on_step`` recording its trajectory."""
+        return train_model(
+            self.model_factory, self.loss_fn, x, y, subset, seed, epochs=self.epochs,
+            lr=self.lr, momentum=self.momentum, batch_size=self.batch_size,
+            weight_decay=self.weight_decay, drop_last=self.drop_last, shuffle=self.shuffle,
+            dtype=self.dtype, device=self.device, on_step=on_step,
+        )
+
 
 def _qualname(obj: Any) -> str:
     mod = getattr(obj, "__module__", None) or ""
@@ -311,6 +324,7 @@ def train_model(
     shuffle: bool = True,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    on_step: Callable[[int, torch.Tensor, nn.Module], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train one model with ``torch.optim.SGD``: the plain loop (reference, baseline).
 
@@ -325,6 +339,11 @@ def train_model(
         seed: initialisation, data-order and dropout seed.
         epochs, lr, momentum, batch_size, weight_decay, drop_last, shuffle, dtype,
             device: as in :class:`VectorizedTraining`.
+        on_step: optional ``on_step(epoch, indices, model)``, called before every
+            SGD step with the step's minibatch (positions in ``x``) and the model at
+            the parameters the step's gradient is taken at (its dropout layers
+            replaced by fixed-mask ones); it records the training trajectory
+            (DVEmb's ``cache_gradients``) and must not modify the model.
 
     Returns:
         The trained state dict (CPU tensors).
@@ -346,13 +365,15 @@ def train_model(
     opt = torch.optim.SGD([p for p in work.parameters() if p.requires_grad], lr=lr,
                           momentum=momentum, weight_decay=weight_decay)
     work.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = streams.epoch_order()
         for sl in _batches(order.shape[0], batch_size, drop_last):
             idx = order[sl].to(device)
             masks = streams.masks(shapes, idx.shape[0], [m.p for m in drop_mods], ref_dtype)
             for mod, mask in zip(drop_mods, masks):
                 mod.mask = mask.to(device)
+            if on_step is not None:
+                on_step(epoch, idx, work)
             opt.zero_grad(set_to_none=True)
             loss_fn(work(xd.index_select(0, idx)), yd.index_select(0, idx)).backward()
             opt.step()
