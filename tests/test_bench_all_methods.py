@@ -24,7 +24,7 @@ from dattri.benchmark.methods import (
 )
 from dattri.benchmark.plot import _positions
 from dattri.errors import DattriValueError
-from dattri.model_util.vtrain import train_model
+from dattri.model_util.vtrain import VectorizedTraining, train_model
 
 PAPER_ELEVEN = ("IF-Explicit", "IF-CG", "IF-LiSSA", "IF-Arnoldi", "TracInCP-10", "Grad-Dot",
                 "Grad-Cos", "RPS-L2", "TRAK-1", "TRAK-10", "TRAK-50")
@@ -171,7 +171,9 @@ def test_momentum_weights_reconstruct_the_trajectory():
     theta_t = torch.cat([final[k].reshape(-1) for k in ("0.weight", "0.bias", "2.weight",
                                                         "2.bias")])
     total = len(steps)
-    assert total == epochs * 3 and [e for e, _, _ in steps] == [0] * 3 + [1] * 3 + [2] * 3
+    vt = VectorizedTraining(model_factory=factory, loss_fn=nn.functional.cross_entropy,
+                            epochs=epochs, batch_size=bs)
+    assert total == vt.num_steps(24) == epochs * 3 and [e for e, _, _ in steps] == [0] * 3 + [1] * 3 + [2] * 3
     for e in range(epochs):  # every epoch visits every example once
         seen = torch.cat([i for ep, i, _ in steps if ep == e])
         assert sorted(seen.tolist()) == list(range(24))

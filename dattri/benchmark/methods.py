@@ -310,7 +310,7 @@ def momentum_step_weight(lr: float, momentum: float, steps_left: int) -> float:
     return float(lr) * (1 - momentum**steps_left) / (1 - momentum)
 
 
-class ReplayedDVEmb:
+class _ReplayedDVEmb:
     """DVEmb on the recorded trajectory of ``models_full[0]`` (see the module docstring).
 
     ``cache(train_loader)`` replays the model's training with
@@ -339,19 +339,17 @@ class ReplayedDVEmb:
         vt = self.md["setting"].vectorized(self.md["size"])
         return dataclasses.replace(vt, device=self.device)
 
-    def cache(self, train_loader: Iterable) -> ReplayedDVEmb:
+    def cache(self, train_loader: Iterable) -> _ReplayedDVEmb:
         from pathlib import Path
 
         from dattri.model_util.ensemble import recorded_seed
         from dattri.model_util.retrain import train_seed
-        from dattri.model_util.vtrain import _batches
 
         vt = self._trainer()
         x, y = _loader_xy(train_loader)
         seed = recorded_seed(Path(self.md["cache"]["root"]) / "models_full", 0,
                              train_seed(self.md["seed"], 0))
-        per_epoch = len(_batches(x.shape[0], vt.batch_size, vt.drop_last))
-        total, mu, step = vt.epochs * per_epoch, vt.momentum, [0]
+        total, mu, step = vt.num_steps(x.shape[0]), vt.momentum, [0]
         final = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
         def record(epoch: int, idx: torch.Tensor, work: torch.nn.Module) -> None:
@@ -377,7 +375,7 @@ class ReplayedDVEmb:
 
 
 def _dvemb(md, hyper, ctx):
-    return ReplayedDVEmb(md, int(hyper["proj_dim"]), ctx.get("device", "cpu"))
+    return _ReplayedDVEmb(md, int(hyper["proj_dim"]), ctx.get("device", "cpu"))
 
 
 def _trak_dropout(num: int) -> Builder:

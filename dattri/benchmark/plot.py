@@ -5,7 +5,8 @@
 * Figure 4: noisy-label AUC on MNIST-10 (LR, MLP) and CIFAR-10.
 
 One panel per (setting, metric), one bar per method in the paper's order; a
-method that could not run is a red cross at zero, as in the paper. The methods
+method that could not run is a red cross at zero, as in the paper, and one that
+does not apply to the setting a grey "n/a". The methods
 beyond the paper (``MethodSpec.group == "new"``) come after a gap and a dashed
 divider labelled "beyond the paper", drawn lighter and hatched. The figures
 need matplotlib (``pip install dattri[plot]``); without it :func:`plot_results`
@@ -153,6 +154,9 @@ def _panel(ax: Any, rows: list[dict[str, Any]], setting: str, metric: str) -> No
         if r.get("status") == "ok":
             v = r["value"]
             ax.text(x, v, f"{v:.2f}", ha="center", va="bottom" if v >= 0 else "top", fontsize=7)
+        elif r.get("status") == "n/a":  # not defined here (no dropout, no self-value)
+            ax.text(x, 0.0, "n/a", ha="center", va="bottom", fontsize=6, color="gray",
+                    rotation=90)
         else:
             ax.plot([x], [0.0], marker="x", color="red", markersize=10, mew=2.5)
     paper = PAPER_VALUES.get((setting, metric), {}) if rows[0].get("size") == "full" else {}

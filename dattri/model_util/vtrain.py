@@ -111,6 +111,10 @@ class VectorizedTraining:
             dtype=self.dtype, device=self.device, progress=progress,
         )
 
+    def num_steps(self, subset_size: int) -> int:
+        """SGD steps of one model trained on ``subset_size`` examples (all epochs)."""
+        return self.epochs * len(_batches(int(subset_size), self.batch_size, self.drop_last))
+
     def train_one(self, x: torch.Tensor, y: torch.Tensor, subset: Any, seed: int,
                   on_step: Callable[[int, torch.Tensor, nn.Module], None] | None = None,
                   ) -> dict[str, torch.Tensor]:
