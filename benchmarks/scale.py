@@ -29,9 +29,10 @@ never forming the ``n x n_test`` matrix. Features live in ``dattri.store`` store
 With ``--world-size W > 1`` the training rows are split into W contiguous shards,
 one process per shard (``torch.multiprocessing`` spawn, ``torch.distributed`` with
 ``gloo`` on loopback): each featurizes and ranks its shard; the Gram matrices are
-all-reduced and the rankings merged on rank 0. When ``dattri.distributed`` and the
-attributors' ``offload="disk"`` / ``top_k=`` land, ``--engine attributor`` runs the
-same through ``TRAKAttributor`` / ``TracInAttributor`` (see :func:`attributor_engine`).
+all-reduced and the rankings merged on rank 0. ``--engine attributor`` runs the same
+through ``TRAKAttributor`` / ``TracInAttributor`` with ``offload="disk"`` and
+``attribute(..., top_k=k)``, which shard over the default process group themselves
+(see :func:`attributor_engine`); ``--engine lowlevel`` (default) composes the pieces.
 
 Output: one JSON object (stdout, and ``--out``) with per method and rank the wall
 time of each phase, throughput (training examples per second), batches computed
@@ -157,25 +158,42 @@ def _projection(dim: int, device: torch.device):
                             "proj_max_batch_size": 32}, device)
 
 
-def run_rank(args: argparse.Namespace, rank: int, world: int) -> dict:
-    """Featurize this rank's shard into the stores and rank its training rows."""
+def _setup(args: argparse.Namespace, rank: int, world: int):
+    """The model, data and tasks of one process (and its process group when W > 1)."""
     torch.set_num_threads(max(1, args.threads // world))
     device = torch.device(args.device)
-    cache = Path(args.cache_dir)
     model = create_lr_model()
-    model.load_state_dict(torch.load(cache / "model.pt", weights_only=True))
+    model.load_state_dict(torch.load(Path(args.cache_dir) / "model.pt", weights_only=True))
     model.eval().to(device)
     base, test_base = _mnist()
-    rows = shard_range(args.n, world, rank)
-    loader = DataLoader(ShiftedDigits(base, rows.start, rows.stop), batch_size=args.batch_size)
     test_loader = DataLoader(torch.utils.data.Subset(test_base, range(args.test)), batch_size=500)
-    tasks = _tasks(model)
     dist = None
     if world > 1:
         import torch.distributed as dist
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
                                 rank=rank, world_size=world)
+    return device, model, base, test_loader, _tasks(model), dist
+
+
+def _finish_rank(args: argparse.Namespace, rank: int, out: dict, tops: dict) -> dict:
+    if rank == 0:
+        for method, top in tops.items():
+            top.save(Path(args.cache_dir) / f"topk-{method}.pt")
+    out["peak_rss_bytes"] = _rss()
+    with open(Path(args.cache_dir) / f"rank-{rank}.json", "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def run_rank(args: argparse.Namespace, rank: int, world: int) -> dict:
+    """Featurize this rank's shard into the stores and rank its training rows."""
+    if args.engine == "attributor":
+        return attributor_engine(args, rank, world)
+    device, model, base, test_loader, tasks, dist = _setup(args, rank, world)
+    cache = Path(args.cache_dir)
+    rows = shard_range(args.n, world, rank)
+    loader = DataLoader(ShiftedDigits(base, rows.start, rows.stop), batch_size=args.batch_size)
     out: dict[str, Any] = {"rank": rank, "rows": [rows.start, rows.stop], "methods": {}}
     tops: dict[str, TopK] = {}
     for method in args.methods:
@@ -240,32 +258,50 @@ def run_rank(args: argparse.Namespace, rank: int, world: int) -> dict:
         dist.all_gather_object(gathered, {m: t for m, t in tops.items()})
         tops = {m: merge_topk([g[m] for g in gathered]) for m in tops}
         dist.destroy_process_group()
-    if rank == 0:
-        for method, top in tops.items():
-            top.save(cache / f"topk-{method}.pt")
-    out["peak_rss_bytes"] = _rss()
-    with open(cache / f"rank-{rank}.json", "w") as f:
-        json.dump(out, f)
-    return out
+    return _finish_rank(args, rank, out, tops)
 
 
 def _spawned(rank: int, args: argparse.Namespace, world: int) -> None:
     run_rank(args, rank, world)
 
 
-def attributor_engine(args: argparse.Namespace) -> None:
-    """The same run through the attributors, once they accept ``offload="disk"`` and
-    ``attribute(..., top_k=k)`` (issue 15). Until then this says what is missing."""
-    from dattri.algorithm import TRAKAttributor
+def attributor_engine(args: argparse.Namespace, rank: int, world: int) -> dict:
+    """The same run through the attributors: ``TRAKAttributor`` / ``TracInAttributor``
+    with ``offload="disk"`` (their stores under ``cache_dir/attributor-<method>``) and
+    ``attribute(..., top_k=k)``; with W > 1 they shard the whole training loader over
+    the default process group themselves."""
+    from dattri.algorithm import TracInAttributor, TRAKAttributor
+    from dattri.benchmark.settings import correct_probability_func
 
-    try:
-        TRAKAttributor.__init__.__code__.co_varnames.index("offload")
-    except ValueError:
-        msg = ("--engine attributor: TRAKAttributor does not take offload= / cache_dir= yet "
-               "(issue 15); use --engine lowlevel.")
-        raise SystemExit(msg) from None
-    msg = "--engine attributor: wire TRAKAttributor(..., offload='disk', cache_dir=) here."
-    raise SystemExit(msg)
+    device, model, base, test_loader, tasks, _ = _setup(args, rank, world)
+    loader = DataLoader(ShiftedDigits(base, 0, args.n), batch_size=args.batch_size)
+    out: dict[str, Any] = {"rank": rank, "rows": None, "methods": {}}
+    tops: dict[str, TopK] = {}
+    for method in args.methods:
+        proj_dim = args.proj_dim if method == "trak1" else args.graddot_proj_dim
+        proj = None if proj_dim <= 0 else {"proj_dim": proj_dim, "proj_type": "normal",
+                                           "proj_seed": 0, "proj_max_batch_size": 32}
+        folder = str(Path(args.cache_dir) / f"attributor-{method}")
+        if method == "trak1":
+            att = TRAKAttributor(tasks[method], correct_probability_func(model), proj_params=proj,
+                                 device=device, regularization=args.regularization,
+                                 offload="disk", cache_dir=folder)
+        else:
+            att = TracInAttributor(tasks[method], weight_list=[1.0], normalized_grad=False,
+                                   proj_params=proj, device=device, offload="disk",
+                                   cache_dir=folder)
+        rec: dict[str, Any] = {"computed_batches": None, "test_side_s": 0.0}
+        t = time.perf_counter()
+        att.cache(loader)
+        rec["featurize_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tops[method] = att.attribute(loader, test_loader, top_k=args.k)
+        rec["topk_s"] = time.perf_counter() - t
+        rec["store_bytes"] = sum(f.stat().st_size for f in Path(folder).rglob("*")
+                                 if f.is_file()) if rank == 0 else 0
+        rec["peak_rss_bytes"] = _rss()
+        out["methods"][method] = rec
+    return _finish_rank(args, rank, out, tops)
 
 
 def _check(args: argparse.Namespace) -> dict:
@@ -330,8 +366,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--progress", action="store_true", help="tqdm bars")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    if args.engine == "attributor":
-        attributor_engine(args)
     keep = args.cache_dir is not None
     args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="dattri-scale-")
     cache = Path(args.cache_dir)
@@ -356,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         ranks = [json.loads((cache / f"rank-{r}.json").read_text()) for r in range(world)]
     result: dict[str, Any] = {
         "benchmark": "scale", "n": args.n, "test": args.test, "k": args.k,
-        "world_size": world, "threads": args.threads, "batch_size": args.batch_size,
+        "world_size": world, "engine": args.engine, "threads": args.threads, "batch_size": args.batch_size,
         "budget_mb": args.budget_mb, "model": "MNIST LR (7,850 parameters)",
         "data": "augmented MNIST: digit i % 60000 shifted by up to 2 px",
         "proj_dim": {"trak1": args.proj_dim, "graddot": args.graddot_proj_dim},
@@ -366,10 +400,11 @@ def main(argv: list[str] | None = None) -> dict:
         recs = [r["methods"][method] for r in ranks]
         feat_s = max(r["featurize_s"] for r in recs)
         rank_s = max(r["test_side_s"] + r["topk_s"] for r in recs)
-        computed = sum(r["computed_batches"] for r in recs)
+        counted = [r["computed_batches"] for r in recs if r["computed_batches"] is not None]
+        computed = sum(counted) if counted else None  # the attributors do not count them
         result[method] = {
             "featurize_s": feat_s, "score_topk_s": rank_s,
-            "featurize_examples_per_s": args.n / feat_s if computed else None,
+            "featurize_examples_per_s": args.n / feat_s if computed != 0 else None,
             "topk_examples_per_s": args.n / rank_s,
             "computed_batches": computed, "store_bytes": sum(r["store_bytes"] for r in recs),
         }

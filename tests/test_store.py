@@ -314,6 +314,11 @@ def test_scale_benchmark_smoke_matches_the_full_matrix_and_resumes(tmp_path):
     again = scale.main(args)  # the stores are complete: nothing is featurized again
     assert again["trak1"]["computed_batches"] == 0 and again["graddot"]["computed_batches"] == 0
     assert again["check"]["trak1"]["same_rows"]
+    # the same run through TRAKAttributor / TracInAttributor(offload="disk", top_k=)
+    via = scale.main([*args, "--engine", "attributor"])
+    assert via["engine"] == "attributor"
+    assert via["check"]["trak1"]["same_rows"] and via["check"]["graddot"]["same_rows"]
+    assert (tmp_path / "attributor-trak1").is_dir()
     # the augmentation: row i is base digit i % 60000 shifted by (dy, dx) in -2..2
     base, _ = scale._mnist()
     data = scale.ShiftedDigits(base, 60_000 - 2, 60_003)
