@@ -42,8 +42,11 @@ def test_trak_disk_equals_memory_and_reruns_featurize_nothing(tmp_path, monkeypa
     again = TRAKAttributor(task, prob, regularization=1e-3, proj_params=PROJ, offload="disk",
                            cache_dir=tmp_path)
     calls = _count_batches(again, monkeypatch)
+    probs = []
+    orig = again._probabilities
+    monkeypatch.setattr(again, "_probabilities", lambda b, c: probs.append(1) or orig(b, c))
     torch.testing.assert_close(again.cache(tr).attribute(te), want, rtol=1e-12, atol=0)
-    assert calls == []  # read back from the stores
+    assert calls == [] and probs == []  # features and residuals read back from the stores
     # other weights, same folder: refused, not reused
     other, prob2, _, _ = _case(seed=1)
     with pytest.raises(StoreError):

@@ -166,5 +166,5 @@ def test_attribute_cli_under_torchrun_equals_one_process(tmp_path):
         assert torch.equal(top["proponents"], order.indices[:3].T)
         torch.testing.assert_close(top["proponent_scores"], order.values[:3].T,
                                    rtol=1e-10, atol=1e-14)
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["ckpt-0000"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["ckpt-0000", "residuals"]
     assert len(list((tmp_path / "store" / "ckpt-0000").iterdir())) == 2  # one store per rank

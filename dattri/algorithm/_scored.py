@@ -55,9 +55,12 @@ def checkpoint_digest(task: Any, ckpt: int, layer_name: Any) -> str:
 
 
 def fill_stores(att: Any, features: Any, loader: Iterable, settings: dict[str, Any],
-                desc: str = "train grads") -> list[Any]:
+                desc: str = "train grads", subdir: str | None = None) -> list[Any]:
     """One finished store per checkpoint with ``features`` of this rank's ``loader``
-    (batches already on disk are not recomputed)."""
+    (batches already on disk are not recomputed), under ``att.cache_dir`` (or its
+    ``subdir``)."""
+    import os
+
     from dattri.store import featurize_to_store, open_store
 
     shard = att._shard()
@@ -67,7 +70,8 @@ def fill_stores(att: Any, features: Any, loader: Iterable, settings: dict[str, A
     stores = []
     for c in range(att.num_checkpoints):
         key = {**settings, "checkpoint": checkpoint_digest(att.task, c, att.layer_name)}
-        store = open_store(att.cache_dir, loader, c, shard=0 if shard is None else shard.rank,
+        root = att.cache_dir if subdir is None else os.path.join(att.cache_dir, subdir)
+        store = open_store(root, loader, c, shard=0 if shard is None else shard.rank,
                            settings=key, row_offset=start)
         featurize_to_store(features, loader, c, store, desc=f"{desc} (checkpoint {c})",
                            show_progress=att.show_progress)
@@ -96,9 +100,10 @@ def ranked(blocks: Iterable[tuple[int, torch.Tensor]], k: int, shard: Shard | No
     return merge_topk(parts)
 
 
-def block_rows(dim: int, budget_bytes: int = 64 << 20) -> int:
-    """Rows of float64 features of width ``dim`` in ``budget_bytes``."""
-    return max(1, budget_bytes // max(1, 8 * dim))
+def block_rows(dim: int, m: int, checkpoints: int = 1, budget_bytes: int = 64 << 20) -> int:
+    """Rows per block such that a block's float64 features of width ``dim`` for
+    every checkpoint and its ``(rows, m)`` scores fit in ``budget_bytes``."""
+    return max(1, budget_bytes // max(1, 8 * (dim * checkpoints + 2 * m)))
 
 
 Scorer = Callable[[int, list[torch.Tensor]], torch.Tensor]

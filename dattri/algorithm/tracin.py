@@ -194,7 +194,7 @@ class TracInAttributor(BaseAttributor):
         test_loader = replayable(test_loader, self.device, self.num_checkpoints)
         fts = [self.test_features.all(test_loader, c, "test grads") * self.weight_list[c]
                for c in range(self.num_checkpoints)]
-        rows = block_rows(self._stores[0].dim)
+        rows = block_rows(self._stores[0].dim, fts[0].shape[0], len(fts))
         for start, parts in aligned_blocks(self._stores, rows, self.device):
             yield start, sum(b @ ft.T.to(b.dtype) for b, ft in zip(parts, fts))
 

@@ -21,7 +21,7 @@ import torch
 from torch.func import vmap
 
 from dattri._convention import as_batched, is_unbatched
-from dattri._loader import batch_size_of, to_device
+from dattri._loader import batch_size_of
 from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import ensemble_rng, replayable
@@ -79,6 +79,18 @@ def kernel_scores(phi: torch.Tensor, form: str, factor: GramCholesky, test: torc
     for start in range(0, phi.shape[0], step):
         out[start:start + step] = phi[start:start + step].to(torch.float64) @ x
     return out
+
+
+class _Residuals:
+    """The featurizer of TRAK's residuals ``1 - p`` ``(B, 1)`` (for a feature store)."""
+
+    which = "loss"
+
+    def __init__(self, att: TRAKAttributor) -> None:
+        self.att, self.device = att, att.device
+
+    def batch(self, batch: Any, ckpt: int) -> torch.Tensor:
+        return (1 - self.att._probabilities(batch, ckpt))[:, None]
 
 
 class TRAKAttributor(BaseAttributor):
@@ -234,8 +246,11 @@ class TRAKAttributor(BaseAttributor):
                 self._phi.append(None)
             self._inv.append(factor)
             self._dual.append(dual)
-            qc = torch.cat([1 - self._probabilities(to_device(b, self.device), c)
-                            for b in train_loader])
+        # the residuals 1 - p, in stores of their own (resumed like the features)
+        q_stores = fill_stores(self, _Residuals(self), train_loader, {**settings, "what": "1-p"},
+                               desc="train residuals", subdir="residuals")
+        for qs in q_stores:
+            qc = torch.cat([b for _, b in qs.blocks(device=self.device)])[:, 0]
             q = qc if q is None else q + qc
         self._q = q / self.num_checkpoints
 
@@ -254,8 +269,7 @@ class TRAKAttributor(BaseAttributor):
             yield start, self._q[:, None].to(total.dtype) * total / C
             return
         xs = [self._test_side(c, ft) for c, ft in enumerate(test_feats)]
-        dim = xs[0].shape[0]
-        rows = block_rows(dim)
+        rows = block_rows(xs[0].shape[0], xs[0].shape[1], len(xs))
         if self._stores:
             blocks = aligned_blocks(self._stores, rows, self.device)
             first = self._stores[0].row_offset
