@@ -99,13 +99,19 @@ def _check_k(k: object) -> int:
 
 
 def _select(block: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Positions ``(m, min(k, b))`` (ascending within a column) of the ``k`` best
-    rows of each column of ``block (b, m)``; equal scores: the earlier row."""
+    """Positions ``(m, min(k, b))`` (in no particular order within a column) of the
+    ``k`` best rows of each column of ``block (b, m)``; equal scores: the earlier row."""
     b, m = block.shape
     kk = min(k, b)
     if kk == b:
         return torch.arange(b, device=block.device).expand(m, b)
-    edge = torch.topk(block, kk, dim=0, largest=largest, sorted=False).values
+    # the set of the kk best rows is unique unless the kk-th and the next value tie:
+    # then torch.topk's choice is taken as it is (one pass; the usual case for real
+    # scores), else the exact tie-break below (earlier rows first)
+    top = torch.topk(block, kk + 1, dim=0, largest=largest, sorted=True)
+    if not bool((top.values[kk - 1] == top.values[kk]).any()):
+        return top.indices[:kk].T
+    edge = top.values[:kk]
     kth = (edge.min(dim=0) if largest else edge.max(dim=0)).values  # (m,)
     better = block > kth if largest else block < kth
     tied = block == kth
