@@ -22,10 +22,13 @@ from cases import MLP, digits, l2_loss_factory, loaders  # noqa: E402
 from dattri.algorithm import (  # noqa: E402
     IFAttributorArnoldi,
     IFAttributorCG,
+    IFAttributorDataInf,
     IFAttributorEKFAC,
     IFAttributorExplicit,
     IFAttributorLiSSA,
+    KNNShapleyAttributor,
     LoGraAttributor,
+    RPSAttributor,
     TracInAttributor,
     TRAKAttributor,
 )
@@ -34,6 +37,13 @@ from dattri.task import AttributionTask  # noqa: E402
 #: 46 training examples in 5 batches of 10 (the last one 6): 3 batches for rank 0,
 #: 2 for rank 1 of two, so the ranks hold unequal parts
 N_TRAIN, BATCH = 46, 10
+LISSA_DEPTH, LISSA_BATCH = 20, 5
+
+
+def lissa_draws(n: int = N_TRAIN, seed: int = 0) -> list[torch.Tensor]:
+    """The minibatches IFAttributorLiSSA(seed=0) draws (its documented recipe)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=gen)[:LISSA_BATCH] for _ in range(LISSA_DEPTH)]
 
 
 def _setup():
@@ -128,12 +138,49 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     logra = LoGraAttributor(last, damping=0.1,
                             proj_params={"proj_dim": 4, "proj_type": "normal", "proj_seed": 3})
     out["logra"] = logra.cache(tr).attribute(tr, te)
-    # not split (minibatches drawn from the whole set): the same on every rank
-    lissa = IFAttributorLiSSA(last, recursion_depth=20, batch_size=5, damping=0.1, scaling=10.0)
-    out["lissa"] = lissa.cache(tr).attribute(tr, te)
+    # minibatches drawn from the whole set: each rank multiplies by the drawn rows it
+    # holds, the products are summed (batch_size 5: some draws span both ranks, see
+    # LISSA_DRAWS; batch_size 1: each draw sits on one rank)
+    lissa = IFAttributorLiSSA(last, recursion_depth=LISSA_DEPTH, batch_size=LISSA_BATCH,
+                              damping=0.1, scaling=10.0).cache(tr)
+    out["lissa"] = lissa.attribute(tr, te)
+    out["lissa_self"] = lissa.self_attribute(tr)
+    lissa1 = IFAttributorLiSSA(both, recursion_depth=8, batch_size=1, num_repeat=2,
+                               damping=0.1, scaling=10.0)
+    out["lissa_bs1"] = lissa1.cache(tr).attribute(tr, te)
+
+    # the Fisher examples are the first ceil(ratio n) of the whole order: 0.8 -> 37
+    # (all of rank 0's 30 and 7 of rank 1's), 0.5 -> 23 (rank 1 holds none)
+    datainf = IFAttributorDataInf(both, fim_estimate_data_ratio=0.8).cache(tr)
+    out["datainf"] = datainf.attribute(tr, te)
+    out["datainf_self"] = datainf.self_attribute(tr)
+    out["datainf_relatif"] = datainf.attribute(tr, te, relatif_method="theta")
+    out["datainf_lambdas"] = torch.tensor(datainf.block_lambdas(1))
+    out["datainf_half"] = IFAttributorDataInf(last, regularization=0.05,
+                                              fim_estimate_data_ratio=0.5).cache(tr).attribute(tr, te)
+
+    knn = KNNShapleyAttributor(k_neighbors=3).cache(tr)
+    out["knn_shapley"] = knn.attribute(tr, te)
+    read: list[int] = []  # training examples featurized by this rank
+
+    def features(batch):
+        read.append(len(batch[0]))
+        return torch.tanh(batch[0][:, :6])
+
+    knn_t = KNNShapleyAttributor(k_neighbors=5, transpose=True, feature_func=features).cache(tr)
+    knn_read = sum(read)
+    out["knn_shapley_t"] = knn_t.attribute(tr, te)
+
+    rps_task = AttributionTask(loss_func=nn.functional.cross_entropy, model=model,
+                               checkpoints=ckpts[-1])
+    rps = RPSAttributor(rps_task, "fc2", l2_strength=0.01).cache(tr)
+    out["rps"] = rps.attribute(tr, te)
+    out["rps_self"] = rps.self_attribute(tr)
+    out["rps_alpha"] = rps.alpha
     held = {"trak": trak._phi[0].shape[0], "cg": cg.data.n_local, "ekfac": ekfac.data.n_local,
             "logra": logra._stores[0].n, "lissa": lissa.data.n_local,
-            "trak_disk": trak_disk._stores[1].n}
+            "trak_disk": trak_disk._stores[1].n, "datainf": datainf.data.n_local,
+            "knn": knn_read, "rps": rps._held[1] - rps._held[0]}
     return out, held
 
 

@@ -48,15 +48,23 @@ def datainf_ihvp(v: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
     Returns:
         ``(k, d)``.
     """
+    return (v - _fisher_sum(v, g, lam) / g.shape[0]) / lam
+
+
+def _fisher_sum(v: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
+    """``sum_i g_i (g_i^T V) / (lam + ||g_i||^2)`` as rows ``(k, d)`` (zeros for no ``g``)."""
     g = g.to(v.dtype)
     coef = (v @ g.T) / (lam + (g * g).sum(dim=1))  # (k, n)
-    return (v - coef @ g / g.shape[0]) / lam
+    return coef @ g
 
 
 class IFAttributorDataInf(_IFBase):
     """Influence function with the DataInf inverse (Kwon et al. 2024).
 
-    Not split across ``torch.distributed`` ranks yet: every rank computes all of it.
+    Under ``torch.distributed`` each rank holds the per-example gradients of the
+    Fisher examples (the first ones of the whole training order) in its share; the
+    heuristic's mean of ``||g_il||^2`` and the sums of the inverse are summed over
+    the ranks, so every rank applies the single-process inverse.
 
     Args:
         task: the attribution task.
@@ -68,7 +76,7 @@ class IFAttributorDataInf(_IFBase):
             examples (the first ones, in loader order) used for the Fisher terms.
     """
 
-    _shardable = False
+    _ihvp_reads_data = True
 
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",
@@ -84,9 +92,14 @@ class IFAttributorDataInf(_IFBase):
         self.regularization = float(regularization)
         self.fim_estimate_data_ratio = float(r)
 
+    def _fisher_count(self) -> int:
+        """``m = ceil(ratio * n)``: the Fisher examples, the first of the whole training set."""
+        return max(1, math.ceil(self.fim_estimate_data_ratio * self.data.n - 1e-9))
+
     def _fisher_batches(self) -> Iterable[Any]:
-        """The first ``ceil(ratio * n)`` cached training examples, as batches."""
-        m = max(1, math.ceil(self.fim_estimate_data_ratio * self.data.n - 1e-9))
+        """This rank's cached examples among the first :meth:`_fisher_count` of the
+        whole training order, as batches."""
+        m = self._fisher_count() - self.data.row_start  # still to take from here on
         for batch, size in zip(self.data.batches, self.data.sizes):
             if m <= 0:
                 return
@@ -94,24 +107,34 @@ class IFAttributorDataInf(_IFBase):
             m -= size
 
     def _fit(self, ckpt: int) -> list[tuple[slice, torch.Tensor, float]]:
-        g = torch.cat([self.train_features.batch(b, ckpt) for b in self._fisher_batches()])
+        parts = [self.train_features.batch(b, ckpt) for b in self._fisher_batches()]
+        g = torch.cat(parts) if parts else self._rows(None)  # a rank past the Fisher rows
+        m = self._fisher_count()
+        slices = list(self.task.param_spec(self.layer_name).slices().values())
+        # the heuristic's mean_i ||g_il||^2 over all m Fisher examples, every block at once
+        sq = self.data.reduce(torch.stack([(g[:, sl] * g[:, sl]).sum() for sl in slices]))
         blocks = []
-        spec = self.task.param_spec(self.layer_name)
-        for sl in spec.slices().values():
+        for sl, sq_l in zip(slices, sq.tolist()):
             gl = g[:, sl]
             if self.regularization > 0:
                 lam = self.regularization
             else:
-                lam = 0.1 * float((gl * gl).sum(dim=1).mean()) / gl.shape[1]
+                lam = 0.1 * (sq_l / m) / gl.shape[1]
                 if lam <= 0:  # all-zero block: no curvature, any lambda gives 0 scores
                     lam = 1.0
             blocks.append((sl, gl, lam))
         return blocks
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        blocks = self._state[ckpt]
+        # this rank's Fisher sums of every block, then summed over the ranks (one call)
+        part = torch.zeros_like(v)
+        for sl, gl, lam in blocks:
+            part[:, sl] = _fisher_sum(v[:, sl], gl, lam)
+        total = self.data.reduce(part) / self._fisher_count()
         out = torch.empty_like(v)
-        for sl, gl, lam in self._state[ckpt]:
-            out[:, sl] = datainf_ihvp(v[:, sl], gl, lam)
+        for sl, _, lam in blocks:
+            out[:, sl] = (v[:, sl] - total[:, sl]) / lam
         return out
 
     def block_lambdas(self, ckpt: int = 0) -> list[float]:

@@ -459,11 +459,14 @@ class IFAttributorLiSSA(_IFBase):
     drawn with a fixed seed; result ``h_T / scaling`` averaged over ``num_repeat``,
     which approximates ``(H + damping * scaling I)^{-1} v``.
 
-    Not split across ``torch.distributed`` ranks (its minibatches are drawn from
-    the whole training set): every rank computes all of it.
+    Under ``torch.distributed`` the minibatches are still drawn from the whole
+    training set (global indices, the same seed on every rank): each rank forms the
+    product of the drawn examples it holds, weighted by their share of the
+    minibatch, and the products are summed over the ranks (a rank holding none of
+    them adds zero), so the recursion is that of one process.
     """
 
-    _shardable = False
+    _ihvp_reads_data = True
 
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",
@@ -491,23 +494,34 @@ class IFAttributorLiSSA(_IFBase):
         from torch.utils._pytree import tree_map
 
         loss, theta = self._loss_and_theta(ckpt)
+        data = self.data
         pool = tree_map(
             lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0],
-            *self.data.batches,
+            *data.batches,
         )
-        n, gen = self.data.n, torch.Generator().manual_seed(self.seed)
+        n, gen = data.n, torch.Generator().manual_seed(self.seed)
         bs = min(self.batch_size, n)  # each minibatch: distinct examples
-        draws = [torch.randperm(n, generator=gen)[:bs]
-                 for _ in range(self.recursion_depth * self.num_repeat)]
+        lo, hi = data.row_start, data.row_start + data.n_local  # this rank's global rows
+        draws = []
+        for _ in range(self.recursion_depth * self.num_repeat):
+            idx = torch.randperm(n, generator=gen)[:bs]
+            draws.append(idx[(idx >= lo) & (idx < hi)] - lo)  # the drawn rows held here
 
-        last: list = [None, None]  # (step, its recorded HVP), shared by the row blocks
+        last: list = [None, None]  # (step, its recorded HVP or None), shared by the row blocks
 
         def sample_matmat(v: torch.Tensor, step: int) -> torch.Tensor:
             if last[0] != step:
                 idx = draws[step % len(draws)].to(self.device)
-                last[:] = step, hvp_matmat(loss, theta, slice_batch(pool, idx), self.mode,
-                                           chunk=LISSA_CHUNK)
-            return last[1](v)
+                op = None if idx.numel() == 0 else hvp_matmat(
+                    loss, theta, slice_batch(pool, idx), self.mode, chunk=LISSA_CHUNK)
+                last[:] = step, (op, idx.numel() / bs)
+            op, share = last[1]
+            if data.shard is None:
+                return op(v)
+            # the minibatch mean: each rank's mean over its drawn rows, weighted
+            # by their share of the minibatch, summed over the ranks
+            part = torch.zeros_like(v) if op is None else op(v) * share
+            return data.reduce(part)
 
         return sample_matmat
 

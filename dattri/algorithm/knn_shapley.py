@@ -18,6 +18,13 @@ computed for all test points at once in ``O(N log N)`` each. Scores are
 Features are a user ``feature_func(batch) -> (B, d)`` (e.g. embeddings) or the raw
 inputs flattened; distances ``distance_func(train (n, d), test (m, d)) -> (n, m)``
 (default Euclidean).
+
+Under ``torch.distributed`` each rank reads the features of its share of the
+training loader and the ranks' features are gathered (``(n, d)``, small); each
+rank then runs the exact recursion over all ``n`` training points for its block
+of test points, and the columns are gathered: the values of one process. A
+``distance_func`` must then treat test points independently (each column of its
+result depends only on its own test point), as any pairwise distance does.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 from dattri._loader import batch_size_of, check_loader, to_device
 from dattri.algorithm._engine import resolve_device
 from dattri.algorithm.base import BaseAttributor
+from dattri.distributed import all_gather_rows, split
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
 
@@ -70,6 +78,8 @@ class KNNShapleyAttributor(BaseAttributor):
         transpose: return ``(n_test, n_train)`` as the 0.3.0 release did
             (default False: ``(n_train, n_test)`` like every attributor).
     """
+
+    _shardable = True
 
     def __init__(
         self, k_neighbors: int, task: AttributionTask | None = None,
@@ -143,7 +153,9 @@ class KNNShapleyAttributor(BaseAttributor):
         return super().cache(train_loader)
 
     def _cache(self, train_loader: Iterable) -> None:
-        self._train = self._features_labels(train_loader, "train_loader")
+        shard = self._shard()
+        x, y = self._features_labels(train_loader, "train_loader")  # this rank's share
+        self._train = all_gather_rows(x, shard), all_gather_rows(y, shard)
 
     @staticmethod
     def _given_labels(labels: Any, n: int, name: str) -> torch.Tensor:
@@ -176,12 +188,19 @@ class KNNShapleyAttributor(BaseAttributor):
             y_tr = self._given_labels(train_labels, len(x_tr), "train_labels").to(y_tr.device)
         if test_labels is not None:
             y_te = self._given_labels(test_labels, len(x_te), "test_labels").to(y_te.device)
-        dist = self.distance_func(x_tr.to(x_te.dtype), x_te)
-        if tuple(dist.shape) != (len(x_tr), len(x_te)):
-            msg = (f"distance_func returned shape {tuple(dist.shape)}; it must return "
-                   f"(n_train, n_test) = {(len(x_tr), len(x_te))}.")
-            raise DattriValueError(msg)
-        values = knn_shapley(dist, y_tr, y_te, self.k_neighbors)
+        shard = self._shard()
+        lo, hi = (0, len(x_te)) if shard is None else split(len(x_te), shard.world)[shard.rank]
+        if hi > lo:  # this rank's test columns
+            dist = self.distance_func(x_tr.to(x_te.dtype), x_te[lo:hi])
+            if tuple(dist.shape) != (len(x_tr), hi - lo):
+                msg = (f"distance_func returned shape {tuple(dist.shape)}; it must return "
+                       f"(n_train, n_test) = {(len(x_tr), hi - lo)}.")
+                raise DattriValueError(msg)
+            values = knn_shapley(dist, y_tr, y_te[lo:hi], self.k_neighbors)
+        else:  # more ranks than test points
+            values = torch.zeros(len(x_tr), 0, dtype=torch.float64, device=x_te.device)
+        if shard is not None:
+            values = all_gather_rows(values.T.contiguous(), shard).T
         return values.T if self.transpose else values
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:

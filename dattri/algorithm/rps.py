@@ -36,6 +36,11 @@ terms that cancel at the optimum; ``rtol = 1e-10``), where the representer
 decomposition reproduces the pre-activations up to
 ``h~_t . grad F / (2 lambda)``. A fit that does not get there within ``epoch``
 Newton iterations warns with the residual reached.
+
+Under ``torch.distributed`` each rank reads the final-layer inputs of its share of
+the training loader; the ranks' features ``(n, d + 1)`` and labels are gathered
+(small next to the model), every rank runs the same fit on all of them, and each
+scores its own training rows (the rows are gathered): the scores of one process.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from torch import nn
 from dattri._convention import as_batched
 from dattri._loader import check_loader
 from dattri.algorithm.base import BaseAttributor
+from dattri.distributed import all_gather_rows, row_range
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.task import AttributionTask
 
@@ -220,6 +226,8 @@ class RPSAttributor(BaseAttributor):
     see the module docstring).
     """
 
+    _shardable = True
+
     def __init__(
         self,
         task: AttributionTask,
@@ -307,7 +315,10 @@ class RPSAttributor(BaseAttributor):
         return w, g_pre
 
     def _cache(self, train_loader: Iterable) -> None:
-        h, y = self._features(train_loader)
+        shard = self._shard()
+        h, y = self._features(train_loader)  # this rank's share
+        self._held = row_range(h.shape[0], shard)[:2]
+        h, y = all_gather_rows(h, shard), all_gather_rows(y, shard)
         layer = dict(self.task.get_model().named_modules())[self.final_linear_layer_name]
         b = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
         w0 = torch.cat([layer.weight.detach(), b.detach().reshape(-1, 1)], 1)
@@ -336,8 +347,9 @@ class RPSAttributor(BaseAttributor):
         self._check_pair(train_loader, test_loader)
         self._ensure_cached(train_loader)
         h_t, y_t = self._features(test_loader)
-        kernel = self.h_train @ h_t.T
-        return (self._label_terms(y_t) * kernel).to(self._dtype)
+        lo, hi = self._held  # this rank's training rows
+        kernel = self.h_train[lo:hi] @ h_t.T
+        return self._gather((self._label_terms(y_t)[lo:hi] * kernel).to(self._dtype))
 
     def _label_terms(self, y: torch.Tensor) -> torch.Tensor:
         """``alpha_j`` for each label's class, ``(n_train, len(y))``; a one-logit
@@ -350,12 +362,14 @@ class RPSAttributor(BaseAttributor):
         """``alpha_j[y_j] * ||h~_j||^2`` as ``(n_train,)``."""
         check_loader(train_loader, "train_loader")
         self._ensure_cached(train_loader)
-        h, y = self._features(train_loader)
+        h, y = self._features(self._local(train_loader))  # this rank's rows
+        lo, hi = self._held
+        alpha = self.alpha[lo:hi]
         if getattr(self, "_binary", False):
-            a = self.alpha[:, 0] * (2 * y.reshape(-1).to(self.alpha.dtype) - 1)
+            a = alpha[:, 0] * (2 * y.reshape(-1).to(alpha.dtype) - 1)
         else:
-            a = self.alpha.gather(1, y.long().reshape(-1, 1)).squeeze(1)
-        return (a * (h * h).sum(1)).to(self._dtype)
+            a = alpha.gather(1, y.long().reshape(-1, 1)).squeeze(1)
+        return self._gather((a * (h * h).sum(1)).to(self._dtype))
 
     def decompose(self, test_loader: Iterable) -> torch.Tensor:
         """Per-class representer decomposition ``(n_train, n_test, C)`` (small data only)."""
