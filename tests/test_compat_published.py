@@ -400,3 +400,54 @@ def test_maestro_published_constants_drive_the_defaults():
     group = opt.param_groups[0]
     assert sched is None and (group["lr"], group["betas"], group["eps"]) == (1e-4, (0.9, 0.98), 1e-9)
     assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in small.parameters())
+
+
+def test_published_small_names_work():
+    """The last published 0.3.0 names: each does what the published one does."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dattri.benchmark.models.nanoGPT import model as gpt
+    from dattri.errors import DattriValueError
+    from dattri.func.hessian import IHVPUsageError, hvp
+    from dattri.func.utils import get_parameter_chunk_sizes
+    from dattri.metric.britteness import check_if_flip
+
+    # chunks: sum preserved, each below 2^32 / (2 * batch), a huge layer split
+    bound, sizes = get_parameter_chunk_sizes([10, 20, 3 * 2**29], 2)
+    assert bound == (2**32 - 1) // 4 and sum(sizes) == 30 + 3 * 2**29
+    assert all(0 < c <= bound for c in sizes) and sizes[0] == 30
+    assert get_parameter_chunk_sizes([], 1)[1] == [0]
+    # a bad mode: the published error type, still a DattriValueError
+    with pytest.raises(IHVPUsageError) as e:
+        hvp(lambda x: (x * x).sum(), mode="fwd-fwd")
+    assert isinstance(e.value, DattriValueError)
+    # nanoGPT pieces from a config
+    cfg = gpt.GPTConfig(n_embd=16, n_head=2, block_size=6, dropout=0.0, bias=False)
+    torch.manual_seed(0)
+    block = gpt.Block(cfg)
+    assert block(torch.randn(3, 6, 16)).shape == (3, 6, 16)
+    assert [n for n, _ in gpt.LayerNorm(16, bias=False).named_parameters()] == ["weight"]
+    assert sum(p.numel() for p in gpt.MLP(cfg).parameters()) == 2 * 16 * 64
+    # check_if_flip: a majority-class "model" retrained on what is left
+    x = torch.zeros(5, 1)
+    y = torch.tensor([0, 0, 0, 1, 1])
+    train = DataLoader(TensorDataset(x, y), batch_size=2)
+    test = DataLoader(TensorDataset(torch.zeros(1, 1), torch.tensor([0])), batch_size=1)
+
+    class Majority(nn.Module):
+        def __init__(self, label):
+            super().__init__()
+            self.label = label
+
+    def train_func(loader):
+        labels = torch.cat([b[1] for b in loader])
+        return Majority(int(torch.bincount(labels, minlength=2).argmax()))
+
+    def eval_func(model, loader):
+        return torch.tensor([model.label])
+
+    assert check_if_flip(train, test, [3], train_func, eval_func) is False  # 0,0,0,1 -> 0
+    assert check_if_flip(train, test, [0, 1], train_func, eval_func) is True  # 0,1,1 -> 1
+    with pytest.raises(DattriValueError, match="exactly one"):
+        check_if_flip(train, train, [0], train_func, eval_func)

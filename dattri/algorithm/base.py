@@ -20,7 +20,12 @@ from dattri.distributed import Shard, all_gather_rows, resolve, shard_loader
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
 
-__all__ = ["BaseAttributor", "projector_kwargs"]
+__all__ = ["DEFAULT_PROJECTOR_KWARGS", "BaseAttributor", "projector_kwargs"]
+
+#: the projection a settings dict is completed with (the published name and
+#: values; ``device`` is ignored: projections run on the attributor's device)
+DEFAULT_PROJECTOR_KWARGS = {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0,
+                            "device": "cpu"}
 
 
 class BaseAttributor:
@@ -170,8 +175,8 @@ def projector_kwargs(proj_params: Any, name: str = "proj_params") -> dict[str, A
     kw.pop("device", None)
     if kw.get("proj_type") == "identity":
         return None
-    defaults = {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0, "proj_type": "normal"}
-    return {**defaults, **kw}
+    defaults = {k: v for k, v in DEFAULT_PROJECTOR_KWARGS.items() if k != "device"}
+    return {**defaults, "proj_type": "normal", **kw}
 
 
 def make_projection(kw: dict[str, Any] | None, device: torch.device):

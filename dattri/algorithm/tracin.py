@@ -20,14 +20,14 @@ from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import replayable, score_stream
 from dattri.algorithm._factored import FactoredGrads
 from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill_stores, ranked
-from dattri.algorithm.base import BaseAttributor, make_projection
+from dattri.algorithm.base import DEFAULT_PROJECTOR_KWARGS, BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.distributed import row_range
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
 from dattri.topk import TopK
 
-__all__ = ["TracInAttributor"]
+__all__ = ["DEFAULT_PROJECTOR_KWARGS", "TracInAttributor"]
 
 
 def _nonzero(n: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dattri._loader import batch_size_of
 from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import ensemble_rng, replayable
-from dattri.algorithm.base import BaseAttributor, make_projection
+from dattri.algorithm.base import DEFAULT_PROJECTOR_KWARGS, BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.algorithm._scored import (
     aligned_blocks,
@@ -42,7 +42,7 @@ from dattri.linalg import gram
 from dattri.linalg.gram import GramCholesky
 from dattri.task import AttributionTask, batch_of_one
 
-__all__ = ["TRAKAttributor", "kernel_factor", "kernel_scores"]
+__all__ = ["DEFAULT_PROJECTOR_KWARGS", "TRAKAttributor", "kernel_factor", "kernel_scores"]
 
 
 def kernel_factor(phi: torch.Tensor, regularization: float) -> tuple[str, GramCholesky]:
@@ -144,7 +144,7 @@ class TRAKAttributor(BaseAttributor):
                                                    "correct_probability_func")
         self.regularization = float(regularization)
         if proj_params is None:
-            proj_params = {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0,
+            proj_params = {**{k: v for k, v in DEFAULT_PROJECTOR_KWARGS.items() if k != "device"},
                            "proj_type": "normal"}
         self.proj_params = proj_params
         transform = make_projection(projection_settings(proj_params), self.device)

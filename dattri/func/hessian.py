@@ -37,6 +37,7 @@ from dattri.errors import DattriValueError
 from dattri.linalg import arnoldi, cg_solve, factorize, lissa_solve
 
 __all__ = [
+    "IHVPUsageError",
     "hvp",
     "hvp_at_x",
     "ihvp_arnoldi",
@@ -53,10 +54,15 @@ _MODES = ("rev-rev", "rev-fwd")
 
 
 # --------------------------------------------------------------------- checks
+class IHVPUsageError(DattriValueError):
+    """The published name of the error for a misused HVP / inverse-HVP builder (a
+    ``mode`` other than ``"rev-rev"`` / ``"rev-fwd"``); a :class:`DattriValueError`."""
+
+
 def _check_mode(mode: str) -> None:
     if mode not in _MODES:
         msg = f"`mode` must be 'rev-rev' or 'rev-fwd', got {mode!r}."
-        raise DattriValueError(msg)
+        raise IHVPUsageError(msg)
 
 
 def _check_argnums(argnums: int) -> None:

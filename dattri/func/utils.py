@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "get_parameter_chunk_sizes",
     "ParamSpec",
     "all_finite",
     "flatten_func",
@@ -162,3 +163,41 @@ def partial_param(
         return wrapped
 
     return decorator
+
+
+def get_parameter_chunk_sizes(param_shape_list: Sequence[int], batch_size: int) -> tuple[int, list[int]]:
+    """Group per-module feature sizes into chunks a projection can take at once
+    (the published helper of the chunked projectors).
+
+    A chunk of ``c`` features for ``batch_size`` examples must keep
+    ``2 * batch_size * c`` below ``2**32`` (the index range of the published CUDA
+    projector); consecutive sizes are summed into a chunk while they fit, and a
+    size that alone does not fit is split into full chunks and a remainder.
+
+    Args:
+        param_shape_list: feature counts, e.g. the parameter count of each module.
+        batch_size: examples per projected batch (>= 1).
+
+    Returns:
+        ``(max_chunk_size, sizes)``: the chunk bound and the chunk sizes, which sum
+        to ``sum(param_shape_list)`` (``[0]`` when there is nothing to project).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        from dattri.errors import DattriValueError
+
+        msg = f"batch_size={batch_size!r} must be an int >= 1."
+        raise DattriValueError(msg)
+    max_chunk = (2**32 - 1) // (2 * batch_size)
+    sizes, current = [], 0
+    for size in (int(p) for p in param_shape_list):
+        if current + size >= max_chunk:
+            if current:
+                sizes.append(current)
+            current = 0
+        while size >= max_chunk:
+            sizes.append(max_chunk)
+            size -= max_chunk
+        current += size
+    if current:
+        sizes.append(current)
+    return max_chunk, sizes or [0]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from dattri.errors import DattriValueError, NonFiniteError
 from dattri.model_util.retrain import loader_dataset_indices
 
-__all__ = ["brittleness"]
+__all__ = ["brittleness", "check_if_flip"]
 
 
 def _predictions(eval_func: Callable, model: nn.Module, test_loader: Iterable) -> torch.Tensor:
@@ -150,3 +150,43 @@ def brittleness(
         results.append(found)
     bar.close()
     return results[0] if len(results) == 1 else results
+
+
+def check_if_flip(
+    train_loader: DataLoader,
+    test_loader: Iterable,
+    indices_to_remove: Sequence[int],
+    train_func: Callable[[DataLoader], nn.Module],
+    eval_func: Callable[[nn.Module, Iterable], Any],
+    device: Any = "cpu",
+) -> bool:
+    """Whether the prediction on ONE test example differs from its label after
+    retraining without ``indices_to_remove`` (the published 0.3.0 helper).
+
+    Args:
+        train_loader: the training data (its dataset indices, from its sampler).
+        test_loader: yields exactly one ``(x, label)`` example.
+        indices_to_remove: dataset indices of the training examples to drop.
+        train_func: ``f(loader) -> model`` trained on the remaining examples (kept
+            in the loader's order).
+        eval_func: ``f(model, test_loader) -> prediction`` (one class index).
+        device: where the retrained model is evaluated.
+
+    Returns:
+        ``prediction != label`` (the published convention; :func:`brittleness`
+        compares with the full-data model's prediction instead).
+    """
+    batches = list(test_loader)
+    labels = [b[1] for b in batches if isinstance(b, (list, tuple)) and len(b) >= 2]
+    if len(labels) != len(batches) or sum(torch.as_tensor(y).numel() for y in labels) != 1:
+        msg = ("check_if_flip: test_loader must yield exactly one (x, label) example; for "
+               "several test examples use dattri.metric.brittleness(...).")
+        raise DattriValueError(msg)
+    order = np.asarray(loader_dataset_indices(train_loader))
+    keep = ~np.isin(order, np.asarray(list(indices_to_remove), dtype=np.int64))
+    model = _retrain(train_loader, order, keep, train_func, device, None)
+    pred = _predictions(eval_func, model, test_loader)
+    if pred.numel() != 1:
+        msg = f"check_if_flip: eval_func returned {pred.numel()} predictions for one test example."
+        raise DattriValueError(msg)
+    return bool(int(pred[0]) != int(torch.as_tensor(labels[0]).reshape(-1)[0]))
