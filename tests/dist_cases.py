@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import MLP, digits, l2_loss_factory, loaders  # noqa: E402
 
 from dattri.algorithm import (  # noqa: E402
+    DVEmbAttributor,
     IFAttributorArnoldi,
     IFAttributorCG,
     IFAttributorDataInf,
@@ -75,6 +76,28 @@ def _margin(model):
         return torch.softmax(out, -1).gather(1, y[:, None]).squeeze(1)
 
     return margin, prob
+
+
+#: the minibatches of the SGD trajectory DVEmb replays: rows 0-29 are rank 0's, 30-45
+#: rank 1's of two; steps on both ranks, on rank 1 only and on rank 0 only
+DVEMB_STEPS = [[0, 33, 12, 45, 7], [31, 38, 44], [2, 3, 29, 17], [30, 1, 40, 9, 22, 36],
+               [5, 6, 8], [41, 11, 33, 0]]
+
+
+def _trajectory(model, loss, train):
+    """Checkpoints before each SGD step of :data:`DVEMB_STEPS`, then the final model."""
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ckpts, steps = [], []
+    x, y = train
+    for t, idx in enumerate(DVEMB_STEPS):
+        lr = 0.4 / (1 + t)
+        ckpts.append({k: v.clone() for k, v in params.items()})
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        gs = torch.autograd.grad(loss(p, (x[idx], y[idx])), list(p.values()))
+        params = {k: (v - lr * g).detach() for (k, v), g in zip(params.items(), gs)}
+        steps.append((idx, lr))
+    ckpts.append(params)
+    return ckpts, steps
 
 
 def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -177,10 +200,20 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out["rps"] = rps.attribute(tr, te)
     out["rps_self"] = rps.self_attribute(tr)
     out["rps_alpha"] = rps.alpha
+    # the step gradients of each rank's examples, K's update summed over the ranks
+    traj, steps = _trajectory(model, loss, train)
+    dv_task = AttributionTask(loss_func=loss, model=model, checkpoints=traj)
+    dvemb = DVEmbAttributor(dv_task, steps).cache(tr)
+    out["dvemb"] = dvemb.attribute(tr, te)
+    out["dvemb_self"] = dvemb.self_attribute(tr)
+    out["dvemb_embeddings"] = dvemb.embeddings()
+    out["dvemb_projected"] = DVEmbAttributor(
+        dv_task, steps, proj_params={"proj_dim": 8, "proj_type": "normal"}).cache(tr).attribute(tr, te)
     held = {"trak": trak._phi[0].shape[0], "cg": cg.data.n_local, "ekfac": ekfac.data.n_local,
             "logra": logra._stores[0].n, "lissa": lissa.data.n_local,
             "trak_disk": trak_disk._stores[1].n, "datainf": datainf.data.n_local,
-            "knn": knn_read, "rps": rps._held[1] - rps._held[0]}
+            "knn": knn_read, "rps": rps._held[1] - rps._held[0],
+            "dvemb": dvemb._emb.shape[0]}
     return out, held
 
 

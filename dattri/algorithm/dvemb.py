@@ -31,6 +31,14 @@ then taken at the model's current parameters (the task's checkpoints are not use
 and the embeddings are kept per epoch (``epoch=None`` sums them). The published
 package omits the ``1/|B_t|`` of a mean loss's SGD step: pass
 ``learning_rate * batch_size`` to reproduce its values.
+
+Under ``torch.distributed`` (with ``steps``) each rank computes the step gradients
+of the minibatch examples it holds (its share of the training loader), their
+embeddings with the shared ``K_t``, and its part of ``K``'s update, which is
+summed over the ranks at every step (one ``k x k`` all-reduce per step); each rank
+keeps and scores the embeddings of its own rows, and the rows are gathered. The
+recording workflow (``cache_gradients``) is not split: every rank holds what it
+recorded.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from tqdm.auto import tqdm
 from dattri._loader import slice_batch
 from dattri.algorithm._engine import DataCache
 from dattri.algorithm.base import BaseAttributor
+from dattri.distributed import all_gather_rows
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.task import AttributionTask
 
@@ -90,6 +99,8 @@ class DVEmbAttributor(BaseAttributor):
         layer_name: restrict to these parameters.
         device: computation device.
     """
+
+    _shardable = True
 
     def __init__(
         self, task: AttributionTask, steps: Sequence[tuple[Sequence[int], float]] | None = None,
@@ -263,28 +274,46 @@ class DVEmbAttributor(BaseAttributor):
             raise DattriValueError(msg)
         pool = tree_map(lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0],
                         *data.batches)
-        grads = []
+        lo, hi = data.row_start, data.row_start + data.n_local  # this rank's global rows
+        grads, where = [], []
         for t, (idx, _) in enumerate(tqdm(self.steps, desc="step grads", leave=False,
                                           disable=None)):
             ix = torch.tensor(idx, device=self.device)
-            grads.append(self.train_features.batch(slice_batch(pool, ix), t))
-        k = grads[0].shape[1]
-        K = grads[0].new_zeros(k, k)
-        emb = grads[0].new_zeros(data.n, k)
+            ix = ix[(ix >= lo) & (ix < hi)] - lo  # the step's examples held here
+            where.append(ix)
+            grads.append(self.train_features.batch(slice_batch(pool, ix), t)
+                         if ix.numel() else None)
+        k, dtype = self._feature_shape(grads, data)
+        K = torch.zeros(k, k, dtype=dtype, device=self.device)
+        emb = K.new_zeros(data.n_local, k)
         for t in range(len(self.steps) - 1, -1, -1):
             idx, lr = self.steps[t]
-            g = grads[t]
+            g = grads[t] if grads[t] is not None else K.new_zeros(0, k)
             e = (lr / len(idx)) * (g - g @ K.T)
-            K += e.T @ g
-            emb.index_add_(0, torch.tensor(idx, device=self.device), e)
+            K += data.reduce(e.T @ g)  # the step's sum over the ranks' examples
+            emb.index_add_(0, where[t], e)
         self._emb = emb
+        self._data_shard = data.shard
+
+    def _feature_shape(self, grads: list[torch.Tensor | None], data: DataCache) -> tuple[int, torch.dtype]:
+        """The features' width and dtype, agreed on by the ranks (a rank holding no
+        example of any step has computed none)."""
+        mine = next((g for g in grads if g is not None), None)
+        if data.shard is None:
+            return mine.shape[1], mine.dtype
+        kinds = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        info = torch.tensor([[-1, -1] if mine is None else [mine.shape[1], kinds.index(mine.dtype)]])
+        k, code = max(all_gather_rows(info, data.shard).tolist())
+        return k, kinds[code]
 
     def embeddings(self) -> torch.Tensor:
-        """The summed data value embeddings ``(n_train, k)`` (after ``cache``)."""
+        """The summed data value embeddings ``(n_train, k)`` (after ``cache``); under
+        ``torch.distributed`` (with ``steps``) gathered from the ranks, so every rank
+        must call it."""
         if self._emb is None:
             msg = "embeddings needs cache(train_loader) first."
             raise NotCachedError(msg)
-        return self._emb
+        return all_gather_rows(self._emb, getattr(self, "_data_shard", None))
 
     def attribute(self, train_loader: Iterable | None = None, test_loader: Iterable | None = None,
                   epoch: int | None = None, train_data_indices: Sequence[int] | None = None,
@@ -304,13 +333,14 @@ class DVEmbAttributor(BaseAttributor):
         self._ensure_cached(train_loader)
         final = self.num_checkpoints - 1
         gt = self.test_features.all(test_loader, final, "test grads")
-        return self._emb @ gt.T.to(self._emb.dtype)
+        return self._gather(self._emb @ gt.T.to(self._emb.dtype))  # this rank's rows
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``<e(z_i), g_target(z_i; theta_T)>`` as ``(n_train,)``."""
         self._ensure_cached(train_loader)
-        gt = self.test_features.all(train_loader, self.num_checkpoints - 1, "self grads")
-        return (self._emb * gt.to(self._emb.dtype)).sum(dim=1)
+        gt = self.test_features.all(self._local(train_loader), self.num_checkpoints - 1,
+                                    "self grads")
+        return self._gather((self._emb * gt.to(self._emb.dtype)).sum(dim=1))
 
     def _attribute_recorded(self, test_loader: Iterable, epoch: int | None,
                             train_data_indices: Sequence[int] | None) -> torch.Tensor:
