@@ -254,3 +254,129 @@ def test_replayable_keeps_small_loaders_and_passes_big_ones():
     assert torch.equal(torch.cat([b[1] for b in kept]), torch.arange(10))
     assert replayable(loader, torch.device("cpu"), passes=1) is loader
     assert replayable(loader, torch.device("cpu"), passes=3, budget=100) is loader
+
+
+class RelMix(nn.Module):
+    """A module owning a parameter that reaches the activations only through matrix
+    products with them (a slice and a transpose of it on the right, itself on the left),
+    as relative position embeddings do; its Linear child keeps its own rule."""
+
+    def __init__(self, d: int = 4, m: int = 5) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.basis = nn.Parameter(torch.randn(m, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+        h = self.lin(x)
+        right = torch.tanh(h @ self.basis[1:].transpose(0, 1))  # (B, T, m - 1)
+        left = torch.matmul(self.basis, h.transpose(-1, -2))  # (B, m, T)
+        return h + right.sum(-1, keepdim=True) + (left ** 2).mean(1).unsqueeze(-1)
+
+
+class Leaky(nn.Module):
+    """Its parameter also meets the activations outside a product: not followed."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x @ self.w + self.w[0])
+
+
+class RelNet(nn.Module):
+    def __init__(self, leaky: bool = False) -> None:
+        super().__init__()
+        self.mix = RelMix()
+        self.leaky = Leaky() if leaky else nn.Identity()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.leaky(self.mix(x))))  # mix called twice
+
+
+def _spy_generic(monkeypatch) -> list:
+    """Record the calls of the generic vmap(vjp) rule (still computing)."""
+    import dattri.algorithm._batched as batched
+
+    calls, orig = [], batched.generic_grads
+    monkeypatch.setattr(batched, "generic_grads",
+                        lambda m, *a: calls.append(type(m).__name__) or orig(m, *a))
+    return calls
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_parameter_through_matmuls_in_closed_form(leaky, monkeypatch):
+    calls = _spy_generic(monkeypatch)
+    torch.manual_seed(0)
+    model = RelNet(leaky).eval()
+    task = _task(model, _ce(model))
+    g = torch.Generator().manual_seed(2)
+    batch = torch.randn(5, 3, 4, generator=g), torch.randint(0, 3, (5, 3), generator=g)
+    ref = _vmap_reference(task, batch)
+    got = _batched(task, batch)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # RelMix never takes the generic rule; Leaky's parameter is used by an addition
+    assert calls == (["Leaky"] if leaky else [])
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored
+    names = ["mix.basis"]
+    torch.testing.assert_close(_batched(task, batch, names), _vmap_reference(task, batch, names),
+                               rtol=1e-10, atol=1e-12)
+
+
+def _small_music_transformer(dropout: float = 0.0) -> nn.Module:
+    from dattri.benchmark.models.MusicTransformer.music_transformer import (
+        create_musictransformer_model,
+    )
+
+    return create_musictransformer_model(vocab_size=11, n_layers=2, n_heads=2, d_model=8, d_ff=12,
+                                         max_len=7, dropout=dropout)
+
+
+def _music_batch(n: int = 5, length: int = 5):
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(0, 11, (n, length), generator=g), torch.randint(0, 11, (n, length), generator=g)
+
+
+@pytest.mark.parametrize("length", [5, 7])  # a part of the relative embeddings / all of them
+def test_music_transformer_relative_embeddings_in_closed_form(length, monkeypatch):
+    calls = _spy_generic(monkeypatch)
+    torch.manual_seed(0)
+    model = _small_music_transformer().eval()
+    seen = []
+
+    def loss(params, data):
+        out = torch.func.functional_call(model, params, data[0])
+        seen.append(out.detach())
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), data[1].reshape(-1))
+
+    task = _task(model, loss)
+    batch = _music_batch(length=length)
+    ref = _vmap_reference(task, batch)
+    seen.clear()
+    got = _batched(task, batch)
+    assert not calls  # every parameter by a closed form: no vmap(vjp) of the attention
+    # the followed forward computes the model's outputs bit for bit (seen[0] is the
+    # loss convention's probe)
+    plain = torch.func.functional_call(model, dict(task.named_parameters), batch[0])
+    assert torch.equal(seen[-1], plain)
+    rel = task.param_spec(None).slices()["layers.0.attn.rel_emb"]
+    assert ref[:, rel].abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    halves = [tuple(t[s] for t in batch) for s in (slice(0, 2), slice(2, None))]
+    torch.testing.assert_close(torch.cat([_batched(task, h) for h in halves]), got,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_music_transformer_dropout_ensemble_in_closed_form(monkeypatch):
+    calls = _spy_generic(monkeypatch)
+    torch.manual_seed(0)
+    model = _small_music_transformer(dropout=0.3).train()
+    task = _task(model, _ce(model))
+    batch = _music_batch()
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    fz.use_factored = False
+    got = fz.raw(batch, 0)
+    assert fz._batched_ok == {0: True} and not calls
+    torch.testing.assert_close(got, fz.vmapped(batch, 0), rtol=1e-10, atol=1e-12)

@@ -7,8 +7,12 @@ detached). One ``autograd.grad`` of the (mean) batch loss with respect to the
 leaves then gives every module's output gradients; multiplied by the batch size they are each
 example's own ``d loss_b / d y_b``. The per-example parameter gradients then follow
 from the closed forms of :mod:`dattri.func.per_example` (``nn.Linear`` of any
-input rank, convolutions, embeddings, normalisation layers), or, for any other
-module, from ``vmap(vjp)`` of that module alone over its own parameters. A
+input rank, convolutions, embeddings, normalisation layers); a module that owns
+parameters directly (relative position embeddings of an attention...) is followed
+through its forward (:class:`dattri.func.per_example.ParamUses`): when its parameters
+reach the activations only through matrix products, each product's output is tapped
+like a module's and the gradients follow in closed form; otherwise, and for any
+other module, from ``vmap(vjp)`` of that module alone over its own parameters. A
 parameter shared by several modules, or a module called several times (tied
 weights, weight sharing), gets the sum of its contributions.
 
@@ -33,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from dattri._loader import batch_size_of
 from dattri.errors import InvalidLossError
-from dattri.func.per_example import _batch_dim, generic_grads, rule_for
+from dattri.func.per_example import ParamUses, _batch_dim, generic_grads, rule_for, traced_grads
 from dattri.task import AttributionTask
 
 __all__ = ["BatchedGrads", "reference_grads"]
@@ -46,6 +50,9 @@ class _Unit:
         self.name, self.module, self.params = name, module, params  # local -> global name
         self.rule = None if subtree else rule_for(module)
         self.calls: list[tuple] = []
+        #: its own parameters are followed through each call (one ParamUses per call)
+        self.traced = self.rule is None and not subtree
+        self.traces: list[ParamUses] = []
 
 
 def _units(task: AttributionTask, names: list[str]) -> list[_Unit]:
@@ -68,22 +75,13 @@ def _units(task: AttributionTask, names: list[str]) -> list[_Unit]:
 
 
 @contextmanager
-def _same_mask_dropout(model: nn.Module) -> Iterator[None]:
-    """Active ``nn.Dropout`` modules draw one mask for all examples of a call."""
+def _patched_forwards(new: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Each module's ``forward`` replaced (an instance attribute) while inside."""
     patched = []
-    for mod in model.modules():
-        if type(mod) is nn.Dropout and mod.training and mod.p > 0:
-
-            def forward(x: torch.Tensor, p: float = mod.p) -> torch.Tensor:
-                if p >= 1:
-                    return x * 0
-                noise = torch.empty((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
-                return x * noise.bernoulli_(1 - p).div_(1 - p)
-
-            had = "forward" in mod.__dict__
-            patched.append((mod, had, mod.__dict__.get("forward")))
-            mod.forward = forward
     try:
+        for mod, forward in new:
+            patched.append((mod, "forward" in mod.__dict__, mod.__dict__.get("forward")))
+            mod.forward = forward
         yield
     finally:
         for mod, had, old in patched:
@@ -91,6 +89,21 @@ def _same_mask_dropout(model: nn.Module) -> Iterator[None]:
                 mod.forward = old
             else:
                 del mod.forward
+
+
+def _dropout_forward(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout with one mask (shape ``(1, ...)``) for all examples."""
+    if p >= 1:
+        return x * 0
+    noise = torch.empty((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    return x * noise.bernoulli_(1 - p).div_(1 - p)
+
+
+def _same_mask_dropout(model: nn.Module) -> Any:
+    """Active ``nn.Dropout`` modules draw one mask for all examples of a call."""
+    return _patched_forwards([
+        (mod, lambda x, p=mod.p: _dropout_forward(x, p)) for mod in model.modules()
+        if type(mod) is nn.Dropout and mod.training and mod.p > 0])
 
 
 class BatchedGrads:
@@ -110,10 +123,39 @@ class BatchedGrads:
         self.supported = owned == set(self.spec.names)
         self._b = 1  # examples of the batch being run
 
+    @staticmethod
+    def _tap(t: torch.Tensor, leaves: list[torch.Tensor], tapped: dict[int, torch.Tensor]
+             ) -> tuple[torch.Tensor, tuple[str, int]]:
+        """Make the gradient at ``t`` available: by a tensor hook when ``t`` is in the
+        graph already (the gradient at this value, even if changed in place later),
+        else as the gradient of a zero leaf added to it (``t + 0``)."""
+        if t.requires_grad:
+            key = len(tapped)
+            tapped[key] = None
+            t.register_hook(lambda g, k=key: tapped.__setitem__(k, g))
+            return t, ("tap", key)
+        leaf = torch.zeros_like(t, requires_grad=True)
+        leaves.append(leaf)
+        return t + leaf, ("leaf", len(leaves) - 1)
+
+    def _traced(self, unit: _Unit, leaves: list[torch.Tensor], tapped: dict[int, torch.Tensor]) -> Callable:
+        """``unit.module.forward`` under a :class:`ParamUses` of its own parameters."""
+        mod = unit.module
+        inner = mod.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            trace = ParamUses({ln: getattr(mod, ln) for ln in unit.params}, self._b,
+                              lambda t: self._tap(t, leaves, tapped))
+            with trace:
+                out = inner(*args, **kwargs)
+            trace.close(out)
+            unit.traces.append(trace)
+            return out
+        return forward
+
     def _hook(self, unit: _Unit, leaves: list[torch.Tensor], tapped: dict[int, torch.Tensor]) -> Callable:
         """Forward hook: keep the inputs; make each floating output's gradient
-        available, by a tensor hook when the output is already in the graph, else
-        as the gradient of a zero leaf added to it (``y + 0``)."""
+        available (:meth:`_tap`)."""
         def hook(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             slots: list[tuple[str, int]] = []
             b = self._b
@@ -128,16 +170,9 @@ class BatchedGrads:
                     return t
                 if lift:
                     t = t.expand(b, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t.expand(b, *t.shape)
-                if t.requires_grad:  # the gradient at this value, even if changed in place later
-                    key = len(tapped)
-                    tapped[key] = None
-                    t.register_hook(lambda g, k=key: tapped.__setitem__(k, g))
-                    slots.append(("tap", key))
-                    return t
-                leaf = torch.zeros_like(t, requires_grad=True)
-                slots.append(("leaf", len(leaves)))
-                leaves.append(leaf)
-                return t + leaf
+                t, slot = self._tap(t, leaves, tapped)
+                slots.append(slot)
+                return t
 
             out = tree_map(tap, output)
             detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -162,11 +197,12 @@ class BatchedGrads:
         tapped: dict[int, torch.Tensor | None] = {}
         self._b = batch_size_of(batch)
         for u in self.units:
-            u.calls = []
+            u.calls, u.traces = [], []
         handles = [u.module.register_forward_hook(self._hook(u, leaves, tapped), with_kwargs=True)
                    for u in self.units]
+        traced = [(u.module, self._traced(u, leaves, tapped)) for u in self.units if u.traced]
         try:
-            with _same_mask_dropout(model), torch.enable_grad():
+            with _same_mask_dropout(model), _patched_forwards(traced), torch.enable_grad():
                 loss = func(params, batch)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     msg = "the loss/target function must return a scalar batch mean."
@@ -179,16 +215,22 @@ class BatchedGrads:
                 h.remove()
         b = batch_size_of(batch)
         total: dict[str, torch.Tensor] = {}
+        slot = lambda kind, i: grads[i] if kind == "leaf" else tapped[i]  # noqa: E731
         for u in self.units:
-            for args, kwargs, out, slots in u.calls:
-                gs = [grads[i] if kind == "leaf" else tapped[i] for kind, i in slots]
-                part = self._unit_grads(u, args, kwargs, out, gs, b, params)
+            for c, (args, kwargs, out, slots) in enumerate(u.calls):
+                gs = [slot(*s) for s in slots]
+                trace = u.traces[c] if len(u.traces) == len(u.calls) else None
+                if trace is not None and trace.failed is None:
+                    part = traced_grads(trace, [None if g is None else g * float(b)
+                                                for g in (slot(*use[-1]) for use in trace.uses)])
+                else:
+                    part = self._unit_grads(u, args, kwargs, out, gs, b, params)
                 if part is None:
                     return None
                 for local, g in part.items():
                     name = u.params[local]
                     total[name] = g if name not in total else total[name] + g
-            u.calls = []
+            u.calls, u.traces = [], []
         return self._flat(total, b, params)
 
     def _unit_grads(self, u: _Unit, args: tuple, kwargs: dict, out: Any, gs: list, b: int,

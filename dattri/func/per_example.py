@@ -17,6 +17,13 @@ closed forms that cost about one batched weight-gradient (no loop over examples)
   positions sharing a parameter, with ``x_hat`` the normalised input (per-example
   statistics for Layer/GroupNorm, running statistics for BatchNorm).
 - Hugging Face ``Conv1D`` (GPT-2): the linear rule with the weight transposed.
+- a module that owns parameters directly, each of which reaches the activations
+  only through matrix products ``A @ D`` / ``D @ A`` with ``D = f(param)`` a function
+  of that parameter alone (a slice, a transpose...; e.g. relative position
+  embeddings in attention): :class:`ParamUses` follows the parameter through one
+  call of the module's forward and taps each product's output; then
+  ``dD_b = sum A_b^T G_b`` (resp. ``sum G_b A_b^T``) over the positions and
+  ``dparam_b = vjp(f)(dD_b)`` (:func:`traced_grads`).
 - any other module with parameters: ``torch.func.vjp`` of the module alone, mapped
   over the examples with ``vmap``, for its own parameters only.
 
@@ -33,9 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["GRAD_RULES", "generic_grads", "rule_for"]
+__all__ = ["GRAD_RULES", "ParamUses", "generic_grads", "rule_for", "traced_grads"]
 
 Grads = dict[str, torch.Tensor]
 
@@ -286,3 +294,136 @@ def generic_grads(
     gs = [g_leaves[i] for i in keep]
     in_dims = (None, [dims[i] for i in mapped], [g_dims[i] for i in keep])
     return vmap(one, in_dims=in_dims, randomness="same")(params, xs, gs)
+
+
+#: the products whose operand may be a function of a parameter alone (``@`` calls
+#: ``Tensor.matmul``)
+_MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__})
+
+
+class ParamUses(TorchFunctionMode):
+    """Follows a module's own parameters through one call of its forward.
+
+    Entered around the call (``with ParamUses(...): module.forward(...)``), it sees
+    every torch function called in the forward (not inside the torch functions
+    themselves). A tensor computed from a single followed parameter alone (no other
+    tensor among the arguments) becomes ``D = f(param)``, with ``f`` kept to be
+    replayed; a product ``A @ D`` or ``D @ A`` (``D`` a matrix, ``A`` an activation
+    with the examples along dim 0 and a matrix axis of its own) is a *use*: its
+    output is handed to ``tap``, which makes its gradient available, and ``A`` is
+    kept. Any other function of a followed tensor, or a followed tensor among the
+    module's outputs, sets :attr:`failed` (the caller then falls back to
+    :func:`generic_grads`).
+
+    Args:
+        params: ``{local name: the tensor the module reads}`` (as the call sees it,
+            e.g. under ``functional_call``).
+        b: the number of examples.
+        tap: ``tensor -> (the tensor to use instead, slot)``; the slot is handed
+            back with the use.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], b: int,
+                 tap: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]) -> None:
+        super().__init__()
+        self.params, self.b, self.tap = params, b, tap
+        #: (tensor, parameter name, f: parameter -> tensor)
+        self.derived: list[tuple[torch.Tensor, str, Callable]] = [
+            (t, n, lambda p: p) for n, t in params.items()]
+        #: (parameter name, f, "right" for ``A @ D`` / "left" for ``D @ A``, A, slot)
+        self.uses: list[tuple[str, Callable, str, torch.Tensor, Any]] = []
+        self.failed: str | None = None
+
+    def _find(self, t: Any) -> tuple[str, Callable] | None:
+        for d, name, f in self.derived:
+            if d is t:
+                return name, f
+        return None
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.failed is not None:
+            return out
+        leaves, spec = tree_flatten((args, kwargs))
+        found = [(i, self._find(t)) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        hits = [(i, h) for i, h in found if h is not None]
+        if not hits:
+            return out
+        others = [i for i, h in found if h is None]
+        names = {h[0] for _, h in hits}
+        if not others and len(names) == 1:
+            return self._derive(func, leaves, spec, hits, names.pop(), out)
+        if func in _MATMULS and len(hits) == 1 and len(others) == 1 and not kwargs:
+            return self._use(leaves, hits[0], others[0], out)
+        self.failed = f"{getattr(func, '__name__', func)} on a function of parameter {names}"
+        return out
+
+    def _derive(self, func: Callable, leaves: list, spec: Any, hits: list, name: str, out: Any) -> Any:
+        """``out`` is a function of parameter ``name`` alone: follow it."""
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs:  # a size, a dtype...
+            return out
+        if not isinstance(out, torch.Tensor):
+            self.failed = f"{getattr(func, '__name__', func)} of parameter {name!r} gives several tensors"
+            return out
+        fs = dict(hits)
+
+        def f(p: torch.Tensor) -> torch.Tensor:
+            full = list(leaves)
+            for i, (_, g) in fs.items():
+                full[i] = g(p)
+            a, kw = tree_unflatten(full, spec)
+            return func(*a, **kw)
+
+        self.derived.append((out, name, f))
+        return out
+
+    def _use(self, leaves: list, hit: tuple, other: int, out: Any) -> Any:
+        """``out = A @ D`` or ``D @ A``: tap it, keep ``A``."""
+        (pos, (name, f)), a = hit, leaves[other]
+        d = leaves[pos]
+        side = "right" if pos > other else "left"
+        ok = (isinstance(out, torch.Tensor) and d.dim() == 2  # noqa: PLR2004
+              and a.dim() >= (2 if side == "right" else 3) and a.shape[0] == self.b
+              and out.shape[0] == self.b)
+        if not ok:
+            self.failed = f"a product of parameter {name!r} that is not per example"
+            return out
+        out, slot = self.tap(out)
+        self.uses.append((name, f, side, a.detach(), slot))
+        return out
+
+    def close(self, output: Any) -> None:
+        """Fail when a followed tensor is among the module's outputs (used outside)."""
+        if self.failed is None and any(self._find(t) is not None for t in tree_flatten(output)[0]
+                                       if isinstance(t, torch.Tensor)):
+            self.failed = "a function of a parameter is returned by the module"
+
+
+def traced_grads(trace: ParamUses, grads: Sequence[torch.Tensor | None]) -> Grads:
+    """Per-example gradients ``{name: (B, *shape)}`` of the parameters followed by
+    ``trace``, from each use's per-example output gradients ``grads`` (in the order
+    of ``trace.uses``; ``None``: the use does not reach the loss)."""
+    from torch.func import vjp, vmap
+
+    b = trace.b
+    out: Grads = {}
+    for (name, f, side, a, _), g in zip(trace.uses, grads):
+        if g is None:
+            continue
+        g = g.to(a.dtype)
+        if side == "right":  # (B, ..., n, k) @ (k, m): sum over rows of A^T G
+            k, m = a.shape[-1], g.shape[-1]
+            dd = a.reshape(b, -1, k).transpose(1, 2) @ g.reshape(b, -1, m)
+        else:  # (n, k) @ (B, ..., k, m): sum over rows of G A^T
+            n, k = g.shape[-2], a.shape[-2]
+            dd = g.transpose(-1, -2).reshape(b, -1, n).transpose(1, 2) @ a.transpose(-1, -2).reshape(b, -1, k)
+        _, pull = vjp(f, trace.params[name].detach())
+        dp = vmap(lambda c: pull(c)[0])(dd)  # noqa: B023
+        out[name] = dp if name not in out else out[name] + dp
+    for name, p in trace.params.items():  # not reached by the loss in this call
+        if name not in out:
+            out[name] = p.new_zeros((b, *p.shape), dtype=p.dtype)
+    return out
