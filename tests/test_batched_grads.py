@@ -257,31 +257,40 @@ def test_replayable_keeps_small_loaders_and_passes_big_ones():
 
 
 class RelMix(nn.Module):
-    """A module owning a parameter that reaches the activations only through matrix
-    products with them (a slice and a transpose of it on the right, itself on the left),
-    as relative position embeddings do; its Linear child keeps its own rule."""
+    """A module owning parameters that reach the activations only through matrix
+    products with them (a slice and a transpose of ``basis`` on the right, ``basis``
+    itself on the left), as relative position embeddings do, and through broadcast
+    products and sums (``gain``, a function of ``shift``); its Linear child keeps its
+    own rule."""
 
     def __init__(self, d: int = 4, m: int = 5) -> None:
         super().__init__()
         self.lin = nn.Linear(d, d)
         self.basis = nn.Parameter(torch.randn(m, d))
+        self.gain = nn.Parameter(torch.randn(3, 1))  # broadcast over positions and features
+        self.shift = nn.Parameter(torch.randn(1, 1, d))  # a leading 1 on the batch axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
-        h = self.lin(x)
+        h = self.lin(x) * self.gain
         right = torch.tanh(h @ self.basis[1:].transpose(0, 1))  # (B, T, m - 1)
         left = torch.matmul(self.basis, h.transpose(-1, -2))  # (B, m, T)
+        h = torch.cos(h) + self.shift.sin() * 0.5
         return h + right.sum(-1, keepdim=True) + (left ** 2).mean(1).unsqueeze(-1)
 
 
 class Leaky(nn.Module):
-    """Its parameter also meets the activations outside a product: not followed."""
+    """Its parameters also meet the activations in an einsum, or are changed in
+    place before a product: not followed."""
 
     def __init__(self, d: int = 4) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.randn(d, d))
+        self.v = nn.Parameter(torch.randn(d, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sin(x @ self.w + self.w[0])
+        v = self.v.clone()
+        v[0] = 0  # row 0 gets no gradient
+        return torch.sin(x @ self.w + torch.einsum("btd,de->bte", x, self.w)) + x @ v
 
 
 class RelNet(nn.Module):
@@ -317,10 +326,11 @@ def test_parameter_through_matmuls_in_closed_form(leaky, monkeypatch):
     got = _batched(task, batch)
     assert ref.abs().max() > 0
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-    # RelMix never takes the generic rule; Leaky's parameter is used by an addition
+    # RelMix never takes the generic rule; Leaky's parameters are used by an
+    # einsum and changed in place
     assert calls == (["Leaky"] if leaky else [])
     assert all("forward" not in m.__dict__ for m in model.modules())  # restored
-    names = ["mix.basis"]
+    names = ["mix.basis", "mix.shift"] + (["leaky.v"] if leaky else [])
     torch.testing.assert_close(_batched(task, batch, names), _vmap_reference(task, batch, names),
                                rtol=1e-10, atol=1e-12)
 

@@ -20,10 +20,12 @@ closed forms that cost about one batched weight-gradient (no loop over examples)
 - a module that owns parameters directly, each of which reaches the activations
   only through matrix products ``A @ D`` / ``D @ A`` with ``D = f(param)`` a function
   of that parameter alone (a slice, a transpose...; e.g. relative position
-  embeddings in attention): :class:`ParamUses` follows the parameter through one
-  call of the module's forward and taps each product's output; then
-  ``dD_b = sum A_b^T G_b`` (resp. ``sum G_b A_b^T``) over the positions and
-  ``dparam_b = vjp(f)(dD_b)`` (:func:`traced_grads`).
+  embeddings in attention), or through ``A * D`` / ``A + D`` with ``D`` broadcast
+  over the examples (a gain, RMSNorm's weight): :class:`ParamUses` follows the
+  parameter through one call of the module's forward and taps each use's output
+  ``G``; then ``dD_b = sum A_b^T G_b`` (resp. ``sum G_b A_b^T``, ``sum G_b * A_b``,
+  ``sum G_b``) over the positions and ``dparam_b = vjp(f)(dD_b)``
+  (:func:`traced_grads`).
 - any other module with parameters: ``torch.func.vjp`` of the module alone, mapped
   over the examples with ``vmap``, for its own parameters only.
 
@@ -299,6 +301,17 @@ def generic_grads(
 #: the products whose operand may be a function of a parameter alone (``@`` calls
 #: ``Tensor.matmul``)
 _MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__})
+#: elementwise products and sums, the parameter's side broadcast over the examples
+#: (a gain or a shift: ``x * gain``, RMSNorm's ``weight * x_hat``)
+_ELEMENTWISE = {torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul",
+                torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add"}
+
+
+def _in_place(func: Callable, kwargs: dict) -> bool:
+    """``func`` writes into an argument (``add_``, ``x[i] = v``, ``+=``, ``out=``)."""
+    name = getattr(func, "__name__", "")
+    return ("out" in kwargs or name == "__setitem__" or name.startswith("__i")
+            or (name.endswith("_") and not name.endswith("__")))
 
 
 class ParamUses(TorchFunctionMode):
@@ -309,11 +322,11 @@ class ParamUses(TorchFunctionMode):
     themselves). A tensor computed from a single followed parameter alone (no other
     tensor among the arguments) becomes ``D = f(param)``, with ``f`` kept to be
     replayed; a product ``A @ D`` or ``D @ A`` (``D`` a matrix, ``A`` an activation
-    with the examples along dim 0 and a matrix axis of its own) is a *use*: its
-    output is handed to ``tap``, which makes its gradient available, and ``A`` is
-    kept. Any other function of a followed tensor, or a followed tensor among the
-    module's outputs, sets :attr:`failed` (the caller then falls back to
-    :func:`generic_grads`).
+    with the examples along dim 0 and a matrix axis of its own), or ``A * D`` /
+    ``A + D`` with ``D`` broadcast over the examples, is a *use*: its output is
+    handed to ``tap``, which makes its gradient available, and ``A`` is kept. Any other function of a followed tensor, or a followed tensor among the
+    module's outputs, or a followed tensor changed in place, sets :attr:`failed`
+    (the caller then falls back to :func:`generic_grads`).
 
     Args:
         params: ``{local name: the tensor the module reads}`` (as the call sees it,
@@ -330,8 +343,9 @@ class ParamUses(TorchFunctionMode):
         #: (tensor, parameter name, f: parameter -> tensor)
         self.derived: list[tuple[torch.Tensor, str, Callable]] = [
             (t, n, lambda p: p) for n, t in params.items()]
-        #: (parameter name, f, "right" for ``A @ D`` / "left" for ``D @ A``, A, slot)
-        self.uses: list[tuple[str, Callable, str, torch.Tensor, Any]] = []
+        #: (parameter name, f, kind, A, D's shape, slot); kind: "right" for ``A @ D``,
+        #: "left" for ``D @ A``, "mul" for ``A * D``, "add" for ``A + D``
+        self.uses: list[tuple[str, Callable, str, torch.Tensor, torch.Size, Any]] = []
         self.failed: str | None = None
 
     def _find(self, t: Any) -> tuple[str, Callable] | None:
@@ -353,10 +367,11 @@ class ParamUses(TorchFunctionMode):
             return out
         others = [i for i, h in found if h is None]
         names = {h[0] for _, h in hits}
-        if not others and len(names) == 1:
+        if not others and len(names) == 1 and not _in_place(func, kwargs):
             return self._derive(func, leaves, spec, hits, names.pop(), out)
-        if func in _MATMULS and len(hits) == 1 and len(others) == 1 and not kwargs:
-            return self._use(leaves, hits[0], others[0], out)
+        kind = "matmul" if func in _MATMULS else _ELEMENTWISE.get(func)
+        if kind is not None and len(hits) == 1 and len(others) == 1 and not kwargs:
+            return self._use(kind, leaves, hits[0], others[0], out)
         self.failed = f"{getattr(func, '__name__', func)} on a function of parameter {names}"
         return out
 
@@ -380,19 +395,23 @@ class ParamUses(TorchFunctionMode):
         self.derived.append((out, name, f))
         return out
 
-    def _use(self, leaves: list, hit: tuple, other: int, out: Any) -> Any:
-        """``out = A @ D`` or ``D @ A``: tap it, keep ``A``."""
+    def _use(self, kind: str, leaves: list, hit: tuple, other: int, out: Any) -> Any:
+        """``out = A @ D``, ``D @ A``, ``A * D`` or ``A + D``: tap it, keep ``A``."""
         (pos, (name, f)), a = hit, leaves[other]
         d = leaves[pos]
-        side = "right" if pos > other else "left"
-        ok = (isinstance(out, torch.Tensor) and d.dim() == 2  # noqa: PLR2004
-              and a.dim() >= (2 if side == "right" else 3) and a.shape[0] == self.b
-              and out.shape[0] == self.b)
+        ok = isinstance(out, torch.Tensor) and a.dim() > 0 and a.shape[0] == self.b
+        if kind == "matmul":
+            kind = "right" if pos > other else "left"
+            ok = (ok and d.dim() == 2 and a.dim() >= (2 if kind == "right" else 3)  # noqa: PLR2004
+                  and out.shape[0] == self.b)
+        else:  # A itself not broadcast; D broadcast over the examples
+            ok = (ok and out.shape == a.shape
+                  and (d.dim() < a.dim() or (d.dim() == a.dim() and d.shape[0] == 1)))
         if not ok:
-            self.failed = f"a product of parameter {name!r} that is not per example"
+            self.failed = f"a use of parameter {name!r} that is not per example"
             return out
         out, slot = self.tap(out)
-        self.uses.append((name, f, side, a.detach(), slot))
+        self.uses.append((name, f, kind, a.detach(), d.shape, slot))
         return out
 
     def close(self, output: Any) -> None:
@@ -400,6 +419,19 @@ class ParamUses(TorchFunctionMode):
         if self.failed is None and any(self._find(t) is not None for t in tree_flatten(output)[0]
                                        if isinstance(t, torch.Tensor)):
             self.failed = "a function of a parameter is returned by the module"
+
+
+def _sum_to_param(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``(B, *S) -> (B, *shape)``: each example's sum over the axes that ``shape``
+    (aligned to the trailing axes of ``S``, or with a leading 1 on the batch axis)
+    broadcasts."""
+    b = t.shape[0]
+    if len(shape) == t.dim():  # the leading 1 sits on the batch axis
+        return t.sum_to_size(b, *shape[1:]).unsqueeze(1)
+    lead = t.dim() - 1 - len(shape)
+    if lead:
+        t = t.sum(tuple(range(1, 1 + lead)))
+    return t.sum_to_size(b, *shape)
 
 
 def traced_grads(trace: ParamUses, grads: Sequence[torch.Tensor | None]) -> Grads:
@@ -410,16 +442,18 @@ def traced_grads(trace: ParamUses, grads: Sequence[torch.Tensor | None]) -> Grad
 
     b = trace.b
     out: Grads = {}
-    for (name, f, side, a, _), g in zip(trace.uses, grads):
+    for (name, f, kind, a, shape, _), g in zip(trace.uses, grads):
         if g is None:
             continue
         g = g.to(a.dtype)
-        if side == "right":  # (B, ..., n, k) @ (k, m): sum over rows of A^T G
+        if kind == "right":  # (B, ..., n, k) @ (k, m): sum over rows of A^T G
             k, m = a.shape[-1], g.shape[-1]
             dd = a.reshape(b, -1, k).transpose(1, 2) @ g.reshape(b, -1, m)
-        else:  # (n, k) @ (B, ..., k, m): sum over rows of G A^T
+        elif kind == "left":  # (n, k) @ (B, ..., k, m): sum over rows of G A^T
             n, k = g.shape[-2], a.shape[-2]
             dd = g.transpose(-1, -2).reshape(b, -1, n).transpose(1, 2) @ a.transpose(-1, -2).reshape(b, -1, k)
+        else:
+            dd = _sum_to_param(g * a if kind == "mul" else g, shape)
         _, pull = vjp(f, trace.params[name].detach())
         dp = vmap(lambda c: pull(c)[0])(dd)  # noqa: B023
         out[name] = dp if name not in out else out[name] + dp
