@@ -390,3 +390,25 @@ def test_music_transformer_dropout_ensemble_in_closed_form(monkeypatch):
     got = fz.raw(batch, 0)
     assert fz._batched_ok == {0: True} and not calls
     torch.testing.assert_close(got, fz.vmapped(batch, 0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_nanogpt_layer_norms_in_closed_form(bias, monkeypatch):
+    """nanoGPT's LayerNorm calls ``F.layer_norm`` with its own weight (and bias):
+    followed, not re-run under vmap(vjp); the tied embedding / read-out sums up."""
+    from dattri.benchmark.datasets.shakespeare_char import create_nanogpt_model
+
+    calls = _spy_generic(monkeypatch)
+    torch.manual_seed(0)
+    model = create_nanogpt_model(vocab_size=9, block_size=6, n_layer=2, n_head=2, n_embd=8,
+                                 dropout=0.0, bias=bias).eval()
+    for name, p in model.named_parameters():  # LayerNorms away from (1, 0)
+        if ".ln_" in name or "ln_f" in name:
+            p.data.uniform_(0.5, 1.5) if name.endswith("weight") else p.data.uniform_(-1, 1)
+    task = _task(model, _ce(model))
+    g = torch.Generator().manual_seed(6)
+    batch = torch.randint(0, 9, (4, 5), generator=g), torch.randint(0, 9, (4, 5), generator=g)
+    ref = _vmap_reference(task, batch)
+    got = _batched(task, batch)
+    assert not calls
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)

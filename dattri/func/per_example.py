@@ -21,7 +21,8 @@ closed forms that cost about one batched weight-gradient (no loop over examples)
   only through matrix products ``A @ D`` / ``D @ A`` with ``D = f(param)`` a function
   of that parameter alone (a slice, a transpose...; e.g. relative position
   embeddings in attention), or through ``A * D`` / ``A + D`` with ``D`` broadcast
-  over the examples (a gain, RMSNorm's weight): :class:`ParamUses` follows the
+  over the examples (a gain, RMSNorm's weight), or as ``F.layer_norm``'s affine
+  parameters: :class:`ParamUses` follows the
   parameter through one call of the module's forward and taps each use's output
   ``G``; then ``dD_b = sum A_b^T G_b`` (resp. ``sum G_b A_b^T``, ``sum G_b * A_b``,
   ``sum G_b``) over the positions and ``dparam_b = vjp(f)(dD_b)``
@@ -372,6 +373,8 @@ class ParamUses(TorchFunctionMode):
         kind = "matmul" if func in _MATMULS else _ELEMENTWISE.get(func)
         if kind is not None and len(hits) == 1 and len(others) == 1 and not kwargs:
             return self._use(kind, leaves, hits[0], others[0], out)
+        if func is F.layer_norm and len(others) == 1:
+            return self._layer_norm_use(args, kwargs, out)
         self.failed = f"{getattr(func, '__name__', func)} on a function of parameter {names}"
         return out
 
@@ -412,6 +415,29 @@ class ParamUses(TorchFunctionMode):
             return out
         out, slot = self.tap(out)
         self.uses.append((name, f, kind, a.detach(), d.shape, slot))
+        return out
+
+    def _layer_norm_use(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        """``F.layer_norm(x, shape, weight, bias, eps)`` with followed ``weight`` /
+        ``bias``: ``weight`` is a use ``x_hat * D``, ``bias`` one ``+ D``."""
+        def parse(x: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
+                  eps: float = 1e-5) -> tuple:
+            return x, tuple(normalized_shape), weight, bias, eps
+
+        x, shape, weight, bias, eps = parse(*args, **kwargs)
+        ok = (isinstance(out, torch.Tensor) and x.dim() > len(shape) and x.shape[0] == self.b
+              and self._find(x) is None)
+        if not ok:
+            self.failed = "layer_norm of parameters on an input that is not per example"
+            return out
+        dims = tuple(range(-len(shape), 0))
+        var, mean = torch.var_mean(x.detach(), dims, correction=0, keepdim=True)
+        xhat = (x.detach() - mean) * torch.rsqrt(var + eps)
+        out, slot = self.tap(out)
+        for t, kind in ((weight, "mul"), (bias, "add")):
+            hit = self._find(t) if isinstance(t, torch.Tensor) else None
+            if hit is not None:
+                self.uses.append((hit[0], hit[1], kind, xhat, t.shape, slot))
         return out
 
     def close(self, output: Any) -> None:
