@@ -158,7 +158,7 @@ def test_attribute_cli_under_torchrun_equals_one_process(tmp_path):
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "dattri.benchmark.attribute_cli", str(mod), "--top-k", "3", "--out", str(out)]
+           "-m", "dattri.benchmark.cli", "attribute", str(mod), "--top-k", "3", "--out", str(out)]
     for _ in range(2):  # the second run reads the stores the first one wrote
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=GUARD_S)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

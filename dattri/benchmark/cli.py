@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         "  dattri bench --preset paper           full reproduction of Figures 2-4\n"
         "  dattri bench --preset paper --reduced the same at CPU size\n"
         "  dattri retrain --setting mnist_mlp    train checkpoints + ground truth into the cache\n"
+        "  dattri attribute task.py --top-k 10   a module's attributor (torchrun: sharded)\n"
         "  dattri list                           settings and methods")
-    sub = top.add_subparsers(dest="command", metavar="{bench,retrain,report,list}")
+    sub = top.add_subparsers(dest="command", metavar="{bench,retrain,report,attribute,list}")
     b = sub.add_parser("bench", help="run methods x settings x metrics and report the best "
                        "value over each method's search space",
                        description="Run the benchmark. Options override the preset.")
@@ -136,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                          "opponents", description="Write a self-contained HTML report of a setting.")
     add_report_arguments(rep)
     _add_common(rep)
+    from dattri.benchmark.attribute_cli import add_parser as add_attribute_parser
+
+    add_attribute_parser(sub)
     sub.add_parser("list", help="list the settings and the methods")
     return top
 
@@ -283,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return report_main(args)
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "attribute":
+            from dattri.benchmark.attribute_cli import run as run_attribute
+            return run_attribute(args)
         return _cmd_retrain(args)
     except DattriError as e:
         print(f"dattri {args.command}: error: {e}", file=sys.stderr)
