@@ -143,10 +143,6 @@ KNOWN_GAPS = {
         "BASELINE_EPOCH", "CE_SMOOTHING", "CONTINUE_EPOCH", "CONTINUE_WEIGHTS", "CSV_HEADER",
         "FORCE_CPU", "NO_TENSORBOARD", "PRINT_MODULUS", "WEIGHT_MODULUS"],
     "dattri.benchmark.datasets.maestro.data": ["FULL_VERSION"],
-    # files owned elsewhere (algorithm/, models/, func/hessian, func/utils, metric/):
-    # listed in the session report with their published signatures
-    "dattri.algorithm.dvemb": ["DEFAULT_PROJECTOR_KWARGS"],
-    "dattri.algorithm.influence_function": ["SUPPORTED_IHVP_SOLVER"],
 }
 
 

@@ -451,3 +451,21 @@ def test_published_small_names_work():
     assert check_if_flip(train, test, [0, 1], train_func, eval_func) is True  # 0,1,1 -> 1
     with pytest.raises(DattriValueError, match="exactly one"):
         check_if_flip(train, train, [0], train_func, eval_func)
+
+
+def test_published_solver_table_and_dvemb_defaults():
+    from dattri.algorithm.dvemb import DEFAULT_PROJECTOR_KWARGS
+    from dattri.algorithm.influence_function import SUPPORTED_IHVP_SOLVER
+    from dattri.params.projection import DVEmbProjectionParams
+
+    assert set(SUPPORTED_IHVP_SOLVER) == {"explicit", "cg", "arnoldi", "lissa"}
+    a = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+
+    def f(x):
+        return 0.5 * x @ a @ x
+
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    x0 = torch.zeros(2, dtype=torch.float64)
+    for name in ("explicit", "cg"):  # the exact inverse of the quadratic's Hessian
+        torch.testing.assert_close(SUPPORTED_IHVP_SOLVER[name](f)((x0,), v), torch.linalg.inv(a))
+    assert DVEmbProjectionParams().proj_max_batch_size == DEFAULT_PROJECTOR_KWARGS["proj_max_batch_size"]

@@ -58,7 +58,11 @@ from dattri.distributed import all_gather_rows
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.task import AttributionTask
 
-__all__ = ["DVEmbAttributor"]
+__all__ = ["DEFAULT_PROJECTOR_KWARGS", "DVEmbAttributor"]
+
+#: the published name of DVEmb's projection defaults (those of
+#: :class:`dattri.params.projection.DVEmbProjectionParams`)
+DEFAULT_PROJECTOR_KWARGS = {"proj_max_batch_size": 64}
 
 
 def _check_steps(steps: Any, num_ckpts: int) -> list[tuple[list[int], float]]:

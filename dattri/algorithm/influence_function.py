@@ -25,9 +25,16 @@ from dattri.algorithm._engine import DataCache, score_stream
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, broadcast, row_range
 from dattri.errors import DattriValueError, MemoryBudgetError
+from dattri.func.hessian import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa
 from dattri.task import AttributionTask
 
+#: the published table of the inverse-HVP builders behind the IF attributors
+#: (``dattri.func.hessian``: ``f(func, argnums, **settings) -> ihvp(x, v)``)
+SUPPORTED_IHVP_SOLVER = {"explicit": ihvp_explicit, "cg": ihvp_cg, "arnoldi": ihvp_arnoldi,
+                         "lissa": ihvp_lissa}
+
 __all__ = [
+    "SUPPORTED_IHVP_SOLVER",
     "IFAttributorArnoldi",
     "IFAttributorCG",
     "IFAttributorExplicit",
