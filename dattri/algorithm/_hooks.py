@@ -14,6 +14,7 @@ from torch import nn
 
 from dattri._convention import capture_per_example, is_unbatched
 from dattri._loader import batch_size_of
+from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._loop import LoaderFeatures, _check_finite, ensemble_rng
 from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
 from dattri.func.per_example import _is_hf_conv1d
@@ -133,7 +134,10 @@ class LinearCapture:
 
         handles = [mods[n].register_forward_hook(make_hook(n)) for n in self.modules]
         try:
-            with ensemble_rng(ckpt, self.device), torch.enable_grad():
+            # active nn.Dropout: one mask for the batch, as the per-example definition
+            # (each example alone, seeded alike) draws it
+            with ensemble_rng(ckpt, self.device), _same_mask_dropout(task.model), \
+                    torch.enable_grad():
                 loss = func(dict(task.named_parameters), batch)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     msg = "the loss/target function must return a scalar batch mean."
