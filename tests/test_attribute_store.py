@@ -69,6 +69,34 @@ def test_top_k_equals_sorting_the_full_matrix(tmp_path, normalized):
         torch.testing.assert_close(top.proponent_scores, desc.values[:4].T, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_kept_features_equal_recomputed_ones(tmp_path, offload):
+    task, prob, tr, te = _case()
+    want = TRAKAttributor(task, prob, regularization=1e-3, proj_params=PROJ).cache(tr)
+    got = TRAKAttributor(task, prob, regularization=1e-3, proj_params=PROJ, offload=offload,
+                         cache_dir=tmp_path / "trak").cache(tr)
+    torch.testing.assert_close(got.attribute(te), want.attribute(te), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.self_attribute(tr), want.self_attribute(tr), rtol=1e-12, atol=0)
+    plain = TracInAttributor(task, weight_list=[0.5], normalized_grad=True).attribute(tr, te)
+    kept = TracInAttributor(task, weight_list=[0.5], normalized_grad=True, offload=offload,
+                            cache_dir=tmp_path / "tracin").cache(tr)
+    torch.testing.assert_close(kept.attribute(tr, te), plain, rtol=1e-12, atol=1e-15)
+
+
+def test_logra_disk_store_resumes_and_equals_memory(tmp_path, monkeypatch):
+    from dattri.algorithm import LoGraAttributor
+
+    task, _, tr, te = _case()
+    proj = {"proj_dim": 4, "proj_type": "normal", "proj_seed": 2}
+    want = LoGraAttributor(task, damping=0.1, proj_params=proj).cache(tr).attribute(tr, te)
+    first = LoGraAttributor(task, damping=0.1, proj_params=proj, offload="disk", cache_dir=tmp_path)
+    torch.testing.assert_close(first.cache(tr).attribute(tr, te), want, rtol=1e-6, atol=1e-12)
+    again = LoGraAttributor(task, damping=0.1, proj_params=proj, offload="disk", cache_dir=tmp_path)
+    calls = _count_batches(again, monkeypatch)
+    torch.testing.assert_close(again.cache(tr).attribute(tr, te), want, rtol=1e-6, atol=1e-12)
+    assert calls == []  # the features of the first run, read back
+
+
 def test_store_arguments_are_checked(tmp_path):
     task, prob, tr, te = _case()
     with pytest.raises(DattriValueError, match="cache_dir"):

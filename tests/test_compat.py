@@ -306,10 +306,13 @@ def test_logra_published_keywords_and_disk_offload(data, tmp_path):
     disk = LoGraAttributor(_task(model, model_style), layer_names=["fc1", "fc2"], damping=1e-2,
                            proj_dim=4, offload="disk", cache_dir=str(tmp_path), chunk_size=1)
     disk.cache(tr)
-    files = list(tmp_path.iterdir())
-    assert len(files) == 1  # the features are on disk: 24 rows x (4 + 4) float64
-    assert files[0].stat().st_size == 24 * 8 * 8
-    assert disk._stores[0]._parts == []  # nothing kept in memory
+    # the features are on disk, one file per loader batch: 24 rows x (4 + 4) float64
+    import numpy as np
+
+    files = sorted((tmp_path / "ckpt-0000" / "shard-00000").glob("batch-*.npy"))
+    arrays = [np.load(f) for f in files]
+    assert len(files) == 3 and all(a.shape == (8, 8) and a.dtype == np.float64 for a in arrays)
+    assert not hasattr(disk._stores[0], "_parts")  # nothing kept in memory
     torch.testing.assert_close(disk.attribute(tr, te), want)
     with pytest.raises(DattriValueError, match="cache_dir"):
         LoGraAttributor(task, offload="disk")

@@ -20,9 +20,10 @@ from dattri.distributed import Shard, row_range
 from dattri.errors import DattriValueError
 from dattri.topk import TopK, merge_topk, topk_from_blocks
 
-__all__ = ["OFFLOADS", "aligned_blocks", "check_store_args", "fill_stores", "ranked"]
+__all__ = ["OFFLOADS", "HostRows", "aligned_blocks", "check_store_args", "fill", "fill_stores",
+           "ranked"]
 
-OFFLOADS = ("none", "disk")
+OFFLOADS = ("none", "cpu", "disk")
 
 
 def check_store_args(owner: str, offload: object, cache_dir: object) -> None:
@@ -30,7 +31,7 @@ def check_store_args(owner: str, offload: object, cache_dir: object) -> None:
     if offload not in OFFLOADS:
         msg = f"{owner}: offload={offload!r} must be one of {OFFLOADS}."
         raise DattriValueError(msg)
-    if offload == "disk" and cache_dir is None:
+    if offload == "disk" and cache_dir is None:  # "cpu": host memory, no folder
         msg = (f"{owner}: offload='disk' writes the training features to a feature store "
                "on disk (dattri.store): pass cache_dir= a folder for it.")
         raise DattriValueError(msg)
@@ -77,6 +78,40 @@ def fill_stores(att: Any, features: Any, loader: Iterable, settings: dict[str, A
                            show_progress=att.show_progress)
         stores.append(store)
     return stores
+
+
+class HostRows:
+    """Features of one checkpoint in host memory (``offload="cpu"``), read like a
+    :class:`dattri.store.FeatureStore`: ``n``, ``dim``, ``dtype``, ``row_offset``,
+    ``blocks(rows=, device=)`` with global row starts."""
+
+    def __init__(self, rows: torch.Tensor, row_offset: int) -> None:
+        self.rows, self.row_offset = rows, int(row_offset)
+        self.n, self.dim, self.dtype = rows.shape[0], rows.shape[1], rows.dtype
+
+    def blocks(self, budget_bytes: int | None = None, device: Any = "cpu",
+               rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        step = rows or (self.n if budget_bytes is None else
+                        max(1, budget_bytes // max(1, self.dim * self.rows.element_size())))
+        for i in range(0, self.n, step):
+            yield self.row_offset + i, self.rows[i:i + step].to(device)
+
+
+def fill_host(att: Any, features: Any, loader: Iterable, desc: str = "train grads") -> list[HostRows]:
+    """One :class:`HostRows` per checkpoint with ``features`` of this rank's ``loader``."""
+    out = []
+    for c in range(att.num_checkpoints):
+        rows = torch.cat([f.to("cpu") for f in features.iterate(loader, c, desc)])
+        out.append(HostRows(rows, row_range(rows.shape[0], att._shard())[0]))
+    return out
+
+
+def fill(att: Any, features: Any, loader: Iterable, settings: dict[str, Any],
+         desc: str = "train grads", subdir: str | None = None) -> list[Any]:
+    """:func:`fill_stores` for ``offload="disk"``, :func:`fill_host` for ``"cpu"``."""
+    if att.offload == "disk":
+        return fill_stores(att, features, loader, settings, desc, subdir)
+    return fill_host(att, features, loader, desc)
 
 
 def aligned_blocks(stores: list[Any], rows: int, device: torch.device

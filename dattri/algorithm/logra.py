@@ -47,6 +47,7 @@ from dattri._convention import model_style_task
 from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, layer_dims, resolve_linear_modules
 from dattri.algorithm._offload import FeatureStore, check_offload
 from dattri.algorithm.influence_function import _check_choice, _IFBase
+from dattri.algorithm._scored import fill_stores
 from dattri.distributed import all_reduce, row_range
 from dattri.errors import DattriValueError
 from dattri.func.projection import Projector, get_projector
@@ -106,6 +107,27 @@ def square_root(k: int, what: str) -> int:
                f"projected to sqrt({k}) dimensions); e.g. {r * r} or {(r + 1) ** 2}.")
         raise DattriValueError(msg)
     return r
+
+
+class _DiskRows:
+    """A finished :class:`dattri.store.FeatureStore` read as ``_offload.FeatureStore``
+    is (``n``, ``blocks()`` of rows on the device, ``close()``: the files stay, so a
+    later run reuses them)."""
+
+    def __init__(self, store: Any, device: torch.device, chunk_size: int) -> None:
+        self.store, self.device, self.chunk_size = store, device, chunk_size
+
+    @property
+    def n(self) -> int:
+        return self.store.n
+
+    def blocks(self):
+        rows = max(1, self.chunk_size * max(1, self.store.n // max(1, self.store.num_batches)))
+        for _, b in self.store.blocks(rows=rows, device=self.device):
+            yield b
+
+    def close(self) -> None:
+        """Nothing to free: the store is on disk and is kept for a rerun."""
 
 
 class _BlockProjectedIF(_IFBase):
@@ -173,17 +195,31 @@ class _BlockProjectedIF(_IFBase):
 
     def _cache(self, train_loader: Any) -> None:
         """Projected training features into a store, and each layer's damped Fisher
-        factor, in one pass per checkpoint."""
+        factor, in one pass per checkpoint. With ``offload="disk"`` the store is a
+        :mod:`dattri.store` under ``cache_dir`` (one per checkpoint and rank): a killed
+        run resumes, recomputing only the batches without a file."""
         for store in getattr(self, "_stores", {}).values():
             store.close()
         self._state, self._stores = {}, {}
         slices = self._slices()
+        disk = None
+        if self.offload == "disk":
+            settings = {"method": type(self).__name__, "proj": repr(getattr(self, "proj_params", None)),
+                        "projector_kwargs": repr(getattr(self, "projector_kwargs", None)),
+                        "modules": list(self.module_name)}
+            disk = fill_stores(self, self.train_features, train_loader, settings)
         for c in range(self.num_checkpoints):
-            store = FeatureStore(self.offload, self.device, self.cache_dir, self.chunk_size,
-                                 f"{type(self).__name__}-ckpt{c}")
+            if disk is not None:
+                store = _DiskRows(disk[c], self.device, self.chunk_size)
+                rows = store.blocks()
+            else:
+                store = FeatureStore(self.offload, self.device, self.cache_dir, self.chunk_size,
+                                     f"{type(self).__name__}-ckpt{c}")
+                rows = self.train_features.iterate(train_loader, c, "train features")
             fisher: list[torch.Tensor] | None = None
-            for g in self.train_features.iterate(train_loader, c, "train features"):
-                store.append(g)
+            for g in rows:
+                if disk is None:
+                    store.append(g)
                 if self.hessian == "Identity":
                     continue
                 if fisher is None:
@@ -297,7 +333,7 @@ class LoGraAttributor(_BlockProjectedIF):
             ``proj_type`` of the factor projections, ``"identity"`` for none); an
             int is taken as ``proj_dim`` (the published positional order).
         offload: where the cached training features live, ``"none"`` (device),
-            ``"cpu"`` or ``"disk"`` (memory-mapped in ``cache_dir``).
+            ``"cpu"`` or ``"disk"`` (a resumable :mod:`dattri.store` in ``cache_dir``).
         cache_dir: folder for ``offload="disk"``.
         chunk_size: batches per block read back from the store.
         layer_names: the published name of ``module_name``.

@@ -19,7 +19,7 @@ from dattri._loader import check_loader, count_examples, head, to_device
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import replayable, score_stream
 from dattri.algorithm._factored import FactoredGrads
-from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill_stores, ranked
+from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill, ranked
 from dattri.algorithm.base import DEFAULT_PROJECTOR_KWARGS, BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.distributed import row_range
@@ -57,6 +57,11 @@ class TracInAttributor(BaseAttributor):
         projector_kwargs: 0.3.0's name for ``proj_params`` (a dict; its ``device``
             is ignored). 0.3.0 projected to 512 dimensions by default; dattri's
             default is exact inner products (``projector_kwargs={}`` projects).
+        offload: ``"none"`` (features computed in ``attribute``), ``"cpu"`` (host
+            memory) or ``"disk"`` (a resumable :mod:`dattri.store` in ``cache_dir``):
+            ``cache(train_loader)`` then keeps every checkpoint's training features
+            and ``attribute`` on that loader scores from them in blocks.
+        cache_dir: the folder of ``offload="disk"``.
     """
 
     _shardable = True
@@ -153,11 +158,11 @@ class TracInAttributor(BaseAttributor):
         """``offload="disk"``: every checkpoint's training features (projected and
         normalised as configured) into a feature store, resumed where a killed run
         stopped; otherwise nothing is precomputed (``attribute`` featurizes)."""
-        if self.offload != "disk":
+        if self.offload == "none":
             return
         settings = {"method": "TracIn", "proj": repr(self.proj_params),
                     "normalized": self.normalized_grad, "layer_name": repr(self.layer_name)}
-        self._stores = fill_stores(self, self.train_features, train_loader, settings)
+        self._stores = fill(self, self.train_features, train_loader, settings)
 
     def _stored(self, train_loader: Iterable) -> bool:
         from dattri._loader import loader_fingerprint

@@ -25,6 +25,7 @@ from dattri._loader import batch_size_of
 from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import ensemble_rng, replayable
+from dattri.algorithm._loop import LoaderFeatures
 from dattri.algorithm.base import DEFAULT_PROJECTOR_KWARGS, BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.algorithm._scored import (
@@ -32,7 +33,7 @@ from dattri.algorithm._scored import (
     block_rows,
     check_store_args,
     check_top_k,
-    fill_stores,
+    fill,
     ranked,
 )
 from dattri.distributed import all_gather_rows, all_reduce, row_range
@@ -81,13 +82,13 @@ def kernel_scores(phi: torch.Tensor, form: str, factor: GramCholesky, test: torc
     return out
 
 
-class _Residuals:
+class _Residuals(LoaderFeatures):
     """The featurizer of TRAK's residuals ``1 - p`` ``(B, 1)`` (for a feature store)."""
 
     which = "loss"
 
     def __init__(self, att: TRAKAttributor) -> None:
-        self.att, self.device = att, att.device
+        self.att, self.device, self.show_progress = att, att.device, att.show_progress
 
     def batch(self, batch: Any, ckpt: int) -> torch.Tensor:
         return (1 - self.att._probabilities(batch, ckpt))[:, None]
@@ -113,6 +114,11 @@ class TRAKAttributor(BaseAttributor):
         regularization: lambda added to the kernel's diagonal.
         projector_kwargs: 0.3.0's name for ``proj_params`` (a dict merged into the
             default projection; its ``device`` is ignored).
+        offload: where the cached training features live: ``"none"`` (on the
+            device), ``"cpu"`` (host memory, scored in blocks on the device) or
+            ``"disk"`` (a :mod:`dattri.store` in ``cache_dir``, written batch by batch,
+            resumed after a crash, read back in blocks).
+        cache_dir: the folder of ``offload="disk"``.
     """
 
     _shardable = True
@@ -198,7 +204,7 @@ class TRAKAttributor(BaseAttributor):
             return vmap(one, randomness="same")(batch)
 
     def _cache(self, train_loader: Iterable) -> None:
-        if self.offload == "disk":
+        if self.offload != "none":
             self._cache_to_disk(train_loader)
             return
         self._phi, self._inv, self._dual, self._stores, q = [], [], [], [], None
@@ -224,10 +230,11 @@ class TRAKAttributor(BaseAttributor):
     def _cache_to_disk(self, train_loader: Iterable) -> None:
         """``offload="disk"``: the features of each checkpoint into a feature store
         (resumed where a killed run stopped), the Gram matrix summed over its
-        blocks, the residuals ``Q`` from a forward pass."""
+        blocks, the residuals ``Q`` from a forward pass; ``offload="cpu"``: the same
+        with the features in host memory."""
         settings = {"method": "TRAK", "proj": repr(self.proj_params),
                     "layer_name": repr(self.layer_name)}
-        self._stores = fill_stores(self, self.train_features, train_loader, settings)
+        self._stores = fill(self, self.train_features, train_loader, settings)
         self._phi, self._inv, self._dual = [], [], []
         shard, q = self._shard(), None
         n = row_range(self._stores[0].n, shard)[2]
@@ -247,8 +254,8 @@ class TRAKAttributor(BaseAttributor):
             self._inv.append(factor)
             self._dual.append(dual)
         # the residuals 1 - p, in stores of their own (resumed like the features)
-        q_stores = fill_stores(self, _Residuals(self), train_loader, {**settings, "what": "1-p"},
-                               desc="train residuals", subdir="residuals")
+        q_stores = fill(self, _Residuals(self), train_loader, {**settings, "what": "1-p"},
+                        desc="train residuals", subdir="residuals")
         for qs in q_stores:
             qc = torch.cat([b for _, b in qs.blocks(device=self.device)])[:, 0]
             q = qc if q is None else q + qc
