@@ -162,3 +162,21 @@ def test_every_attributor_invariants(name):
         want = (qs[0] + qs[1])[:, None] / 2 * (singles[0] / qs[0][:, None]
                                                + singles[1] / qs[1][:, None]) / 2
         torch.testing.assert_close(both, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_every_attributor_top_k_is_the_sorted_score_matrix(name):
+    model, ckpts = _ckpts()
+    make, _ = FACTORIES[name]
+    att = make(model, ckpts[:1], False)
+    train, test = _loaders(7, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        att.cache(train)
+        scores = att.attribute(train, test)
+        top = att.attribute(train, test, top_k=3)
+    desc = torch.sort(scores, dim=0, descending=True, stable=True)
+    asc = torch.sort(scores, dim=0, stable=True)
+    assert torch.equal(top.proponents, desc.indices[:3].T)
+    assert torch.equal(top.opponents, asc.indices[:3].T)
+    torch.testing.assert_close(top.proponent_scores, desc.values[:3].T.to(top.proponent_scores.dtype))

@@ -7,6 +7,9 @@ attributor class by ``BaseAttributor.__init_subclass__``) wraps the methods a cl
 defines so that both spellings work; passing both spellings of one argument is an
 error. Nothing else changes: the wrapped method gets dattri's names.
 
+``attribute(..., top_k=k)`` works on every attributor: a method without its own
+blocked ranking (TRAK and TracIn have one) ranks its score matrix here.
+
 The same wrapper takes every method's ``process_group=`` keyword (a
 ``torch.distributed`` group to split the training set over, see
 :mod:`dattri.distributed`): it is kept on the attributor for this and later calls.
@@ -43,9 +46,19 @@ def _positional_names(func: Callable) -> list[str] | None:
 def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
     names = _positional_names(func)
     ours = list(dict.fromkeys(aliases.values()))
+    # attribute(..., top_k=k) for every method: natively (score blocks, TRAK, TracIn)
+    # or here, from the (gathered) score matrix
+    rank_here = func.__name__ == "attribute" and "top_k" not in inspect.signature(func).parameters
 
     @functools.wraps(func)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if rank_here and "top_k" in kwargs:
+            from dattri.algorithm._scored import check_top_k
+            from dattri.topk import topk_from_blocks
+
+            k = check_top_k(kwargs.pop("top_k"))
+            scores = method(self, *args, **kwargs)
+            return scores if k is None else topk_from_blocks([(0, scores)], k)
         if "process_group" in kwargs:
             from dattri.distributed import resolve
 
