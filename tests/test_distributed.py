@@ -163,10 +163,12 @@ def test_attribute_cli_under_torchrun_equals_one_process(tmp_path):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=GUARD_S)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert "[rank 1/2] caching TRAKAttributor" in proc.stderr
-        top = torch.load(out)
+        from dattri.topk import TopK
+
+        top = TopK.load(out)  # what `dattri report --topk` reads
         order = torch.sort(want, dim=0, descending=True, stable=True)
-        assert torch.equal(top["proponents"], order.indices[:3].T)
-        torch.testing.assert_close(top["proponent_scores"], order.values[:3].T,
+        assert torch.equal(top.proponents, order.indices[:3].T)
+        torch.testing.assert_close(top.proponent_scores, order.values[:3].T,
                                    rtol=1e-10, atol=1e-14)
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["ckpt-0000", "residuals"]
     assert len(list((tmp_path / "store" / "ckpt-0000").iterdir())) == 2  # one store per rank
