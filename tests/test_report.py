@@ -477,3 +477,15 @@ def test_topk_from_attributor_ranks_only_the_chosen_test_examples(tmp_path):
     page = _parse(write_report(tmp_path / "user.html", top, train, test, method="Grad-Dot"))
     _check_against_scores(page, torch.zeros(24, 6, dtype=torch.float64).index_copy(
         1, torch.tensor([4, 1]), score), 3, [4, 1])
+
+
+def test_best_choice_without_auc_rows_lets_the_page_use_the_method_own_hyperparameters():
+    """An LDS-only run: the noisy-label ranking reuses the best method's configuration
+    (a method with required keys, e.g. LoGra's damping, must not get an empty dict)."""
+    from dattri.report.bench import best_choice
+
+    rows = [{"setting": "s", "status": "ok", "metric": "lds", "method": "LoGra", "value": v,
+             "hyperparameters": {"damping": d, "proj_dim": 256}} for d, v in ((0.1, 0.2), (1e-3, 0.3))]
+    choice = best_choice(rows, "s")
+    assert choice["method"] == "LoGra" and choice["hyperparameters"]["damping"] == 1e-3
+    assert choice["auc_method"] is None and choice["auc_hyperparameters"] is None

@@ -71,7 +71,7 @@ def best_choice(rows: Sequence[Mapping[str, Any]], setting: str) -> dict[str, An
         metrics[f"AUC ({auc['method']}, {_slug(auc['hyperparameters'])})"] = auc["value"]
     return {"method": main["method"], "hyperparameters": dict(main["hyperparameters"]),
             "auc_method": None if auc is None else auc["method"],
-            "auc_hyperparameters": {} if auc is None else dict(auc["hyperparameters"]),
+            "auc_hyperparameters": None if auc is None else dict(auc["hyperparameters"]),
             "metrics": metrics}
 
 
