@@ -14,6 +14,10 @@ instead of the ``P`` Hessian-vector products of basis vectors (2.5 TFLOP). The
 result is checked against two Hessian-vector products on the whole training set
 and not used when they disagree (a loss that couples examples, a layer called
 twice); the caller then builds ``H`` from HVPs.
+
+Iterative solvers (CG) need only ``V -> V H``: :func:`linear_layer_matmat` keeps
+``A`` and ``Lambda`` and applies ``H`` to a block of ``k`` vectors as three
+batched products, ``O(k n C d)`` and no autograd, checked the same way.
 """
 
 from __future__ import annotations
@@ -22,17 +26,20 @@ from collections.abc import Callable
 
 import torch
 
-from dattri._convention import is_unbatched
+from dattri._convention import BatchedFunction, is_unbatched
 from dattri.algorithm._engine import DataCache, ensemble_rng
 from dattri.algorithm._factored import _layers
 from dattri.task import AttributionTask
 
-__all__ = ["linear_layer_hessian"]
+__all__ = ["linear_layer_hessian", "linear_layer_matmat"]
 
 
 def _batch_terms(task: AttributionTask, module: str, batch, ckpt: int, device: torch.device):
     """``(A (B, d_in), Lambda (B, C, C))`` of one batch, or None (not one 2-D call)."""
-    if is_unbatched(task.original_loss_func):  # hooks cannot see inside its vmap
+    func = task.original_loss_func
+    if isinstance(func, BatchedFunction):  # its first call probes the convention: not hooked
+        func.resolve(dict(task.named_parameters), batch)
+    if is_unbatched(func):  # hooks cannot see inside its vmap
         return None
     mod = dict(task.model.named_modules())[module]
     seen: list = []
@@ -45,7 +52,7 @@ def _batch_terms(task: AttributionTask, module: str, batch, ckpt: int, device: t
     handle = mod.register_forward_hook(hook)
     try:
         with ensemble_rng(ckpt, device), torch.enable_grad():
-            loss = task.original_loss_func(dict(task.named_parameters), batch)
+            loss = func(dict(task.named_parameters), batch)
             if len(seen) != 1 or seen[0][1].dim() != 2:
                 return None
             a, z = seen[0]
@@ -58,6 +65,50 @@ def _batch_terms(task: AttributionTask, module: str, batch, ckpt: int, device: t
         handle.remove()
     lam = torch.stack([r if r is not None else torch.zeros_like(g) for r in rows], dim=1)
     return a, lam.detach()
+
+
+def _layer_terms(task: AttributionTask, names: list[str], data: DataCache, ckpt: int,
+                 theta: torch.Tensor, idx: list[int], n: int):
+    """``(w_sel, b_sel, A (m, d'), Lambda (m, C, C))`` over this rank's batches ``idx``
+    (``A`` with a ones column for a selected bias, ``Lambda`` weighted by
+    ``size / n``), or None when the structure does not hold. The answer is the same
+    on every rank (a rank's failure is summed over the ranks)."""
+    layers = _layers(task, names)
+    if layers is None or len(layers) != 1:
+        return None
+    module, w_sel, b_sel = layers[0]
+    rows_a, rows_lam, ok = [], [], True
+    for i in idx:
+        terms = _batch_terms(task, module, data.batches[i], ckpt, theta.device)
+        if terms is None:
+            ok = False
+            break
+        a, lam = terms
+        a = a.to(theta.dtype)
+        cols = ([a] if w_sel else []) + ([torch.ones_like(a[:, :1])] if b_sel else [])
+        rows_a.append(torch.cat(cols, dim=1))  # (B, d') with d' = d_in [+ 1]
+        rows_lam.append(lam.to(theta.dtype) * (data.sizes[i] / n))
+        if lam.shape[1] * rows_a[-1].shape[1] != theta.numel():
+            ok = False
+            break
+    ok = ok and bool(rows_a)
+    if data.shard is not None:  # every rank takes the same path (collectives follow)
+        ok = bool(data.reduce(torch.tensor([0.0 if ok else 1.0], device=theta.device)) == 0)
+    if not ok:
+        return None
+    return w_sel, b_sel, torch.cat(rows_a), torch.cat(rows_lam)
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor, scale: float) -> bool:
+    """Rows of ``got`` equal those of ``want`` to a relative 1e-4 (absolute
+    ``1e-8 * scale`` where a product is ~0)."""
+    return bool(((got - want).norm(dim=1) <= 1e-4 * want.norm(dim=1) + 1e-8 * scale).all())
+
+
+def _probe(ckpt: int, p: int, theta: torch.Tensor) -> torch.Tensor:
+    """The check's two random vectors (seeded by the checkpoint: the same on every rank)."""
+    g = torch.Generator(device="cpu").manual_seed(ckpt)
+    return torch.randn(2, p, generator=g, dtype=theta.dtype).to(theta.device)
 
 
 def linear_layer_hessian(
@@ -75,28 +126,16 @@ def linear_layer_hessian(
         matmat: ``V -> V H`` by Hessian-vector products, for the check.
         theta: the flat selected parameters (dtype, device, size).
     """
-    layers = _layers(task, names)
-    if layers is None or len(layers) != 1:
+    terms = _layer_terms(task, names, data, ckpt, theta, list(range(len(data.batches))), data.n)
+    if terms is None:
         return None
-    module, w_sel, b_sel = layers[0]
+    w_sel, b_sel, a, lam = terms
     p = theta.numel()
-    h = None
-    for batch, size in zip(data.batches, data.sizes):
-        terms = _batch_terms(task, module, batch, ckpt, theta.device)
-        if terms is None:
-            return None
-        a, lam = terms
-        a, lam = a.to(theta.dtype), lam.to(theta.dtype) * (size / data.n)
-        cols = ([a] if w_sel else []) + ([torch.ones_like(a[:, :1])] if b_sel else [])
-        a = torch.cat(cols, dim=1)  # (B, d') with d' = d_in [+ 1]
-        n_out, d = lam.shape[1], a.shape[1]
-        if n_out * d != p:
-            return None
-        if h is None:
-            h = theta.new_zeros(n_out, d, n_out, d)
-        for c in range(n_out):  # blocks (c, c' >= c); the others by symmetry below
-            right = (lam[:, c, c:, None] * a[:, None, :]).reshape(a.shape[0], -1)
-            h[c, :, c:].add_((a.T @ right).reshape(d, n_out - c, d))
+    n_out, d = lam.shape[1], a.shape[1]
+    h = theta.new_zeros(n_out, d, n_out, d)
+    for c in range(n_out):  # blocks (c, c' >= c); the others by symmetry below
+        right = (lam[:, c, c:, None] * a[:, None, :]).reshape(a.shape[0], -1)
+        h[c, :, c:].add_((a.T @ right).reshape(d, n_out - c, d))
     h = data.reduce(h)  # the other ranks' parts of the training set
     # blocks (c, j) x (c', j') -> the flat layout [W (C x d_in) row-major, b (C)]
     d_in = d - 1 if b_sel else d
@@ -110,10 +149,61 @@ def linear_layer_hessian(
             flat[idx[c2][:, None], idx[c][None, :]] = h[c, :, c2].T
     del h
     # the check: two Hessian-vector products on all the data
-    g = torch.Generator(device="cpu").manual_seed(ckpt)
-    v = torch.randn(2, p, generator=g, dtype=theta.dtype).to(theta.device)
-    want, got = matmat(v), v @ flat
-    scale = float(flat.abs().max())
-    if not bool(((got - want).norm(dim=1) <= 1e-4 * want.norm(dim=1) + 1e-8 * scale).all()):
+    v = _probe(ckpt, p, theta)
+    if not _agrees(v @ flat, matmat(v), float(flat.abs().max())):
         return None
     return flat
+
+
+class _KroneckerMatmat:
+    """``V (k, P) -> V H`` for one selected ``nn.Linear`` from the cached inputs
+    ``A (m, d')`` and output Hessians ``Lambda (m, C, C)`` of this rank's examples:
+
+        (V H)_c = sum_i a_i^T sum_c' Lambda_i[c, c'] (V_c' a_i)
+
+    three batched products (``O(k m C d)``), no autograd, then summed over the
+    ranks like :func:`~dattri.algorithm.influence_function.dataset_matmat`."""
+
+    def __init__(self, data: DataCache, w_sel: bool, b_sel: bool, a: torch.Tensor,
+                 lam: torch.Tensor) -> None:
+        self.data, self.w_sel, self.b_sel, self.a, self.lam = data, w_sel, b_sel, a, lam
+        self.n_out = lam.shape[1]
+        self.d_in = a.shape[1] - (1 if b_sel else 0)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        vv = (v.unsqueeze(0) if v.dim() == 1 else v).to(self.a.dtype)
+        k, c, d_in = vv.shape[0], self.n_out, self.d_in
+        parts = ([vv[:, :c * d_in].reshape(k, c, d_in)] if self.w_sel else []) + (
+            [vv[:, -c:].unsqueeze(-1)] if self.b_sel else [])
+        blocks = torch.cat(parts, dim=-1)                      # (k, C, d')
+        u = blocks @ self.a.T                                  # (k, C, m): V_c a_i
+        t = torch.einsum("icd,kdi->kci", self.lam, u)          # Lambda_i applied
+        back = t @ self.a                                      # (k, C, d')
+        out = torch.cat(([back[..., :d_in].reshape(k, -1)] if self.w_sel else [])
+                        + ([back[..., -1]] if self.b_sel else []), dim=1)
+        return self.data.reduce(out).reshape(v.shape).to(v.dtype)
+
+
+def linear_layer_matmat(
+    task: AttributionTask, names: list[str], data: DataCache, ckpt: int,
+    matmat: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
+    batches: list[int] | None = None, n: int | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``V -> V H`` (the Hessian of the mean loss over this rank's ``batches`` of
+    ``data``, all by default, ``n`` examples over all ranks) by batched products
+    when the selected parameters are one ``nn.Linear``, or None when the structure
+    does not hold or the products disagree with ``matmat`` (the Hessian-vector
+    products of the same operator) on two random vectors.
+
+    Args: as :func:`linear_layer_hessian`, plus ``batches`` (local indices) and
+    ``n`` (their examples summed over the ranks).
+    """
+    batches = list(range(len(data.batches))) if batches is None else batches
+    terms = _layer_terms(task, names, data, ckpt, theta, batches, data.n if n is None else n)
+    if terms is None:
+        return None
+    fast = _KroneckerMatmat(data, *terms)
+    v = _probe(ckpt, theta.numel(), theta)
+    want, got = matmat(v), fast(v)
+    scale = float(torch.maximum(want.abs().max(), got.abs().max()))
+    return fast if _agrees(got, want, scale) else None

@@ -117,14 +117,22 @@ class _RevRev:
 
 def dataset_matmat(
     loss: Callable, theta: torch.Tensor, data: DataCache, mode: str = "rev-rev",
-    first_batches: int | None = None,
+    first_batches: int | None = None, structure: tuple[AttributionTask, Any, int] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``V -> V H`` with H the Hessian of the mean loss over ``data`` (its first
     ``first_batches`` batches when given).
 
     On one rank's part of the training set (``data.shard``) the products of the
     rank's batches are summed over the ranks: every rank must call it with the
-    same ``V`` (then every rank gets the same result)."""
+    same ``V`` (then every rank gets the same result).
+
+    ``structure=(task, layer_name, ckpt)`` (the task with checkpoint ``ckpt``
+    loaded, ``loss`` its loss over ``layer_name``): when the selection is one
+    ``nn.Linear`` (logistic regression, a last layer), ``H`` is applied from the
+    cached layer inputs and output Hessians by batched products, no autograd
+    (:func:`~dattri.algorithm._linear_hessian.linear_layer_matmat`), after they
+    agree with these Hessian-vector products on two random vectors; otherwise
+    (or when they disagree) by Hessian-vector products."""
     idx = data.local_batches(first_batches)
     n = data.count(idx)
     ops = [(hvp_matmat(loss, theta, data.batches[i], mode), data.sizes[i] / n) for i in idx]
@@ -136,6 +144,14 @@ def dataset_matmat(
             out.add_(op(vv), alpha=w)
         return data.reduce(out).reshape(v.shape)
 
+    if structure is not None:
+        from dattri.algorithm._linear_hessian import linear_layer_matmat
+
+        task, layer_name, ckpt = structure
+        fast = linear_layer_matmat(task, task._resolve_layer_name(layer_name), data, ckpt,
+                                   matmat, theta, idx, n)
+        if fast is not None:
+            return fast  # the check's recorded gradient graphs go with ``matmat``
     return matmat
 
 
@@ -434,7 +450,9 @@ class IFAttributorCG(_IFBase):
 
     def _fit(self, ckpt: int) -> Callable:
         loss, theta = self._loss_and_theta(ckpt)
-        return dataset_matmat(loss, theta, self.data, self.mode)
+        # one nn.Linear selected: batched Kronecker products, checked against HVPs
+        return dataset_matmat(loss, theta, self.data, self.mode,
+                              structure=(self.task, self.layer_name, ckpt))
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         from dattri.linalg.solvers import cg_multishift_solve, cg_solve

@@ -1,0 +1,114 @@
+"""IF-CG's Hessian products from the Kronecker form of one selected nn.Linear,
+against the autograd Hessian-vector products (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dattri.algorithm import IFAttributorCG
+from dattri.algorithm._engine import DataCache
+from dattri.algorithm._linear_hessian import _KroneckerMatmat, linear_layer_matmat
+from dattri.algorithm.influence_function import dataset_matmat, dense_hessian
+from dattri.task import AttributionTask
+
+
+def _task(hidden: bool, bias: bool = True, seed: int = 0, n: int = 29, batch: int = 8):
+    """Logistic regression (6 -> 4 classes), or an MLP with ``hidden``."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=bias)] if hidden else [
+        nn.Linear(6, 4, bias=bias)]
+    model = nn.Sequential(*layers).double()
+    x = torch.randn(n, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,))
+
+    def loss(params, data):
+        out = torch.func.functional_call(model, params, (data[0],))
+        return nn.functional.cross_entropy(out, data[1])
+
+    task = AttributionTask(loss, model, model.state_dict())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+    return task, loader
+
+
+def _operators(task, loader, sel, first_batches=None):
+    data = DataCache(loader, torch.device("cpu"))
+    task.load_checkpoint(0)
+    theta, _ = task.get_param(0, sel)
+    lf = task.get_loss_func(sel, 0)
+    slow = dataset_matmat(lf, theta, data, first_batches=first_batches)
+    fast = dataset_matmat(lf, theta, data, first_batches=first_batches, structure=(task, sel, 0))
+    return fast, slow, lf, theta, data
+
+
+@pytest.mark.parametrize(("sel", "bias"), [(None, True), (["0.weight"], True), (["0.bias"], True),
+                                           (None, False)])
+def test_kronecker_matmat_equals_autograd_hvps_on_lr(sel, bias):
+    task, loader = _task(hidden=False, bias=bias)
+    fast, slow, lf, theta, data = _operators(task, loader, sel)
+    assert isinstance(fast, _KroneckerMatmat)
+    v = torch.randn(7, theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(fast(v), slow(v), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(fast(v[0]), slow(v[0]), rtol=1e-10, atol=1e-13)  # one vector
+    # and the operator is V -> V H for the dense Hessian (basis-vector HVPs)
+    torch.testing.assert_close(fast(v), v @ dense_hessian(lf, theta, data), rtol=1e-10, atol=1e-13)
+
+
+def test_first_batches_weights_the_prefix_only():
+    task, loader = _task(hidden=False)
+    fast, slow, _, theta, _ = _operators(task, loader, None, first_batches=2)
+    assert isinstance(fast, _KroneckerMatmat)
+    v = torch.randn(3, theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(fast(v), slow(v), rtol=1e-10, atol=1e-13)
+    _, full, _, _, _ = _operators(task, loader, None)
+    assert not torch.allclose(fast(v), full(v), rtol=1e-6)  # a different operator
+
+
+def test_last_layer_of_mlp_is_kronecker_all_layers_are_not():
+    task, loader = _task(hidden=True)
+    fast, slow, _, theta, _ = _operators(task, loader, ["2.weight", "2.bias"])
+    assert isinstance(fast, _KroneckerMatmat)
+    v = torch.randn(5, theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(fast(v), slow(v), rtol=1e-10, atol=1e-13)
+    # every layer of the MLP: declined, the autograd products are used
+    fast, slow, _, theta, _ = _operators(task, loader, None)
+    assert not isinstance(fast, _KroneckerMatmat)
+    w = torch.randn(2, theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(fast(w), slow(w), rtol=1e-12, atol=0)
+
+
+def test_a_failed_check_falls_back():
+    """A loss that couples the examples of a batch: its Hessian is not the Kronecker sum."""
+    torch.manual_seed(1)
+    model = nn.Linear(6, 4).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
+
+    def loss(params, data):
+        out = torch.func.functional_call(model, params, (data[0],))
+        return nn.functional.cross_entropy(out - out.mean(0, keepdim=True), data[1])
+
+    task = AttributionTask(loss, model, model.state_dict())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    data = DataCache(loader, torch.device("cpu"))
+    theta, _ = task.get_param(0, None)
+    slow = dataset_matmat(task.get_loss_func(None, 0), theta, data)
+    assert linear_layer_matmat(task, task._resolve_layer_name(None), data, 0, slow, theta) is None
+    fast = dataset_matmat(task.get_loss_func(None, 0), theta, data, structure=(task, None, 0))
+    assert not isinstance(fast, _KroneckerMatmat)
+
+
+@pytest.mark.parametrize(("hidden", "sel"), [(False, None), (True, ["2.weight", "2.bias"]),
+                                             (True, None)])
+def test_cg_scores_unchanged(hidden, sel, monkeypatch):
+    task, loader = _task(hidden=hidden, n=24, batch=5)
+    kw = {"layer_name": sel, "regularization": 1e-2, "max_iter": 40, "tol": 1e-12}
+    fast = IFAttributorCG(task, **kw).cache(loader)
+    expect_fast = sel is not None or not hidden
+    assert isinstance(fast._state[0], _KroneckerMatmat) == expect_fast
+    got = fast.attribute(loader, loader)
+    monkeypatch.setattr("dattri.algorithm._linear_hessian.linear_layer_matmat",
+                        lambda *a, **k: None)
+    slow = IFAttributorCG(task, **kw).cache(loader)
+    assert not isinstance(slow._state[0], _KroneckerMatmat)
+    torch.testing.assert_close(got, slow.attribute(loader, loader), rtol=1e-8, atol=1e-12)
