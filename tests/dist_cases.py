@@ -146,6 +146,11 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out["cg"] = cg.attribute(tr, te)
     out["cg_self"] = cg.self_attribute(tr)
     out["cg_relatif"] = cg.attribute(tr, te, relatif_method="l")
+    # the last layer alone: Kronecker products (+ the loss's weight decay), summed over ranks
+    cg_fc2 = IFAttributorCG(last, layer_name=["fc2.weight", "fc2.bias"], max_iter=60, tol=1e-12,
+                            regularization=0.1).cache(tr)
+    assert type(cg_fc2._state[0]).__name__ == "_KroneckerMatmat"
+    out["cg_fc2"] = cg_fc2.attribute(tr, te)
     out["explicit"] = IFAttributorExplicit(last, regularization=0.1).cache(tr).attribute(tr, te)
     arnoldi = IFAttributorArnoldi(last, proj_dim=10, max_iter=40, precompute_data_ratio=0.6,
                                   regularization=0.1).cache(tr)

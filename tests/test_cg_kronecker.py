@@ -14,8 +14,9 @@ from dattri.algorithm.influence_function import dataset_matmat, dense_hessian
 from dattri.task import AttributionTask
 
 
-def _task(hidden: bool, bias: bool = True, seed: int = 0, n: int = 29, batch: int = 8):
-    """Logistic regression (6 -> 4 classes), or an MLP with ``hidden``."""
+def _task(hidden: bool, bias: bool = True, seed: int = 0, n: int = 29, batch: int = 8,
+          l2: float = 0.0):
+    """Logistic regression (6 -> 4 classes), or an MLP with ``hidden``; ``l2``: weight decay."""
     torch.manual_seed(seed)
     layers = [nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=bias)] if hidden else [
         nn.Linear(6, 4, bias=bias)]
@@ -25,7 +26,8 @@ def _task(hidden: bool, bias: bool = True, seed: int = 0, n: int = 29, batch: in
 
     def loss(params, data):
         out = torch.func.functional_call(model, params, (data[0],))
-        return nn.functional.cross_entropy(out, data[1])
+        reg = sum((p * p).sum() for p in params.values())
+        return nn.functional.cross_entropy(out, data[1]) + 0.5 * l2 * reg
 
     task = AttributionTask(loss, model, model.state_dict())
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
@@ -53,6 +55,17 @@ def test_kronecker_matmat_equals_autograd_hvps_on_lr(sel, bias):
     torch.testing.assert_close(fast(v[0]), slow(v[0]), rtol=1e-10, atol=1e-13)  # one vector
     # and the operator is V -> V H for the dense Hessian (basis-vector HVPs)
     torch.testing.assert_close(fast(v), v @ dense_hessian(lf, theta, data), rtol=1e-10, atol=1e-13)
+
+
+def test_weight_decay_is_the_identity_shift():
+    task, loader = _task(hidden=False, l2=0.03)
+    fast, slow, _, theta, _ = _operators(task, loader, None)
+    assert isinstance(fast, _KroneckerMatmat)
+    assert fast.shift == pytest.approx(0.03, rel=1e-8)
+    v = torch.randn(4, theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(fast(v), slow(v), rtol=1e-10, atol=1e-13)
+    plain = _operators(*_task(hidden=False), None)[0]
+    assert plain.shift == 0.0
 
 
 def test_first_batches_weights_the_prefix_only():
@@ -98,10 +111,11 @@ def test_a_failed_check_falls_back():
     assert not isinstance(fast, _KroneckerMatmat)
 
 
-@pytest.mark.parametrize(("hidden", "sel"), [(False, None), (True, ["2.weight", "2.bias"]),
-                                             (True, None)])
-def test_cg_scores_unchanged(hidden, sel, monkeypatch):
-    task, loader = _task(hidden=hidden, n=24, batch=5)
+@pytest.mark.parametrize(("hidden", "sel", "l2"), [(False, None, 0.0), (False, None, 0.05),
+                                                   (True, ["2.weight", "2.bias"], 0.0),
+                                                   (True, None, 0.0)])
+def test_cg_scores_unchanged(hidden, sel, l2, monkeypatch):
+    task, loader = _task(hidden=hidden, n=24, batch=5, l2=l2)
     kw = {"layer_name": sel, "regularization": 1e-2, "max_iter": 40, "tol": 1e-12}
     fast = IFAttributorCG(task, **kw).cache(loader)
     expect_fast = sel is not None or not hidden

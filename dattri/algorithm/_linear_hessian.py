@@ -162,12 +162,14 @@ class _KroneckerMatmat:
         (V H)_c = sum_i a_i^T sum_c' Lambda_i[c, c'] (V_c' a_i)
 
     three batched products (``O(k m C d)``), no autograd, then summed over the
-    ranks like :func:`~dattri.algorithm.influence_function.dataset_matmat`."""
+    ranks like :func:`~dattri.algorithm.influence_function.dataset_matmat`, plus
+    ``shift * V`` (a weight-decay term of the loss, found by the check)."""
 
     def __init__(self, data: DataCache, w_sel: bool, b_sel: bool, a: torch.Tensor,
                  lam: torch.Tensor) -> None:
         self.data, self.w_sel, self.b_sel, self.a, self.lam = data, w_sel, b_sel, a, lam
         self.n_out = lam.shape[1]
+        self.shift = 0.0  # ``V H + shift V`` (a loss term ``(shift/2)||theta||^2``)
         self.d_in = a.shape[1] - (1 if b_sel else 0)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
@@ -181,7 +183,10 @@ class _KroneckerMatmat:
         back = t @ self.a                                      # (k, C, d')
         out = torch.cat(([back[..., :d_in].reshape(k, -1)] if self.w_sel else [])
                         + ([back[..., -1]] if self.b_sel else []), dim=1)
-        return self.data.reduce(out).reshape(v.shape).to(v.dtype)
+        out = self.data.reduce(out)
+        if self.shift:
+            out.add_(vv, alpha=self.shift)
+        return out.reshape(v.shape).to(v.dtype)
 
 
 def linear_layer_matmat(
@@ -193,7 +198,8 @@ def linear_layer_matmat(
     ``data``, all by default, ``n`` examples over all ranks) by batched products
     when the selected parameters are one ``nn.Linear``, or None when the structure
     does not hold or the products disagree with ``matmat`` (the Hessian-vector
-    products of the same operator) on two random vectors.
+    products of the same operator) on two random vectors, up to a multiple of the
+    identity that the loss adds outside the layer (weight decay on ``theta``).
 
     Args: as :func:`linear_layer_hessian`, plus ``batches`` (local indices) and
     ``n`` (their examples summed over the ranks).
@@ -205,5 +211,10 @@ def linear_layer_matmat(
     fast = _KroneckerMatmat(data, *terms)
     v = _probe(ckpt, theta.numel(), theta)
     want, got = matmat(v), fast(v)
+    # a term of the loss outside the layer's outputs that is a multiple of the
+    # identity (weight decay (l2/2)||theta||^2 adds l2 I): the least-squares shift
     scale = float(torch.maximum(want.abs().max(), got.abs().max()))
+    shift = float(((want - got) * v).sum() / (v * v).sum())
+    fast.shift = shift if abs(shift) > 1e-12 * scale else 0.0
+    got = got + fast.shift * v
     return fast if _agrees(got, want, scale) else None
