@@ -39,11 +39,23 @@ summed over the ranks at every step (one ``k x k`` all-reduce per step); each ra
 keeps and scores the embeddings of its own rows, and the rows are gathered. The
 recording workflow (``cache_gradients``) is not split: every rank holds what it
 recorded.
+
+The per-example gradients of each step come from one batched forward and backward
+(:class:`dattri.algorithm._batched.BatchedGrads`: closed forms for ``nn.Linear``,
+convolutions, ...), at the step's parameters (``theta_t``, or the model's current
+ones when recording). Whether that path agrees with autograd on single examples
+depends on the model and loss, not on the parameter values, so it is checked once
+(on the first step with two or more examples, and again only if a module's
+train/eval mode changes), not at every step. A loss that couples the examples, a
+0.3.0 single-example loss, a module outside the batched rules, or (when recording)
+an active dropout layer (whose per-example masks differ) keeps ``vmap(grad)`` on
+batches of one; ``use_batched = False`` turns the batched path off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -51,11 +63,14 @@ import torch
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from dattri._loader import slice_batch
+from dattri._loader import batch_size_of, slice_batch
+from dattri.algorithm._batched import BatchedGrads, reference_grads
 from dattri.algorithm._engine import DataCache
+from dattri.algorithm._loop import _check_finite, _head, close_per_example, ensemble_rng
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows
 from dattri.errors import DattriValueError, NotCachedError
+from dattri.func.utils import ParamSpec
 from dattri.task import AttributionTask
 
 __all__ = ["DEFAULT_PROJECTOR_KWARGS", "DVEmbAttributor"]
@@ -86,6 +101,97 @@ def _check_steps(steps: Any, num_ckpts: int) -> list[tuple[list[int], float]]:
             raise DattriValueError(msg)
         out.append((idx, lr))
     return out
+
+
+class _LiveParams:
+    """What :class:`BatchedGrads` reads of a task, without loading a checkpoint: the
+    model and the selected parameters' names and shapes, in ``names``' order (the
+    columns of the gradients)."""
+
+    def __init__(self, task: AttributionTask, names: list[str]) -> None:
+        self.task, self.names = task, names
+
+    def get_model(self) -> torch.nn.Module:
+        return self.task.get_model()
+
+    def param_spec(self, layer_name: Any = None) -> ParamSpec:
+        shapes = dict(self.get_model().named_parameters())
+        return ParamSpec({n: shapes[n] for n in self.names})
+
+
+class _StepGrads:
+    """Per-example gradients ``(B, P)`` of SGD steps at the parameters passed to each
+    call, from one batched forward and backward.
+
+    The batched path is compared with autograd on each of the first few examples
+    once, on the first batch of two or more examples (a batch of one cannot show a
+    loss that couples the examples), and again only when a module's ``training``
+    flag changes; every call then runs at the parameters it is given. A call
+    returns ``None`` where the path is declined (the caller's ``vmap(grad)`` then;
+    ``refuted`` after a call: declined because the check failed). ``counts`` says
+    how many calls were computed batched / declined.
+    """
+
+    def __init__(self, task: AttributionTask, names: list[str]) -> None:
+        self.view, self.names = _LiveParams(task, names), names
+        self._bg: Any = False  # built on first use (False = not yet)
+        self._ok: dict[tuple[bool, ...], bool] = {}
+        self._warned = False
+        self.refuted = False
+        self.counts = {"batched": 0, "declined": 0}
+
+    def __call__(self, func: Any, batch: Any, params: dict[str, torch.Tensor],
+                 seed: Any) -> torch.Tensor | None:
+        self.refuted = False
+        g = self._run(func, batch, params, seed)
+        self.counts["declined" if g is None else "batched"] += 1
+        return g
+
+    def _run(self, func: Any, batch: Any, params: dict[str, torch.Tensor],
+             seed: Any) -> torch.Tensor | None:
+        from dattri._convention import is_unbatched
+
+        if is_unbatched(func):  # hooks cannot see inside a per-example vmap
+            return None
+        if self._bg is False:
+            bg = BatchedGrads(self.view, None)
+            self._bg = bg if bg.supported else None
+        if self._bg is None:
+            return None
+        key = tuple(m.training for m in self.view.get_model().modules())
+        if key not in self._ok:
+            small = _head(batch)
+            if batch_size_of(small) < 2:
+                return None  # decided on a later step
+            self._ok[key] = self._verify(func, small, params, seed)
+        if not self._ok[key]:
+            self.refuted = True
+            return None
+        with seed():
+            return self._bg.run(func, batch, params)
+
+    def _verify(self, func: Any, small: Any, params: dict[str, torch.Tensor], seed: Any) -> bool:
+        try:
+            with seed():
+                got = self._bg.run(func, small, params)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            got = None  # the hooks do not fit this model
+        ok = got is not None and close_per_example(
+            got, reference_grads(func, small, params, self.names, seed))
+        if not ok and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "DVEmb step gradients: the batched per-example gradients differ from "
+                "autograd on single examples (a loss coupling the examples of a batch, "
+                "BatchNorm in training mode...), so every step uses vmap(grad) over "
+                "examples (slower).", stacklevel=4)
+        return ok
+
+
+def _active_dropout(model: torch.nn.Module) -> bool:
+    """An active dropout layer: the recorded step draws a mask per example."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+               for m in model.modules())
 
 
 class DVEmbAttributor(BaseAttributor):
@@ -147,6 +253,9 @@ class DVEmbAttributor(BaseAttributor):
         self._emb: torch.Tensor | None = None
         self._recorded: dict[int, list[tuple[torch.Tensor, float, torch.Tensor]]] = {}
         self._epoch_emb: dict[int, torch.Tensor] = {}
+        #: step gradients from one batched forward/backward where verified
+        self.use_batched = True
+        self._steppers: dict[tuple[str, ...], _StepGrads] = {}
 
     @staticmethod
     def _factorized_layers(task: AttributionTask, factorization_type: str, layer_name: Any) -> Any:
@@ -163,6 +272,13 @@ class DVEmbAttributor(BaseAttributor):
         return resolve_linear_modules(task, layer_name)[2]
 
     # ------------------------------------------------- the published recording workflow
+    def _stepper(self, names: list[str]) -> _StepGrads:
+        """The batched step gradients of these columns (one verification each)."""
+        key = tuple(names)
+        if key not in self._steppers:
+            self._steppers[key] = _StepGrads(self.task, names)
+        return self._steppers[key]
+
     def _live_grads(self, batch: Any) -> torch.Tensor:
         """Per-example gradients ``(B, k)`` at the model's current parameters."""
         from torch.func import grad, vmap
@@ -179,13 +295,18 @@ class DVEmbAttributor(BaseAttributor):
         loss = self.task.original_loss_func
         if isinstance(loss, BatchedFunction):
             loss.resolve(params, batch)
+        flat = None
+        if self.use_batched and not _active_dropout(model):
+            flat = self._stepper(names)(loss, batch, params,
+                                        lambda: ensemble_rng(0, self.device))
+        if flat is None:
+            def one(sel: dict, example: Any) -> torch.Tensor:
+                return loss({**params, **sel}, batch_of_one(example)).reshape(())
 
-        def one(sel: dict, example: Any) -> torch.Tensor:
-            return loss({**params, **sel}, batch_of_one(example)).reshape(())
-
-        g = vmap(grad(one), in_dims=(None, 0), randomness="different")(
-            {n: params[n] for n in names}, batch)
-        flat = torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1).detach()
+            g = vmap(grad(one), in_dims=(None, 0), randomness="different")(
+                {n: params[n] for n in names}, batch)
+            flat = torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1)
+        flat = flat.detach()
         transform = self.train_features.transform
         return transform(flat, 0) if transform is not None else flat
 
@@ -285,8 +406,7 @@ class DVEmbAttributor(BaseAttributor):
             ix = torch.tensor(idx, device=self.device)
             ix = ix[(ix >= lo) & (ix < hi)] - lo  # the step's examples held here
             where.append(ix)
-            grads.append(self.train_features.batch(slice_batch(pool, ix), t)
-                         if ix.numel() else None)
+            grads.append(self._step_features(slice_batch(pool, ix), t) if ix.numel() else None)
         k, dtype = self._feature_shape(grads, data)
         K = torch.zeros(k, k, dtype=dtype, device=self.device)
         emb = K.new_zeros(data.n_local, k)
@@ -298,6 +418,28 @@ class DVEmbAttributor(BaseAttributor):
             emb.index_add_(0, where[t], e)
         self._emb = emb
         self._data_shard = data.shard
+
+    def _step_features(self, batch: Any, t: int) -> torch.Tensor:
+        """Features of step ``t``'s examples at ``theta_t`` (checkpoint ``t``)."""
+        from dattri._convention import BatchedFunction
+
+        g = None
+        if self.use_batched:
+            task = self.task
+            task.load_checkpoint(t, self.device, force=True)  # the model may be shared
+            task.validate_batch(batch, "loss", t)
+            loss, params = task.original_loss_func, dict(task.named_parameters)
+            if isinstance(loss, BatchedFunction):
+                loss.resolve(params, batch)
+            stepper = self._stepper(task._resolve_layer_name(self.layer_name))
+            g = stepper(loss, batch, params, lambda: ensemble_rng(t, self.device))
+            if g is None and stepper.refuted:  # checked once: no check per checkpoint
+                g = self.train_features.vmapped(batch, t)
+        if g is None:  # the featurizer's paths (verified per checkpoint) or vmap(grad)
+            return self.train_features.batch(batch, t)
+        g = _check_finite(g, f"loss gradients (checkpoint {t})")
+        transform = self.train_features.transform
+        return transform(g, t) if transform is not None else g
 
     def _feature_shape(self, grads: list[torch.Tensor | None], data: DataCache) -> tuple[int, torch.dtype]:
         """The features' width and dtype, agreed on by the ranks (a rank holding no
