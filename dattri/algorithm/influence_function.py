@@ -594,7 +594,8 @@ class IFAttributorArnoldi(_IFBase):
 
         loss, theta = self._loss_and_theta(ckpt)
         k = max(1, round(self.data.num_batches * self.precompute_data_ratio))
-        matmat = dataset_matmat(loss, theta, self.data, "rev-rev", first_batches=k)
+        matmat = dataset_matmat(loss, theta, self.data, "rev-rev", first_batches=k,
+                                structure=(self.task, self.layer_name, ckpt))
         vals, vecs = arnoldi(matmat, theta.numel(), max_iter=self.max_iter, top_k=self.proj_dim,
                              tol=self.tol, seed=self.seed, dtype=theta.dtype, device=theta.device)
         shifted = vals + self.regularization
