@@ -11,11 +11,13 @@ crash; scores are then computed in row blocks read from the stores, and with
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
+from dattri._loader import count_examples
 from dattri.distributed import Shard, row_range
 from dattri.errors import DattriValueError
 from dattri.topk import TopK, merge_topk, topk_from_blocks
@@ -60,13 +62,9 @@ def fill_stores(att: Any, features: Any, loader: Iterable, settings: dict[str, A
     """One finished store per checkpoint with ``features`` of this rank's ``loader``
     (batches already on disk are not recomputed), under ``att.cache_dir`` (or its
     ``subdir``)."""
-    import os
-
     from dattri.store import featurize_to_store, open_store
 
     shard = att._shard()
-    from dattri._loader import count_examples
-
     start = row_range(count_examples(loader), shard)[0]
     stores = []
     for c in range(att.num_checkpoints):
@@ -140,5 +138,3 @@ def block_rows(dim: int, m: int, checkpoints: int = 1, budget_bytes: int = 64 <<
     every checkpoint and its ``(rows, m)`` scores fit in ``budget_bytes``."""
     return max(1, budget_bytes // max(1, 8 * (dim * checkpoints + 2 * m)))
 
-
-Scorer = Callable[[int, list[torch.Tensor]], torch.Tensor]
