@@ -51,6 +51,7 @@ from dattri.errors import DattriValueError, StoreError
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "aligned_blocks",
     "FeatureStore",
     "featurize_to_store",
     "open_store",
@@ -523,5 +524,13 @@ def store_blocks(cache_dir: str | os.PathLike, checkpoints: Sequence[int] = (0,)
         raise StoreError(msg)
     for shards in zip(*per_ckpt):
         rows = min(s.block_rows(max(1, budget_bytes // len(shards))) for s in shards)
-        for parts in zip(*(s.blocks(device=device, rows=rows) for s in shards)):
-            yield parts[0][0], [block for _, block in parts]
+        yield from aligned_blocks(shards, rows, device)
+
+
+def aligned_blocks(stores: Sequence[Any], rows: int, device: torch.device | str = "cpu",
+                   ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """``(global_row_start, [block of each store])`` of stores holding the same rows
+    (one per checkpoint), ``rows`` rows a block, in row order. Anything with
+    ``blocks(rows=, device=)`` serves (a :class:`FeatureStore`, rows in memory)."""
+    for parts in zip(*(s.blocks(device=device, rows=rows) for s in stores)):
+        yield parts[0][0], [block for _, block in parts]

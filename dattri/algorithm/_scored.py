@@ -20,6 +20,7 @@ import torch
 from dattri._loader import count_examples
 from dattri.distributed import Shard, row_range
 from dattri.errors import DattriValueError
+from dattri.store import aligned_blocks  # noqa: F401 - the attributors read blocks with it
 from dattri.topk import TopK, merge_topk, topk_from_blocks
 
 __all__ = ["OFFLOADS", "HostRows", "aligned_blocks", "check_store_args", "fill", "fill_stores",
@@ -110,15 +111,6 @@ def fill(att: Any, features: Any, loader: Iterable, settings: dict[str, Any],
     if att.offload == "disk":
         return fill_stores(att, features, loader, settings, desc, subdir)
     return fill_host(att, features, loader, desc)
-
-
-def aligned_blocks(stores: list[Any], rows: int, device: torch.device
-                   ) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """``(global_row_start, [block of each checkpoint's store])`` in row order."""
-    its = [s.blocks(rows=rows, device=device) for s in stores]
-    for parts in zip(*its):
-        start = parts[0][0]
-        yield start, [b for _, b in parts]
 
 
 def ranked(blocks: Iterable[tuple[int, torch.Tensor]], k: int, shard: Shard | None) -> TopK:

@@ -205,7 +205,7 @@ class TRAKAttributor(BaseAttributor):
 
     def _cache(self, train_loader: Iterable) -> None:
         if self.offload != "none":
-            self._cache_to_disk(train_loader)
+            self._cache_kept(train_loader)
             return
         self._phi, self._inv, self._dual, self._stores, q = [], [], [], [], None
         train_loader = replayable(train_loader, self.device, self.num_checkpoints)
@@ -227,7 +227,7 @@ class TRAKAttributor(BaseAttributor):
             q = torch.cat(qc) if q is None else q + torch.cat(qc)
         self._q = q / self.num_checkpoints
 
-    def _cache_to_disk(self, train_loader: Iterable) -> None:
+    def _cache_kept(self, train_loader: Iterable) -> None:
         """``offload="disk"``: the features of each checkpoint into a feature store
         (resumed where a killed run stopped), the Gram matrix summed over its
         blocks, the residuals ``Q`` from a forward pass; ``offload="cpu"``: the same
