@@ -152,6 +152,90 @@ def test_vectorized_equals_per_model_loop_float64():
     assert not torch.allclose(vec[0]["0.weight"], vec[1]["0.weight"])
 
 
+class _ImageMLP(nn.Module):
+    """A lead nn.Linear on the flattened image, dropout after it (the MNIST MLP's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(12, 8), nn.Dropout(0.3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x.reshape(x.shape[0], -1)))))
+
+
+class _ScaledInput(_ImageMLP):
+    """A parameter used on the input before the lead layer, outside any module call:
+    the lead's input equals x at initialisation (scale 1) but not after a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(12))
+
+    def forward(self, x):
+        return super().forward(x.reshape(x.shape[0], -1) * self.scale)
+
+
+class _DropFirst(_ImageMLP):
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.drop(x.reshape(x.shape[0], -1)))))
+
+
+class _LeadTwice(nn.Module):
+    """The lead layer called a second time: only the first step's gradient check can see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.fc1(x.reshape(x.shape[0], -1))))))
+
+
+def _count_shared_steps(monkeypatch):
+    import dattri.model_util.vtrain as vt
+
+    calls = {"shared": 0}
+    original = vt._SharedInput.grads
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["shared"] += out is not None
+        return out
+
+    monkeypatch.setattr(vt._SharedInput, "grads", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("factory", "shared_steps"),
+                         [(_ImageMLP, 21), (lambda: nn.Linear(12, 3), 21), (_ScaledInput, 0),
+                          (_DropFirst, 0), (_LeadTwice, 1)],
+                         ids=["mlp", "root-linear", "param-before-lead", "dropout-before-lead",
+                              "lead-called-twice"])
+def test_vectorized_leave_one_out_shared_input_path_float64(monkeypatch, factory, shared_steps):
+    """Leave-one-out models of one seed share their minibatch rows: the lead layer's
+    products come from GEMMs over the union rows. Every model equals the plain loop;
+    the path is taken for models it fits and declined (still exact) for the others."""
+    g = torch.Generator().manual_seed(3)
+    n = 41
+    x = torch.randn(n, 1, 3, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    flat = isinstance(factory(), nn.Linear)
+    xs = x.reshape(n, -1) if flat else x
+    subsets = [[j for j in range(n) if j != i] for i in (0, 7, 20, 40)]
+    kw = {"epochs": 3, "lr": 0.3, "momentum": 0.9, "weight_decay": 1e-2, "batch_size": 6,
+          "dtype": torch.float64}
+    calls = _count_shared_steps(monkeypatch)
+    vec = train_models_vectorized(factory, nn.functional.cross_entropy, xs, y, subsets, [5] * 4,
+                                  progress=False, **kw)
+    # 3 epochs x 7 minibatches; declined by the probe (0) or by the first step's check (1)
+    assert calls["shared"] == shared_steps
+    for s, v in zip(subsets, vec):
+        ref = train_model(factory, nn.functional.cross_entropy, xs, y, s, 5, **kw)
+        for k in ref:
+            torch.testing.assert_close(v[k], ref[k], rtol=0, atol=1e-12)
+    assert not torch.allclose(vec[0][next(iter(vec[0]))], vec[1][next(iter(vec[1]))])
+
+
 def test_vectorized_full_batch_matches_handwritten_gradient_descent():
     x, y = _data(n=30, d=6, seed=2)
     subset = torch.arange(0, 30, 2)

@@ -242,6 +242,95 @@ def _subset_matrix(subsets: Any, n_data: int) -> torch.Tensor:
     return mask
 
 
+class _Injected(nn.Module):
+    """Stands in for the lead ``nn.Linear`` of the shared-input path: returns the
+    pre-activations given from outside (buffer ``h``), whatever its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("h", torch.empty(0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - replaced input
+        return self.h
+
+
+class _Found(Exception):  # noqa: N818 - control flow of the probe, never escapes
+    pass
+
+
+def _lead_linear(template: nn.Module, xd: torch.Tensor) -> str | None:
+    """The module name of the model's lead ``nn.Linear``, or None.
+
+    The lead is the first module with parameters that the forward calls; it must be
+    a plain ``nn.Linear`` (forward not overridden) with trainable, untied
+    parameters, and its input must be ``x.reshape(n, -1)`` for every training input
+    ``x`` (checked on all of ``xd``). Such a layer sees the same input rows in every
+    model, so one GEMM over the union of the models' minibatches replaces ``M``
+    batched ones (:func:`_train_chunk`). Whatever these checks cannot see (a
+    parameter used outside its module, a layer called twice, dropout before the
+    layer) is caught by comparing the first step's gradients with the vmapped ones.
+    """
+    mods = dict(template.named_modules())
+    names = {id(m): n for n, m in mods.items()}
+    own = {n for n, m in mods.items() if any(True for _ in m.parameters(recurse=False))}
+    if not own:
+        return None
+    lead: list[str] = []
+
+    def pre(mod: nn.Module, _args: Any) -> None:
+        name = names.get(id(mod))
+        if name in own and not lead:
+            lead.append(name)
+            raise _Found
+
+    handles = [m.register_forward_pre_hook(pre) for m in mods.values()]
+    try:
+        with torch.no_grad():
+            template(xd[:1])
+    except _Found:
+        pass
+    except Exception:  # noqa: BLE001 - the probe only decides whether the path applies
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if not lead:
+        return None
+    name = lead[0]
+    layer = mods[name]
+    if type(layer) is not nn.Linear or any(not p.requires_grad for p in layer.parameters()):
+        return None
+    ids = [id(p) for p in layer.parameters()]
+    if sum(id(p) in ids for _, p in template.named_parameters(remove_duplicate=False)) != len(ids):
+        return None  # tied to another module's parameter
+    x2 = xd.reshape(xd.shape[0], -1)
+    if x2.shape[1] != layer.in_features:
+        return None
+    seen: list[torch.Tensor] = []
+
+    def grab(_mod: nn.Module, args: Any) -> None:
+        seen.append(args[0].detach())
+        raise _Found
+
+    handle = layer.register_forward_pre_hook(grab)
+    try:
+        for start in range(0, xd.shape[0], 1024):
+            seen.clear()
+            with torch.no_grad():
+                try:
+                    template(xd[start:start + 1024])
+                except _Found:
+                    pass
+            chunk = x2[start:start + 1024]
+            if not seen or seen[0].shape != chunk.shape or not torch.equal(seen[0], chunk):
+                return None
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        handle.remove()
+    return name
+
+
 def _drop_seed(seed: int) -> int:
     return (int(seed) * 6364136223846793005 + _DROP_SEED_SALT) % _SEED_MOD
 
@@ -269,6 +358,15 @@ class _ModelStreams:
             u = torch.rand((batch, *shape), generator=self.drop_gen, dtype=torch.float32)
             out.append((u >= prob).to(dtype))
         return out
+
+
+def _epoch_orders(streams: list[_ModelStreams], members: torch.Tensor, one_seed: bool) -> torch.Tensor:
+    """``(M, k)``: every model's data order of the next epoch. Models of one seed
+    draw the same permutation: drawn once and filtered for all of them at once."""
+    if not (one_seed and streams[0].shuffle):
+        return torch.stack([s.epoch_order() for s in streams])
+    perm = torch.randperm(members.shape[1], generator=streams[0].order_gen)
+    return perm.expand(members.shape[0], -1)[members[:, perm]].view(members.shape[0], -1)
 
 
 def _batches(n: int, batch_size: int | None, drop_last: bool) -> list[slice]:
@@ -385,6 +483,105 @@ def train_model(
     return {k: state[k].detach().to("cpu").clone() for k in keys if k in state}
 
 
+class _SharedInput:
+    """Gradients of a chunk whose models share their input rows (see :func:`_lead_linear`).
+
+    The lead layer's pre-activations of every model come from one GEMM of the
+    step's union rows ``X_U`` with all models' weights side by side, the rest of the
+    model runs vmapped from those pre-activations (the lead layer replaced by
+    :class:`_Injected`), and the lead's weight gradients come from one GEMM of
+    ``X_U^T`` with the models' output gradients scattered to their rows (zero where a
+    model does not use a row). Exact: the same sums as the vmapped gradients, in
+    another order. A step whose union is more than twice a minibatch takes the
+    vmapped path.
+    """
+
+    def __init__(self, lead: str, xd: torch.Tensor, grad_fn: Callable, has_bias: bool) -> None:
+        self.lead, self.grad_fn, self.has_bias = lead, grad_fn, has_bias
+        self.x2, self.x_shape = xd.reshape(xd.shape[0], -1), tuple(xd.shape[1:])
+        self.checked = False
+
+    @classmethod
+    def build(cls, template: nn.Module, xd: torch.Tensor, params: dict[str, torch.Tensor],
+              cfg: dict[str, Any]) -> _SharedInput | None:
+        if not xd.is_floating_point():
+            return None
+        lead = _lead_linear(template, xd)
+        if lead is None:
+            return None
+        prefix = f"{lead}." if lead else ""
+        if f"{prefix}weight" not in params:
+            return None
+        injected = copy.deepcopy(template)
+        if lead:
+            parent, _, child = lead.rpartition(".")
+            setattr(injected.get_submodule(parent) if parent else injected, child, _Injected())
+        loss_fn = cfg["loss_fn"]
+
+        def loss_rest(p, b, h, xb, yb):
+            if not lead:
+                return loss_fn(h, yb)
+            return loss_fn(functional_call(injected, (p, {**b, f"{lead}.h": h}), (xb,)), yb)
+
+        fn = vmap(grad(loss_rest, argnums=(0, 2)), in_dims=(0, 0, 0, None, 0), randomness="error")
+        return cls(lead, xd, fn, f"{prefix}bias" in params)
+
+    def grads(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+              idx: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        m, b = idx.shape
+        rows, pos = torch.unique(idx, return_inverse=True)
+        if rows.numel() > 2 * b:
+            return None
+        prefix = f"{self.lead}." if self.lead else ""
+        w = params[f"{prefix}weight"]  # (M, out, in)
+        out = w.shape[1]
+        xu = self.x2.index_select(0, rows)
+        z = (xu @ w.reshape(m * out, -1).T).view(rows.numel() * m, out)
+        # row (u, model) of z: u * M + model (index_select/index_copy_: far faster
+        # than advanced indexing)
+        where = (pos * m + torch.arange(m, device=idx.device).unsqueeze(1)).reshape(-1)
+        h = z.index_select(0, where).view(m, b, out)
+        if self.has_bias:
+            h = h + params[f"{prefix}bias"].unsqueeze(1)
+        rest = {k: v for k, v in params.items() if k not in (f"{prefix}weight", f"{prefix}bias")}
+        dummy = xu.new_zeros(()).expand(b, *self.x_shape)  # the lead layer ignores it
+        g_rest, dh = self.grad_fn(rest, buffers, h, dummy, yb)
+        scattered = dh.new_zeros(rows.numel() * m, out).index_copy_(0, where, dh.reshape(m * b, out))
+        dw = (scattered.view(rows.numel(), m * out).T @ xu).view_as(w)
+        grads = dict(g_rest)
+        grads[f"{prefix}weight"] = dw
+        if self.has_bias:
+            grads[f"{prefix}bias"] = dh.sum(1)
+        return grads
+
+    def check(self, grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> bool:
+        """Whether the first step's gradients equal the vmapped ones (else: never again)."""
+        self.checked = True
+        if grads.keys() != reference.keys():
+            return False
+        tol = 1e-10 if next(iter(reference.values())).dtype == torch.float64 else 1e-4
+        for k, ref in reference.items():
+            scale = float(ref.abs().max()) if ref.numel() else 0.0
+            if grads[k].shape != ref.shape or not torch.allclose(grads[k], ref, rtol=tol, atol=tol * scale):
+                return False
+        return True
+
+
+def _vmapped_grads(grad_fn: Callable, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                   xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
+    try:
+        return grad_fn(params, buffers, xb, yb)
+    except RuntimeError as e:
+        if "random" in str(e).lower():
+            msg = (
+                "the model uses random operations other than nn.Dropout modules "
+                "(e.g. F.dropout in forward), which the vectorised trainer cannot "
+                "seed per model; use the generic retrain path (train_func)."
+            )
+            raise DattriValueError(msg) from e
+        raise
+
+
 def _train_chunk(model_factory, loss_fn, xd, yd, members, seeds, cfg, bar) -> list[dict[str, torch.Tensor]]:
     models = [_init_model(model_factory, s) for s in seeds]
     for m in models:
@@ -411,10 +608,15 @@ def _train_chunk(model_factory, loss_fn, xd, yd, members, seeds, cfg, bar) -> li
         return cfg["loss_fn"](functional_call(template, (p, b), (xb,)), yb)
 
     grad_fn = vmap(grad(loss_one), randomness="error")
+    # Models with one seed (leave-one-out) draw their minibatches from the same
+    # permutation: the union of a step's minibatches is about one minibatch, and a
+    # lead nn.Linear on the raw input gets its products for all models from two GEMMs.
+    one_seed = len(set(seeds)) == 1
+    shared = _SharedInput.build(template, xd, params, cfg) if one_seed or not cfg["shuffle"] else None
     mom = {k: torch.zeros_like(v) for k, v in params.items()}
     lr, mu, wd = cfg["lr"], cfg["momentum"], cfg["weight_decay"]
     for _ in range(cfg["epochs"]):
-        orders = torch.stack([s.epoch_order() for s in streams]).to(device)
+        orders = _epoch_orders(streams, members, one_seed).to(device)
         for sl in _batches(orders.shape[1], cfg["batch_size"], cfg["drop_last"]):
             idx = orders[:, sl]
             step_buffers = dict(buffers)
@@ -422,20 +624,15 @@ def _train_chunk(model_factory, loss_fn, xd, yd, members, seeds, cfg, bar) -> li
                 per_model = [s.masks(shapes, idx.shape[1], probs, ref_dtype) for s in streams]
                 for k, name in enumerate(drop_names):
                     step_buffers[f"{name}.mask"] = torch.stack([pm[k] for pm in per_model]).to(device)
-            try:
-                flat = idx.reshape(-1)  # index_select: several times faster than x[idx]
+            flat = idx.reshape(-1)  # index_select: several times faster than x[idx]
+            yb = yd.index_select(0, flat).view(*idx.shape, *yd.shape[1:])
+            grads = shared.grads(params, step_buffers, idx, yb) if shared is not None else None
+            if grads is None or not shared.checked:
                 xb = xd.index_select(0, flat).view(*idx.shape, *xd.shape[1:])
-                yb = yd.index_select(0, flat).view(*idx.shape, *yd.shape[1:])
-                grads = grad_fn(params, step_buffers, xb, yb)
-            except RuntimeError as e:
-                if "random" in str(e).lower():
-                    msg = (
-                        "the model uses random operations other than nn.Dropout modules "
-                        "(e.g. F.dropout in forward), which the vectorised trainer cannot "
-                        "seed per model; use the generic retrain path (train_func)."
-                    )
-                    raise DattriValueError(msg) from e
-                raise
+                reference = _vmapped_grads(grad_fn, params, step_buffers, xb, yb)
+                if grads is not None and not shared.check(grads, reference):
+                    shared = None  # the path does not apply to this model: vmap from now on
+                grads = reference if shared is None else grads
             for k in params:  # the in-place ops of torch.optim.SGD, in its order
                 g = grads[k].add_(params[k], alpha=wd) if wd != 0 else grads[k]
                 if mu != 0:
