@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,18 +58,28 @@ def checkpoint_digest(task: Any, ckpt: int, layer_name: Any) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
+def _keys(att: Any, keys: Sequence[str] | None) -> Sequence[str]:
+    """One weight digest per store: ``keys``, or each checkpoint's (:func:`checkpoint_digest`)."""
+    if keys is not None:
+        return keys
+    return [checkpoint_digest(att.task, c, att.layer_name) for c in range(att.num_checkpoints)]
+
+
 def fill_stores(att: Any, features: Any, loader: Iterable, settings: dict[str, Any],
-                desc: str = "train grads", subdir: str | None = None) -> list[Any]:
+                desc: str = "train grads", subdir: str | None = None,
+                keys: Sequence[str] | None = None) -> list[Any]:
     """One finished store per checkpoint with ``features`` of this rank's ``loader``
     (batches already on disk are not recomputed), under ``att.cache_dir`` (or its
-    ``subdir``)."""
+    ``subdir``). ``keys``: the weight digest of each store (default: one store per
+    checkpoint of ``att.task``, keyed by :func:`checkpoint_digest`); store ``c`` is
+    featurized with ``features.batch(batch, c)``."""
     from dattri.store import featurize_to_store, open_store
 
     shard = att._shard()
     start = row_range(count_examples(loader), shard)[0]
     stores = []
-    for c in range(att.num_checkpoints):
-        key = {**settings, "checkpoint": checkpoint_digest(att.task, c, att.layer_name)}
+    for c, digest in enumerate(_keys(att, keys)):
+        key = {**settings, "checkpoint": digest}
         root = att.cache_dir if subdir is None else os.path.join(att.cache_dir, subdir)
         store = open_store(root, loader, c, shard=0 if shard is None else shard.rank,
                            settings=key, row_offset=start)
@@ -96,21 +106,27 @@ class HostRows:
             yield self.row_offset + i, self.rows[i:i + step].to(device)
 
 
-def fill_host(att: Any, features: Any, loader: Iterable, desc: str = "train grads") -> list[HostRows]:
-    """One :class:`HostRows` per checkpoint with ``features`` of this rank's ``loader``."""
+def fill_host(att: Any, features: Any, loader: Iterable, desc: str = "train grads",
+              keys: Sequence[str] | None = None) -> list[HostRows]:
+    """One :class:`HostRows` per store (see :func:`fill_stores`) with ``features`` of
+    this rank's ``loader``: in host memory for ``att.offload == "cpu"``, on
+    ``att.device`` otherwise."""
+    where = "cpu" if att.offload == "cpu" else att.device
     out = []
-    for c in range(att.num_checkpoints):
-        rows = torch.cat([f.to("cpu") for f in features.iterate(loader, c, desc)])
+    for c in range(len(_keys(att, keys))):
+        rows = torch.cat([f.to(where) for f in features.iterate(loader, c, desc)])
         out.append(HostRows(rows, row_range(rows.shape[0], att._shard())[0]))
     return out
 
 
 def fill(att: Any, features: Any, loader: Iterable, settings: dict[str, Any],
-         desc: str = "train grads", subdir: str | None = None) -> list[Any]:
-    """:func:`fill_stores` for ``offload="disk"``, :func:`fill_host` for ``"cpu"``."""
+         desc: str = "train grads", subdir: str | None = None,
+         keys: Sequence[str] | None = None) -> list[Any]:
+    """:func:`fill_stores` for ``offload="disk"``, :func:`fill_host` otherwise
+    (``"cpu"``: host memory; ``"none"``: the device)."""
     if att.offload == "disk":
-        return fill_stores(att, features, loader, settings, desc, subdir)
-    return fill_host(att, features, loader, desc)
+        return fill_stores(att, features, loader, settings, desc, subdir, keys)
+    return fill_host(att, features, loader, desc, keys)
 
 
 def ranked(blocks: Iterable[tuple[int, torch.Tensor]], k: int, shard: Shard | None) -> TopK:

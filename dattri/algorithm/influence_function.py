@@ -15,18 +15,30 @@ always done for all right-hand sides together, once per checkpoint and test set.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from dattri.algorithm._engine import DataCache, score_stream
+from dattri._loader import batch_context, count_examples, to_device
+from dattri.algorithm._engine import DataCache
+from dattri.algorithm._loop import LoaderFeatures
+from dattri.algorithm._scored import (
+    aligned_blocks,
+    block_rows,
+    check_store_args,
+    check_top_k,
+    fill,
+    ranked,
+)
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, broadcast, row_range
 from dattri.errors import DattriValueError, MemoryBudgetError
 from dattri.func.hessian import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa
 from dattri.task import AttributionTask
+from dattri.topk import TopK
 
 #: the published table of the inverse-HVP builders behind the IF attributors
 #: (``dattri.func.hessian``: ``f(func, argnums, **settings) -> ihvp(x, v)``)
@@ -194,33 +206,86 @@ class _IFBase(BaseAttributor):
 
     def attribute(
         self, train_loader: Iterable, test_loader: Iterable,
-        relatif_method: str | None = None,
-    ) -> torch.Tensor:
+        relatif_method: str | None = None, top_k: int | None = None,
+    ) -> torch.Tensor | TopK:
         """Influence scores ``(n_train, n_test)`` (see module docstring).
 
         Args:
             train_loader: training data (fixed order).
             test_loader: test data (fixed order).
             relatif_method: ``None``, ``"l"`` or ``"theta"`` (RelatIF).
+            top_k: instead of the score matrix, each test example's ``top_k``
+                proponents and opponents (a :class:`dattri.topk.TopK`): the test side
+                (the inverse-Hessian products of the test gradients, or what the
+                method's score factorises into) is computed once, then the training
+                rows are scored one batch (or stored block) at a time and ranked as
+                they come (merged over the ranks): the ``n_train x n_test`` matrix is
+                never formed.
         """
         self._check_pair(train_loader, test_loader)
         _check_choice("relatif_method", relatif_method, _RELATIF)
+        top_k = check_top_k(top_k)
         train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
+        blocks = self._score_blocks(train_loader, test_loader, relatif_method, top_k is not None)
+        if top_k is not None:
+            return ranked(blocks, top_k, self._shard())
+        return self._gather(torch.cat([s for _, s in blocks]))
+
+    def _test_side(self, test_loader: Iterable) -> list[torch.Tensor]:
+        """``(H_c + lambda I)^{-1} g_target`` of every test example, per checkpoint."""
+        return [self._ihvp(self._same_everywhere(self.test_features.all(test_loader, c, "test grads")), c)
+                for c in range(self.num_checkpoints)]
+
+    def _block_scores(self, g: torch.Tensor | None, xt: torch.Tensor, c: int,
+                      relatif_method: str | None) -> torch.Tensor | None:
+        """``g @ xt^T`` (RelatIF: divided by the rows' norms) of one block of training
+        gradients ``g`` at checkpoint ``c``; ``None`` for a lockstep step without rows
+        (which still takes part in a collective RelatIF solve)."""
+        if relatif_method is None:
+            return None if g is None else g @ xt.T.to(g.dtype)
+        norm = self._relatif_norm(self._rows(g), c, relatif_method)
+        return None if g is None else g @ xt.T / norm[:, None]
+
+    def _grad_blocks(self, train_loader: Iterable) -> Iterator[list[torch.Tensor] | None]:
+        """This rank's training gradients one loader batch at a time, every checkpoint's
+        (``None`` for the steps that keep the ranks in lockstep, see :meth:`_lockstep`)."""
+        batches = self._lockstep(train_loader, len(train_loader) if self._collective() else 0)
+        for i, b in enumerate(batches):
+            if b is None:
+                yield None
+                continue
+            b = to_device(b, self.device)
+            with batch_context("train_loader", i):
+                yield [self.train_features.batch(b, c) for c in range(self.num_checkpoints)]
+
+    def _score_blocks(self, train_loader: Iterable, test_loader: Iterable,
+                      relatif_method: str | None, blocked: bool,
+                      ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(global_row_start, scores (b, m))`` of this rank's training rows, averaged
+        over the checkpoints: with ``blocked`` (or one checkpoint) one training batch at
+        a time; otherwise one block, each checkpoint's loader pass at a time (no
+        alternation between checkpoints' weights per batch)."""
+        xts = self._test_side(test_loader)
+        C = self.num_checkpoints
+        start = row_range(count_examples(train_loader), self._shard())[0]
+        if blocked or C == 1:
+            for gs in self._grad_blocks(train_loader):
+                parts = [self._block_scores(None if gs is None else gs[c], xt, c, relatif_method)
+                         for c, xt in enumerate(xts)]
+                if gs is not None:
+                    s = sum(parts[1:], parts[0]) / C
+                    yield start, s
+                    start += s.shape[0]
+            return
         total = None
-        for c in range(self.num_checkpoints):
-            xt = self._ihvp(self._same_everywhere(self.test_features.all(test_loader, c, "test grads")), c)
-            if relatif_method is None:
-                s = score_stream(self.train_features.iterate(train_loader, c), xt)
-            else:
-                parts = []
-                for g in self._lockstep(self.train_features.iterate(train_loader, c), train_loader):
-                    norm = self._relatif_norm(self._rows(g), c, relatif_method)
-                    if g is not None:
-                        parts.append(g @ xt.T / norm[:, None])
-                s = torch.cat(parts)
+        for c, xt in enumerate(xts):
+            mine = len(train_loader) if self._collective() else 0
+            grads = self._lockstep(self.train_features.iterate(train_loader, c), mine)
+            parts = [self._block_scores(g, xt, c, relatif_method) for g in grads]
+            s = torch.cat([p for p in parts if p is not None])
             total = s if total is None else total + s
-        return self._gather(total / self.num_checkpoints)
+        yield start, total / C
 
     # -- torch.distributed: solvers whose inverse reads the training data ---------
     #: True where ``_ihvp`` sums over the cached training data (CG, DataInf): under
@@ -243,14 +308,14 @@ class _IFBase(BaseAttributor):
         dtype = next(iter(self.task.named_parameters.values())).dtype
         return torch.zeros(0, spec.numel, dtype=dtype, device=self.device)
 
-    def _lockstep(self, blocks: Iterable[torch.Tensor], loader: Iterable) -> Iterator[torch.Tensor | None]:
-        """``blocks``, then ``None`` until every rank has had as many steps as the
-        rank with the most batches (a data-reading ``_ihvp`` of per-rank blocks is
-        collective: every rank must call it equally often)."""
+    def _lockstep(self, blocks: Iterable[Any], mine: int) -> Iterator[Any]:
+        """``blocks`` (``mine`` of them), then ``None`` until every rank has had as
+        many steps as the rank with the most (a data-reading ``_ihvp`` of per-rank
+        blocks is collective: every rank must call it equally often)."""
         if not self._collective():
             yield from blocks
             return
-        mine = len(loader)  # agreed on before the first block's collectives
+        # agreed on before the first block's collectives
         steps = max(all_gather_rows(torch.tensor([mine], dtype=torch.int64), self.data.shard).tolist())
         yield from blocks
         for _ in range(steps - mine):
@@ -283,7 +348,7 @@ class _IFBase(BaseAttributor):
             parts = []
             targets = None if same else self.test_features.iterate(train_loader, c, "self targets")
             grads = self.train_features.iterate(train_loader, c, "self-influence")
-            for g in self._lockstep(grads, train_loader):
+            for g in self._lockstep(grads, len(train_loader) if self._collective() else 0):
                 x = self._ihvp_rows(self._rows(g), c)
                 norm = None if relatif_method is None else self._relatif_norm(self._rows(g), c,
                                                                             relatif_method)
@@ -534,7 +599,7 @@ class IFAttributorLiSSA(_IFBase):
 
         last: list = [None, None]  # (step, its recorded HVP or None), shared by the row blocks
 
-        def sample_matmat(v: torch.Tensor, step: int) -> torch.Tensor:
+        def autograd_matmat(v: torch.Tensor, step: int) -> torch.Tensor:
             if last[0] != step:
                 idx = draws[step % len(draws)].to(self.device)
                 op = None if idx.numel() == 0 else hvp_matmat(
@@ -548,17 +613,49 @@ class IFAttributorLiSSA(_IFBase):
             part = torch.zeros_like(v) if op is None else op(v) * share
             return data.reduce(part)
 
-        return sample_matmat
+        fast = self._kronecker_steps(draws, bs, autograd_matmat, theta, ckpt)
+        return autograd_matmat if fast is None else fast
+
+    def _kronecker_steps(self, draws: list[torch.Tensor], bs: int, autograd_matmat: Callable,
+                         theta: torch.Tensor, ckpt: int) -> Callable | None:
+        """The minibatch products from the Kronecker form of one selected
+        ``nn.Linear`` (per-example layer inputs and output Hessians, cached once),
+        when it applies and its first step's product equals the autograd one on two
+        random vectors (:func:`~dattri.algorithm._linear_hessian.calibrated`); else
+        None. The same recursion, without an autograd graph per step."""
+        from dattri.algorithm._linear_hessian import calibrated, linear_layer_rows
+
+        rows = linear_layer_rows(self.task, self.task._resolve_layer_name(self.layer_name),
+                                 self.data, ckpt, theta)
+        if rows is None:
+            return None
+        first = rows.matmat(draws[0].to(theta.device), 1.0 / bs)
+        if not calibrated(first, lambda v: autograd_matmat(v, 0), ckpt, theta):
+            return None
+        rows.shift = first.shift
+        last: list = [None, None]
+
+        def kronecker_matmat(v: torch.Tensor, step: int) -> torch.Tensor:
+            if last[0] != step:
+                last[:] = step, rows.matmat(draws[step % len(draws)].to(theta.device), 1.0 / bs)
+            return last[1](v)
+
+        kronecker_matmat.chunk = LISSA_KRONECKER_CHUNK  # no graph to share: larger blocks
+        return kronecker_matmat
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         from dattri.linalg.solvers import lissa_solve
 
-        return lissa_solve(self._state[ckpt], v, self.recursion_depth, damping=self.damping,
-                           scaling=self.scaling, num_repeat=self.num_repeat, chunk=LISSA_CHUNK)
+        op = self._state[ckpt]
+        return lissa_solve(op, v, self.recursion_depth, damping=self.damping,
+                           scaling=self.scaling, num_repeat=self.num_repeat,
+                           chunk=getattr(op, "chunk", LISSA_CHUNK))
 
 
 #: test vectors per LiSSA product (blocks updated in place)
 LISSA_CHUNK = 64
+#: the same for the Kronecker products of one nn.Linear
+LISSA_KRONECKER_CHUNK = 512
 
 
 class IFAttributorArnoldi(_IFBase):
@@ -568,15 +665,23 @@ class IFAttributorArnoldi(_IFBase):
     of the training batches) gives its ``proj_dim`` dominant eigenpairs
     ``(lambda_r, u_r)``; then ``H^{-1} v ~= sum_r u_r u_r^T v / (lambda_r + reg)``,
     divided by ``norm_constant``.
+
+    The training gradients projected on the eigenbasis (``n x r``, one set per
+    checkpoint) are computed once in :meth:`cache` and kept on the device
+    (``offload="none"``), in host memory (``"cpu"``) or in a resumable
+    :mod:`dattri.store` under ``cache_dir`` (``"disk"``; keyed by the weights, the
+    loader and a hash of the eigenbasis); scores and ``top_k`` read them in blocks.
     """
 
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",
         precompute_data_ratio: float = 1.0, proj_dim: int = 100, max_iter: int = 100,
         norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0,
-        seed: int = 0,
+        seed: int = 0, offload: str = "none", cache_dir: str | None = None,
     ) -> None:
         super().__init__(task, layer_name, device)
+        check_store_args("IFAttributorArnoldi", offload, cache_dir)
+        self.offload, self.cache_dir = offload, cache_dir
         if not 0 < precompute_data_ratio <= 1:
             msg = f"precompute_data_ratio={precompute_data_ratio!r} must be in (0, 1]."
             raise DattriValueError(msg)
@@ -606,47 +711,76 @@ class IFAttributorArnoldi(_IFBase):
         vecs, vals = self._state[ckpt]
         return ((v @ vecs.T.to(v.dtype)) / vals.to(v.dtype)) @ vecs.to(v.dtype) / self.norm_constant
 
-    def _project_train(self, train_loader: Iterable, ckpt: int) -> torch.Tensor:
-        vecs = self._state[ckpt][0]
-        return torch.cat([g @ vecs.T.to(g.dtype)
-                          for g in self.train_features.iterate(train_loader, ckpt)])
-
     def _cache(self, train_loader: Iterable) -> None:
-        """Curvature eigenbasis, then the training gradients projected on it once."""
+        """Curvature eigenbasis, then the training gradients projected on it once
+        (``n x r`` per checkpoint; kept where ``offload`` says)."""
         super()._cache(train_loader)
-        self._train_proj = {c: self._project_train(train_loader, c)
-                            for c in range(self.num_checkpoints)}
+        basis = [hashlib.sha256(self._state[c][0].detach().cpu().contiguous().view(torch.uint8)
+                                .numpy().tobytes()).hexdigest()[:16] for c in range(self.num_checkpoints)]
+        settings = {"method": "IF-Arnoldi", "layer_name": repr(self.layer_name), "basis": basis}
+        self._kept = fill(self, _Projected(self), train_loader, settings, desc="train grads on the eigenbasis")
 
-    def attribute(
-        self, train_loader: Iterable, test_loader: Iterable,
-        relatif_method: str | None = None,
-    ) -> torch.Tensor:
+    def _score_blocks(self, train_loader: Iterable, test_loader: Iterable,
+                      relatif_method: str | None, blocked: bool,
+                      ) -> Iterator[tuple[int, torch.Tensor]]:
         """Scores through the rank-r eigenbasis: ``(G_tr U^T) diag(1/(lambda+reg)) (G_te U^T)^T``.
 
-        The training side was projected in :meth:`cache`; only test gradients are
-        computed here (cost ``n r + m P r`` instead of ``n m P``). A train loader
-        that differs from the cached one (size or first examples) is projected here.
-        """
+        The training side was projected in :meth:`cache` (read back in blocks); only
+        test gradients are computed here (cost ``n r + m P r`` instead of ``n m P``).
+        A train loader that differs from the cached one (size or first examples) is
+        projected here, one batch at a time."""
         from dattri._loader import loader_fingerprint
 
-        self._check_pair(train_loader, test_loader)
-        _check_choice("relatif_method", relatif_method, _RELATIF)
-        train_loader = self._local(train_loader)
-        self._ensure_cached(train_loader)
-        same = loader_fingerprint(train_loader) == self._train_fingerprint
-        total = None
-        for c in range(self.num_checkpoints):
+        C = self.num_checkpoints
+        fts, invs = [], []
+        for c in range(C):
             vecs, vals = self._state[c]
-            tr = self._train_proj[c] if same else self._project_train(train_loader, c)
-            inv = (1.0 / (vals * self.norm_constant)).to(tr.dtype)
-            ft = self.test_features.all(test_loader, c, "test grads") @ vecs.T.to(tr.dtype)
-            s = (tr * inv) @ ft.T
-            if relatif_method == "l":
-                s = s / _nonzero((tr * tr * inv).sum(1).abs().sqrt())[:, None]
-            elif relatif_method == "theta":
-                s = s / _nonzero((tr * inv).norm(dim=1))[:, None]
-            total = s if total is None else total + s
-        return self._gather(total / self.num_checkpoints)
+            fts.append(self.test_features.all(test_loader, c, "test grads") @ vecs.T.to(vecs.dtype))
+            invs.append(1.0 / (vals * self.norm_constant))
+        if loader_fingerprint(train_loader) == self._train_fingerprint:
+            rows = block_rows(self._kept[0].dim, fts[0].shape[0], C)
+            blocks = aligned_blocks(self._kept, rows, self.device)
+        else:
+            start = row_range(count_examples(train_loader), self._shard())[0]
+            blocks = _started(_Projected(self).batches(train_loader), start)
+        for start, trs in blocks:
+            total = None
+            for tr, inv, ft in zip(trs, invs, fts):
+                inv = inv.to(tr.dtype)
+                s = (tr * inv) @ ft.T.to(tr.dtype)
+                if relatif_method == "l":
+                    s = s / _nonzero((tr * tr * inv).sum(1).abs().sqrt())[:, None]
+                elif relatif_method == "theta":
+                    s = s / _nonzero((tr * inv).norm(dim=1))[:, None]
+                total = s if total is None else total + s
+            yield start, total / C
+
+
+class _Projected(LoaderFeatures):
+    """IF-Arnoldi's training features: the loss gradients on the eigenbasis ``(B, r)``."""
+
+    which = "loss"
+
+    def __init__(self, att: IFAttributorArnoldi) -> None:
+        self.att, self.device, self.show_progress = att, att.device, att.show_progress
+
+    def batch(self, batch: Any, ckpt: int) -> torch.Tensor:
+        g = self.att.train_features.batch(batch, ckpt)
+        return g @ self.att._state[ckpt][0].T.to(g.dtype)
+
+    def batches(self, loader: Iterable) -> Iterator[list[torch.Tensor]]:
+        """Every checkpoint's features, one batch of ``loader`` at a time."""
+        for i, b in enumerate(loader):
+            b = to_device(b, self.device)
+            with batch_context("train_loader", i):
+                yield [self.batch(b, c) for c in range(self.att.num_checkpoints)]
+
+
+def _started(blocks: Iterable[list[torch.Tensor]], start: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """``(global_row_start, blocks)`` of consecutive row blocks from row ``start``."""
+    for parts in blocks:
+        yield start, parts
+        start += parts[0].shape[0]
 
 
 def __getattr__(name: str) -> type:
