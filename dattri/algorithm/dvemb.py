@@ -392,6 +392,9 @@ class DVEmbAttributor(BaseAttributor):
                                           for (idx, _, _), lr, g in zip(steps, lrs, gs)]
 
     def _cache(self, train_loader: Iterable) -> None:
+        from dattri.algorithm._scored import refuse_sharded_dropout
+
+        refuse_sharded_dropout(self, "DVEmbAttributor")  # per-rank masks would differ
         data = DataCache(train_loader, self.device)
         bad = sorted({i for idx, _ in self.steps for i in idx if not 0 <= i < data.n})
         if bad:
