@@ -24,7 +24,7 @@ from dattri.store import aligned_blocks  # noqa: F401 - the attributors read blo
 from dattri.topk import TopK, merge_topk, topk_from_blocks
 
 __all__ = ["OFFLOADS", "HostRows", "aligned_blocks", "check_store_args", "fill", "fill_stores",
-           "ranked"]
+           "ranked", "refuse_sharded_dropout"]
 
 OFFLOADS = ("none", "cpu", "disk")
 
@@ -146,3 +146,23 @@ def block_rows(dim: int, m: int, checkpoints: int = 1, budget_bytes: int = 64 <<
     every checkpoint and its ``(rows, m)`` scores fit in ``budget_bytes``."""
     return max(1, budget_bytes // max(1, 8 * (dim * checkpoints + 2 * m)))
 
+
+
+def refuse_sharded_dropout(att: Any, owner: str) -> None:
+    """A typed error for a sharded run of a method whose random masks follow the
+    order of the rank's own batches (DataInf's Fisher gradients, LiSSA's minibatch
+    products, DVEmb's steps): with an active dropout layer each rank would draw other
+    masks than one process does, so the results would differ from it."""
+    if att._shard() is None:
+        return
+    from torch import nn
+
+    active = [name for name, mod in att.task.get_model().named_modules()
+              if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0]
+    if active:
+        msg = (f"{owner}: the model has active dropout ({', '.join(active[:5])}) and the run is "
+               "sharded over a torch.distributed group: each rank would draw its own dropout "
+               "masks, unlike one process. Put the model in eval mode (model.eval()) or set "
+               "p=0 for attribution, or run this method unsharded (process_group="
+               "dist.new_group([dist.get_rank()]), a group of one).")
+        raise DattriValueError(msg)

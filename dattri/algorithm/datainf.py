@@ -24,12 +24,19 @@ every influence-function attributor.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 from dattri._loader import slice_batch
+from dattri.algorithm._scored import (
+    aligned_blocks,
+    block_rows,
+    check_store_args,
+    fill,
+    refuse_sharded_dropout,
+)
 from dattri.algorithm.influence_function import _check_nonneg, _IFBase
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.task import AttributionTask
@@ -74,6 +81,14 @@ class IFAttributorDataInf(_IFBase):
             per-block heuristic ``0.1 * mean_i ||g_il||^2 / d_l``.
         fim_estimate_data_ratio: fraction in ``(0, 1]`` of the cached training
             examples (the first ones, in loader order) used for the Fisher terms.
+        offload: where the cached per-example training gradients live: ``"none"``
+            (the Fisher examples' on the device), ``"cpu"`` (every cached example's,
+            host memory) or ``"disk"`` (a resumable :mod:`dattri.store` in
+            ``cache_dir``, one per checkpoint and rank, keyed by the weights and the
+            loader). Kept gradients serve the Fisher sums (read in blocks) and the
+            training side of the scores on the cached loader, so a rerun on the same
+            ``cache_dir`` computes no training gradient.
+        cache_dir: the folder of ``offload="disk"``.
     """
 
     _ihvp_reads_data = True
@@ -81,9 +96,13 @@ class IFAttributorDataInf(_IFBase):
     def __init__(
         self, task: AttributionTask, layer_name=None, device="cpu",
         regularization: float = 0.0, fim_estimate_data_ratio: float = 1.0,
+        offload: str = "none", cache_dir: str | None = None,
     ) -> None:
         super().__init__(task, layer_name, device)
         _check_nonneg("regularization", regularization)
+        check_store_args("IFAttributorDataInf", offload, cache_dir)
+        self.offload, self.cache_dir = offload, cache_dir
+        self._kept: list[Any] = []
         r = fim_estimate_data_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
             msg = (f"fim_estimate_data_ratio={r!r} must be a number in (0, 1], the "
@@ -106,40 +125,77 @@ class IFAttributorDataInf(_IFBase):
             yield batch if size <= m else slice_batch(batch, slice(0, m))
             m -= size
 
-    def _fit(self, ckpt: int) -> list[tuple[slice, torch.Tensor, float]]:
-        parts = [self.train_features.batch(b, ckpt) for b in self._fisher_batches()]
-        g = torch.cat(parts) if parts else self._rows(None)  # a rank past the Fisher rows
+    def _cache(self, train_loader: Iterable) -> None:
+        refuse_sharded_dropout(self, "IFAttributorDataInf")
+        if self.offload != "none":
+            settings = {"method": "IF-DataInf", "layer_name": repr(self.layer_name)}
+            self._kept = fill(self, self.train_features, train_loader, settings)
+        super()._cache(train_loader)
+
+    def _fisher_rows(self, ckpt: int) -> Iterator[torch.Tensor]:
+        """This rank's per-example gradients of the Fisher examples, in row blocks
+        (from the kept gradients: the rows whose global index is below the count)."""
+        if not self._kept:
+            yield self._fisher_g[ckpt]
+            return
+        m = self._fisher_count()
+        for start, g in self._kept[ckpt].blocks(device=self.device):
+            if start >= m:
+                return
+            yield g[:m - start]
+
+    def _fit(self, ckpt: int) -> list[tuple[slice, float]]:
+        if not self._kept:
+            parts = [self.train_features.batch(b, ckpt) for b in self._fisher_batches()]
+            # a rank past the Fisher rows holds none
+            self._fisher_g = {**getattr(self, "_fisher_g", {}),
+                              ckpt: torch.cat(parts) if parts else self._rows(None)}
         m = self._fisher_count()
         slices = list(self.task.param_spec(self.layer_name).slices().values())
         # the heuristic's mean_i ||g_il||^2 over all m Fisher examples, every block at once
-        sq = self.data.reduce(torch.stack([(g[:, sl] * g[:, sl]).sum() for sl in slices]))
+        sq = torch.zeros(len(slices), dtype=torch.float64, device=self.device)
+        for g in self._fisher_rows(ckpt):
+            sq += torch.stack([(g[:, sl] * g[:, sl]).sum() for sl in slices]).to(sq)
+        sq = self.data.reduce(sq)
         blocks = []
         for sl, sq_l in zip(slices, sq.tolist()):
-            gl = g[:, sl]
             if self.regularization > 0:
                 lam = self.regularization
             else:
-                lam = 0.1 * (sq_l / m) / gl.shape[1]
+                lam = 0.1 * (sq_l / m) / (sl.stop - sl.start)
                 if lam <= 0:  # all-zero block: no curvature, any lambda gives 0 scores
                     lam = 1.0
-            blocks.append((sl, gl, lam))
+            blocks.append((sl, lam))
         return blocks
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         blocks = self._state[ckpt]
         # this rank's Fisher sums of every block, then summed over the ranks (one call)
         part = torch.zeros_like(v)
-        for sl, gl, lam in blocks:
-            part[:, sl] = _fisher_sum(v[:, sl], gl, lam)
+        for g in self._fisher_rows(ckpt):
+            for sl, lam in blocks:
+                part[:, sl] += _fisher_sum(v[:, sl], g[:, sl], lam)
         total = self.data.reduce(part) / self._fisher_count()
         out = torch.empty_like(v)
-        for sl, _, lam in blocks:
+        for sl, lam in blocks:
             out[:, sl] = (v[:, sl] - total[:, sl]) / lam
         return out
+
+    def _kept_blocks(self, train_loader: Iterable) -> Iterator[list[torch.Tensor] | None] | None:
+        """The kept training gradients on the cached loader, read in blocks (lockstep
+        over the ranks); ``None`` for any other loader."""
+        from dattri._loader import loader_fingerprint
+
+        if not self._kept or loader_fingerprint(train_loader) != self._train_fingerprint:
+            return None
+        rows = block_rows(self._kept[0].dim, 0, len(self._kept))
+        steps = -(-self._kept[0].n // rows) if self._collective() else 0
+        blocks = self._lockstep(aligned_blocks(self._kept, rows, self.device), steps)
+        return (None if part is None else part[1] for part in blocks)
 
     def block_lambdas(self, ckpt: int = 0) -> list[float]:
         """The ``lambda_l`` used for each block at checkpoint ``ckpt`` (after ``cache``)."""
         if ckpt not in self._state:
             msg = "block_lambdas needs cache(train_loader) first (and a valid ckpt index)."
             raise NotCachedError(msg)
-        return [lam for _, _, lam in self._state[ckpt]]
+        return [lam for _, lam in self._state[ckpt]]

@@ -32,6 +32,7 @@ from dattri.algorithm._scored import (
     check_top_k,
     fill,
     ranked,
+    refuse_sharded_dropout,
 )
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, broadcast, row_range
@@ -259,6 +260,11 @@ class _IFBase(BaseAttributor):
             with batch_context("train_loader", i):
                 yield [self.train_features.batch(b, c) for c in range(self.num_checkpoints)]
 
+    def _kept_blocks(self, train_loader: Iterable) -> Iterator[list[torch.Tensor] | None] | None:  # noqa: ARG002
+        """Kept training gradients of ``train_loader`` in blocks, like :meth:`_grad_blocks`
+        (methods that keep them); ``None``: compute them."""
+        return None
+
     def _score_blocks(self, train_loader: Iterable, test_loader: Iterable,
                       relatif_method: str | None, blocked: bool,
                       ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -269,8 +275,9 @@ class _IFBase(BaseAttributor):
         xts = self._test_side(test_loader)
         C = self.num_checkpoints
         start = row_range(count_examples(train_loader), self._shard())[0]
-        if blocked or C == 1:
-            for gs in self._grad_blocks(train_loader):
+        kept = self._kept_blocks(train_loader)
+        if blocked or C == 1 or kept is not None:
+            for gs in kept if kept is not None else self._grad_blocks(train_loader):
                 parts = [self._block_scores(None if gs is None else gs[c], xt, c, relatif_method)
                          for c, xt in enumerate(xts)]
                 if gs is not None:
@@ -580,6 +587,7 @@ class IFAttributorLiSSA(_IFBase):
         self.mode, self.seed = mode, seed
 
     def _fit(self, ckpt: int) -> Callable:
+        refuse_sharded_dropout(self, "IFAttributorLiSSA")  # per-rank masks would differ
         from dattri._loader import slice_batch
         from torch.utils._pytree import tree_map
 
