@@ -36,6 +36,8 @@ import torch
 
 from dattri._loader import batch_size_of, check_loader, to_device
 from dattri.algorithm._engine import resolve_device
+from dattri.algorithm._loop import LoaderFeatures
+from dattri.algorithm._scored import check_store_args, fill
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, split
 from dattri.errors import DattriValueError
@@ -77,6 +79,13 @@ class KNNShapleyAttributor(BaseAttributor):
         device: where distances are computed.
         transpose: return ``(n_test, n_train)`` as the 0.3.0 release did
             (default False: ``(n_train, n_test)`` like every attributor).
+        offload: where the training features live: ``"none"`` (gathered on the
+            device), ``"cpu"`` (this rank's rows in host memory) or ``"disk"`` (this
+            rank's rows in a resumable :mod:`dattri.store` under ``cache_dir``, keyed
+            by the loader and ``feature_func``'s name). Kept rows are read in blocks:
+            each rank computes its rows' distances to every test point and the
+            distance rows are gathered (the size of the result).
+        cache_dir: the folder of ``offload="disk"``.
     """
 
     _shardable = True
@@ -85,7 +94,7 @@ class KNNShapleyAttributor(BaseAttributor):
         self, k_neighbors: int, task: AttributionTask | None = None,
         distance_func: Callable | None = None, feature_func: Callable | None = None,
         label_func: Callable | None = None, device: str | torch.device = "cpu",
-        transpose: bool = False,
+        transpose: bool = False, offload: str = "none", cache_dir: str | None = None,
     ) -> None:
         if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, int) or k_neighbors < 1:
             msg = f"k_neighbors={k_neighbors!r} must be an int >= 1 (the K of the KNN classifier)."
@@ -103,6 +112,9 @@ class KNNShapleyAttributor(BaseAttributor):
         self.feature_func, self.label_func = feature_func, label_func
         self.device = resolve_device(device)
         self.transpose = bool(transpose)
+        check_store_args("KNNShapleyAttributor", offload, cache_dir)
+        self.offload, self.cache_dir = offload, cache_dir
+        self._kept: Any = None
         self.show_progress: bool | None = None
         self._cached = False
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -154,8 +166,37 @@ class KNNShapleyAttributor(BaseAttributor):
 
     def _cache(self, train_loader: Iterable) -> None:
         shard = self._shard()
-        x, y = self._features_labels(train_loader, "train_loader")  # this rank's share
-        self._train = all_gather_rows(x, shard), all_gather_rows(y, shard)
+        if self.offload == "none":
+            x, y = self._features_labels(train_loader, "train_loader")  # this rank's share
+            self._train = all_gather_rows(x, shard), all_gather_rows(y, shard)
+            return
+        name = getattr(self.feature_func, "__qualname__", repr(self.feature_func))
+        settings = {"method": "KNN-Shapley", "feature_func": name}
+        self._kept = fill(self, _Inputs(self), train_loader, settings, desc="train features",
+                          keys=["features"])[0]
+        y = torch.cat([self._label(to_device(b, self.device)).reshape(-1) for b in train_loader])
+        self._train = None, all_gather_rows(y, shard)
+
+    def _distances(self, x_te: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Distances ``(n_train, hi - lo)`` of every training point to test points
+        ``lo:hi``; from kept rows: this rank's rows to every test point, gathered."""
+        x_tr = self._train[0]
+        if self._kept is None:
+            if hi <= lo:  # more ranks than test points
+                return x_te.new_zeros(len(x_tr), 0)
+            return self._checked(self.distance_func(x_tr.to(x_te.dtype), x_te[lo:hi]),
+                                 len(x_tr), hi - lo)
+        parts = [self._checked(self.distance_func(b.to(x_te.dtype), x_te), b.shape[0], len(x_te))
+                 for _, b in self._kept.blocks(device=self.device)]
+        return all_gather_rows(torch.cat(parts), self._shard())[:, lo:hi]
+
+    @staticmethod
+    def _checked(dist: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        if tuple(dist.shape) != (rows, cols):
+            msg = (f"distance_func returned shape {tuple(dist.shape)}; it must return "
+                   f"(n_train, n_test) = {(rows, cols)}.")
+            raise DattriValueError(msg)
+        return dist
 
     @staticmethod
     def _given_labels(labels: Any, n: int, name: str) -> torch.Tensor:
@@ -182,23 +223,19 @@ class KNNShapleyAttributor(BaseAttributor):
         if not self._cached and getattr(self, "_read_at_attribute", False):
             self.cache(train_loader)  # 0.3.0's cache() without a loader was called
         self._ensure_cached(train_loader)
-        x_tr, y_tr = self._train
+        y_tr = self._train[1]
         x_te, y_te = self._features_labels(test_loader, "test_loader")
         if train_labels is not None:
-            y_tr = self._given_labels(train_labels, len(x_tr), "train_labels").to(y_tr.device)
+            y_tr = self._given_labels(train_labels, len(y_tr), "train_labels").to(y_tr.device)
         if test_labels is not None:
             y_te = self._given_labels(test_labels, len(x_te), "test_labels").to(y_te.device)
         shard = self._shard()
         lo, hi = (0, len(x_te)) if shard is None else split(len(x_te), shard.world)[shard.rank]
+        dist = self._distances(x_te, lo, hi)  # every rank: a collective with kept rows
         if hi > lo:  # this rank's test columns
-            dist = self.distance_func(x_tr.to(x_te.dtype), x_te[lo:hi])
-            if tuple(dist.shape) != (len(x_tr), hi - lo):
-                msg = (f"distance_func returned shape {tuple(dist.shape)}; it must return "
-                       f"(n_train, n_test) = {(len(x_tr), hi - lo)}.")
-                raise DattriValueError(msg)
             values = knn_shapley(dist, y_tr, y_te[lo:hi], self.k_neighbors)
         else:  # more ranks than test points
-            values = torch.zeros(len(x_tr), 0, dtype=torch.float64, device=x_te.device)
+            values = torch.zeros(len(y_tr), 0, dtype=torch.float64, device=x_te.device)
         if shard is not None:
             values = all_gather_rows(values.T.contiguous(), shard).T
         return values.T if self.transpose else values
@@ -209,3 +246,15 @@ class KNNShapleyAttributor(BaseAttributor):
                "test_loader) with a held-out loader.")
         raise NotImplementedError(msg)
 
+
+
+class _Inputs(LoaderFeatures):
+    """KNN-Shapley's training features ``(B, d)`` (for :func:`dattri.algorithm._scored.fill`)."""
+
+    which = "loss"
+
+    def __init__(self, att: KNNShapleyAttributor) -> None:
+        self.att, self.device, self.show_progress = att, att.device, att.show_progress
+
+    def batch(self, batch: Any, ckpt: int) -> torch.Tensor:  # noqa: ARG002 - no checkpoints
+        return self.att._feature(batch).reshape(batch_size_of(batch), -1)

@@ -54,6 +54,8 @@ from torch import nn
 
 from dattri._convention import as_batched
 from dattri._loader import check_loader
+from dattri.algorithm._loop import LoaderFeatures
+from dattri.algorithm._scored import check_store_args, checkpoint_digest, fill
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, row_range
 from dattri.errors import DattriValueError, NotCachedError
@@ -218,6 +220,14 @@ class RPSAttributor(BaseAttributor):
             fit stops at stationarity, typically within a few tens of iterations;
             it warns when the cap is reached first).
         device: computation device.
+        offload: where the final-layer inputs of the training set live after the
+            fit: ``"none"`` (gathered on the device, ``h_train``), ``"cpu"`` (this
+            rank's rows in host memory) or ``"disk"`` (this rank's rows in a
+            resumable :mod:`dattri.store` under ``cache_dir``, keyed by the weights
+            and the loader: a rerun runs no forward pass over the training set).
+            The fit gathers them once (it needs every row); scores read this rank's
+            rows in blocks.
+        cache_dir: the folder of ``offload="disk"``.
 
     After ``cache``: ``alpha`` (n_train, C), ``weight`` (C, d + 1, the fine-tuned
     layer, bias last), ``newton_iterations``, ``hessian_factorizations`` (dense
@@ -236,8 +246,13 @@ class RPSAttributor(BaseAttributor):
         l2_strength: float = 0.003,
         epoch: int = 3000,
         device: str | torch.device = "cpu",
+        offload: str = "none",
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(task, None, device)
+        check_store_args("RPSAttributor", offload, cache_dir)
+        self.offload, self.cache_dir = offload, cache_dir
+        self._kept: Any = None
         modules = dict(task.get_model().named_modules())
         layer = modules.get(final_linear_layer_name)
         if not isinstance(layer, nn.Linear):
@@ -316,7 +331,15 @@ class RPSAttributor(BaseAttributor):
 
     def _cache(self, train_loader: Iterable) -> None:
         shard = self._shard()
-        h, y = self._features(train_loader)  # this rank's share
+        if self.offload == "none":
+            h, y = self._features(train_loader)  # this rank's share
+        else:
+            settings = {"method": "RPS-L2", "layer": self.final_linear_layer_name,
+                        "normalize": self.normalize_preactivate}
+            self._kept = fill(self, _FinalInputs(self), train_loader, settings,
+                              desc="final-layer inputs", keys=[checkpoint_digest(self.task, 0, None)])[0]
+            h = torch.cat([b for _, b in self._kept.blocks(device=self.device)])
+            y = torch.cat([_labels(b) for b in train_loader]).to(self.device)
         self._held = row_range(h.shape[0], shard)[:2]
         h, y = all_gather_rows(h, shard), all_gather_rows(y, shard)
         layer = dict(self.task.get_model().named_modules())[self.final_linear_layer_name]
@@ -339,7 +362,8 @@ class RPSAttributor(BaseAttributor):
         self.stationarity = (float((g_loss + 2 * lam * w).norm())
                              / max(scale, torch.finfo(w.dtype).tiny))
         self.alpha = (-g_pre / (2 * lam)).detach()  # g_pre = (1/n) dL_j/dPhi_j
-        self.h_train, self.weight = h, w.detach()
+        self.h_train = h if self._kept is None else None  # kept: read back in blocks
+        self.weight = w.detach()
         self._dtype = layer.weight.dtype
 
     def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
@@ -348,7 +372,10 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(train_loader)
         h_t, y_t = self._features(test_loader)
         lo, hi = self._held  # this rank's training rows
-        kernel = self.h_train[lo:hi] @ h_t.T
+        if self._kept is None:
+            kernel = self.h_train[lo:hi] @ h_t.T
+        else:
+            kernel = torch.cat([b @ h_t.T for _, b in self._kept.blocks(device=self.device)])
         return self._gather((self._label_terms(y_t)[lo:hi] * kernel).to(self._dtype))
 
     def _label_terms(self, y: torch.Tensor) -> torch.Tensor:
@@ -377,4 +404,20 @@ class RPSAttributor(BaseAttributor):
             msg = "call cache(train_loader) before decompose()."
             raise NotCachedError(msg)
         h_t, _ = self._features(test_loader)
-        return self.alpha[:, None, :] * (self.h_train @ h_t.T)[:, :, None]
+        h = self.h_train
+        if h is None:  # kept rows: every rank's, gathered
+            h = all_gather_rows(torch.cat([b for _, b in self._kept.blocks(device=self.device)]),
+                                self._shard())
+        return self.alpha[:, None, :] * (h @ h_t.T)[:, :, None]
+
+
+class _FinalInputs(LoaderFeatures):
+    """RPS-L2's training features: the final layer's inputs ``[h, 1]`` ``(B, d + 1)``."""
+
+    which = "loss"
+
+    def __init__(self, att: RPSAttributor) -> None:
+        self.att, self.device, self.show_progress = att, att.device, att.show_progress
+
+    def batch(self, batch: Any, ckpt: int) -> torch.Tensor:  # noqa: ARG002 - the model's weights
+        return self.att._features([batch])[0]
