@@ -146,6 +146,8 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out["cg"] = cg.attribute(tr, te)
     out["cg_self"] = cg.self_attribute(tr)
     out["cg_relatif"] = cg.attribute(tr, te, relatif_method="l")
+    # blocked top-k: the test side solved once, each rank's batches ranked, merged
+    _top(out, "cg", cg.attribute(tr, te, top_k=5), out["cg"])
     # the last layer alone: Kronecker products (+ the loss's weight decay), summed over ranks
     cg_fc2 = IFAttributorCG(last, layer_name=["fc2.weight", "fc2.bias"], max_iter=60, tol=1e-12,
                             regularization=0.1).cache(tr)
@@ -155,11 +157,18 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     arnoldi = IFAttributorArnoldi(last, proj_dim=10, max_iter=40, precompute_data_ratio=0.6,
                                   regularization=0.1).cache(tr)
     out["arnoldi"] = arnoldi.attribute(tr, te)
+    # each rank keeps its own rows of the projected gradients on disk
+    arnoldi_disk = IFAttributorArnoldi(last, proj_dim=10, max_iter=40, precompute_data_ratio=0.6,
+                                       regularization=0.1, offload="disk",
+                                       cache_dir=os.path.join(cache_dir, "arnoldi")).cache(tr)
+    out["arnoldi_disk"] = arnoldi_disk.attribute(tr, te)
+    _top(out, "arnoldi_disk", arnoldi_disk.attribute(tr, te, top_k=5), out["arnoldi_disk"])
 
     ekfac_task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpts[-1])
     ekfac = IFAttributorEKFAC(ekfac_task, damping=0.1).cache(tr)
     out["ekfac"] = ekfac.attribute(tr, te)
     out["ekfac_self"] = ekfac.self_attribute(tr)
+    _top(out, "ekfac", ekfac.attribute(tr, te, top_k=5), out["ekfac"])
     out["ekfac_max_iter"] = IFAttributorEKFAC(ekfac_task, damping=0.1).cache(
         tr, max_iter=4).attribute(tr, te)
 
@@ -184,6 +193,10 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out["datainf_self"] = datainf.self_attribute(tr)
     out["datainf_relatif"] = datainf.attribute(tr, te, relatif_method="theta")
     out["datainf_lambdas"] = torch.tensor(datainf.block_lambdas(1))
+    datainf_disk = IFAttributorDataInf(both, fim_estimate_data_ratio=0.8, offload="disk",
+                                       cache_dir=os.path.join(cache_dir, "datainf")).cache(tr)
+    out["datainf_disk"] = datainf_disk.attribute(tr, te)
+    out["datainf_disk_relatif"] = datainf_disk.attribute(tr, te, relatif_method="theta")
     out["datainf_half"] = IFAttributorDataInf(last, regularization=0.05,
                                               fim_estimate_data_ratio=0.5).cache(tr).attribute(tr, te)
 
@@ -198,6 +211,9 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     knn_t = KNNShapleyAttributor(k_neighbors=5, transpose=True, feature_func=features).cache(tr)
     knn_read = sum(read)
     out["knn_shapley_t"] = knn_t.attribute(tr, te)
+    knn_disk = KNNShapleyAttributor(k_neighbors=3, offload="disk",
+                                    cache_dir=os.path.join(cache_dir, "knn")).cache(tr)
+    out["knn_disk"] = knn_disk.attribute(tr, te)
 
     rps_task = AttributionTask(loss_func=nn.functional.cross_entropy, model=model,
                                checkpoints=ckpts[-1])
@@ -205,6 +221,9 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out["rps"] = rps.attribute(tr, te)
     out["rps_self"] = rps.self_attribute(tr)
     out["rps_alpha"] = rps.alpha
+    rps_disk = RPSAttributor(rps_task, "fc2", l2_strength=0.01, offload="disk",
+                             cache_dir=os.path.join(cache_dir, "rps")).cache(tr)
+    out["rps_disk"] = rps_disk.attribute(tr, te)
     # the step gradients of each rank's examples, K's update summed over the ranks
     traj, steps = _trajectory(model, loss, train)
     dv_task = AttributionTask(loss_func=loss, model=model, checkpoints=traj)
@@ -218,8 +237,20 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
             "logra": logra._stores[0].n, "lissa": lissa.data.n_local,
             "trak_disk": trak_disk._stores[1].n, "datainf": datainf.data.n_local,
             "knn": knn_read, "rps": rps._held[1] - rps._held[0],
-            "dvemb": dvemb._emb.shape[0]}
+            "dvemb": dvemb._emb.shape[0], "arnoldi_disk": arnoldi_disk._kept[0].n,
+            "datainf_disk": datainf_disk._kept[1].n, "knn_disk": knn_disk._kept.n,
+            "rps_disk": rps_disk._kept.n}
     return out, held
+
+
+def _top(out: dict[str, torch.Tensor], name: str, top, full: torch.Tensor) -> None:
+    """Record a ranking after checking it (on every rank) against a stable sort of
+    the full (gathered) score matrix."""
+    desc = torch.sort(full, dim=0, descending=True, stable=True).indices[:5].T
+    asc = torch.sort(full, dim=0, stable=True).indices[:5].T
+    assert torch.equal(top.proponents, desc) and torch.equal(top.opponents, asc), name
+    out[f"{name}_top5"], out[f"{name}_top5_scores"] = top.proponents, top.proponent_scores
+    out[f"{name}_bottom5"], out[f"{name}_bottom5_scores"] = top.opponents, top.opponent_scores
 
 
 def main(rank: int, world: int, port: int, out_dir: str) -> None:
