@@ -15,6 +15,7 @@ from dattri.algorithm import (
     IFAttributorEKFAC,
     IFAttributorExplicit,
     IFAttributorLiSSA,
+    LoGraAttributor,
 )
 from dattri.algorithm import influence_function as if_module
 from dattri.errors import DattriValueError
@@ -30,6 +31,9 @@ METHODS = {
     "arnoldi": lambda t: IFAttributorArnoldi(t, proj_dim=8, max_iter=30, regularization=0.1),
     "datainf": lambda t: IFAttributorDataInf(t, fim_estimate_data_ratio=0.7),
     "ekfac": lambda t: IFAttributorEKFAC(t, damping=0.1),
+    # LoGra: the stored projected features of the cached loader, read block by block
+    "logra": lambda t: LoGraAttributor(t, damping=0.1, chunk_size=1,
+                                       proj_params={"proj_dim": 4, "proj_type": "normal"}),
 }
 
 

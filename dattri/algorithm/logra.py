@@ -247,28 +247,14 @@ class _BlockProjectedIF(_IFBase):
 
         return loader_fingerprint(train_loader) == getattr(self, "_train_fingerprint", None)
 
-    def attribute(self, train_loader: Any, test_loader: Any,
-                  relatif_method: str | None = None) -> torch.Tensor:
-        """Scores ``(n_train, n_test)``; on the cached training loader from the stored
-        features (read in blocks), otherwise from features computed here."""
-        self._check_pair(train_loader, test_loader)
-        train_loader = self._local(train_loader)
-        self._ensure_cached(train_loader)
+    def _kept_blocks(self, train_loader: Any) -> Any:
+        """On the cached training loader, the stored features of every checkpoint,
+        read in blocks (``attribute`` and its ``top_k`` score them block by block);
+        ``None`` for another loader (its features are computed)."""
         if not self._same_as_cached(train_loader):
-            return super().attribute(train_loader, test_loader, relatif_method)
-        _check_choice("relatif_method", relatif_method, ("l", "theta", None))
-        total = None
-        for c in range(self.num_checkpoints):
-            xt = self._ihvp(self.test_features.all(test_loader, c, "test features"), c)
-            parts = []
-            for g in self._stores[c].blocks():
-                s = g @ xt.T.to(g.dtype)
-                if relatif_method is not None:
-                    s = s / self._relatif_norm(g, c, relatif_method)[:, None]
-                parts.append(s)
-            s = torch.cat(parts)
-            total = s if total is None else total + s
-        return self._gather(total / self.num_checkpoints)
+            return None
+        return (list(parts) for parts in zip(*(self._stores[c].blocks()
+                                               for c in range(self.num_checkpoints))))
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         if self.hessian == "Identity":
