@@ -8,7 +8,8 @@ defines so that both spellings work; passing both spellings of one argument is a
 error. Nothing else changes: the wrapped method gets dattri's names.
 
 ``attribute(..., top_k=k)`` works on every attributor: a method without its own
-blocked ranking (TRAK and TracIn have one) ranks its score matrix here.
+blocked ranking (TRAK, TracIn and the influence-function family have one) ranks
+its score matrix here.
 
 The same wrapper takes every method's ``process_group=`` keyword (a
 ``torch.distributed`` group to split the training set over, see
@@ -46,7 +47,7 @@ def _positional_names(func: Callable) -> list[str] | None:
 def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
     names = _positional_names(func)
     ours = list(dict.fromkeys(aliases.values()))
-    # attribute(..., top_k=k) for every method: natively (score blocks, TRAK, TracIn)
+    # attribute(..., top_k=k) for every method: natively (score blocks: TRAK, TracIn, IF)
     # or here, from the (gathered) score matrix
     rank_here = func.__name__ == "attribute" and "top_k" not in inspect.signature(func).parameters
 
