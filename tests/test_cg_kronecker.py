@@ -126,3 +126,58 @@ def test_cg_scores_unchanged(hidden, sel, l2, monkeypatch):
     slow = IFAttributorCG(task, **kw).cache(loader)
     assert not isinstance(slow._state[0], _KroneckerMatmat)
     torch.testing.assert_close(got, slow.attribute(loader, loader), rtol=1e-8, atol=1e-12)
+
+
+# ------------------------------------------------------------------ LiSSA's minibatch products
+def _lissa(task, loader, force_autograd, monkeypatch=None, **kw):
+    from dattri.algorithm import IFAttributorLiSSA
+
+    att = IFAttributorLiSSA(task, recursion_depth=40, batch_size=5, scaling=20.0, damping=0.01,
+                            seed=3, **kw)
+    if force_autograd:
+        monkeypatch.setattr(IFAttributorLiSSA, "_kronecker_steps", lambda *a, **k: None)
+    att.cache(loader)
+    return att
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.03])
+def test_lissa_kronecker_steps_equal_the_autograd_recursion(monkeypatch, l2):
+    """The same minibatches, the same recursion: scores and self-influence equal the
+    autograd path's (float64), and the Kronecker path is the one taken."""
+    task, loader = _task(hidden=False, l2=l2)
+    fast = _lissa(task, loader, False)
+    assert getattr(fast._state[0], "chunk", None) is not None  # the Kronecker operator
+    test = torch.utils.data.DataLoader(loader.dataset, batch_size=6)
+    got, got_self = fast.attribute(loader, test), fast.self_attribute(loader)
+    with monkeypatch.context() as m:
+        slow = _lissa(task, loader, True, m)
+        assert getattr(slow._state[0], "chunk", None) is None
+        want, want_self = slow.attribute(loader, test), slow.self_attribute(loader)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_self, want_self, rtol=1e-9, atol=1e-12)
+
+
+def test_lissa_kronecker_minibatch_operator_is_the_minibatch_hessian():
+    """One step's operator is V -> V H_B with H_B the dense Hessian of the drawn
+    minibatch's mean loss."""
+    from dattri.algorithm._linear_hessian import linear_layer_rows
+
+    task, loader = _task(hidden=False)
+    data = DataCache(loader, torch.device("cpu"))
+    task.load_checkpoint(0)
+    theta, _ = task.get_param(0, None)
+    lf = task.get_loss_func(None, 0)
+    rows = linear_layer_rows(task, task._resolve_layer_name(None), data, 0, theta)
+    pick = torch.tensor([3, 17, 28, 9])
+    x, y = loader.dataset.tensors
+    mini = DataCache(torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x[pick], y[pick]), batch_size=4), torch.device("cpu"))
+    want = dense_hessian(lf, theta, mini)
+    v = torch.randn(5, theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(rows.matmat(pick, 1 / 4)(v), v @ want, rtol=1e-10, atol=1e-13)
+
+
+def test_lissa_declines_the_kronecker_path_for_an_mlp():
+    task, loader = _task(hidden=True)
+    att = _lissa(task, loader, False)
+    assert getattr(att._state[0], "chunk", None) is None

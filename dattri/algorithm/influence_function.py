@@ -351,11 +351,18 @@ class _IFBase(BaseAttributor):
         self._ensure_cached(train_loader)
         same = self.task.original_target_func is self.task.original_loss_func
         total = None
+        # consecutive batches solved together (a solve of 64 rows pays the solver's
+        # per-step overhead for few vectors)
+        width = self.task.param_spec(self.layer_name).numel
+        rows = min(SELF_INFLUENCE_ROWS, max(1, SELF_INFLUENCE_BYTES // (8 * width)))
+        biggest = max(self.data.sizes, default=1) if self.data is not None else 1
+        per = max(1, rows // max(1, biggest))
+        steps = -(-len(train_loader) // per)
         for c in range(self.num_checkpoints):
             parts = []
-            targets = None if same else self.test_features.iterate(train_loader, c, "self targets")
-            grads = self.train_features.iterate(train_loader, c, "self-influence")
-            for g in self._lockstep(grads, len(train_loader) if self._collective() else 0):
+            targets = None if same else _grouped(self.test_features.iterate(train_loader, c, "self targets"), per)
+            grads = _grouped(self.train_features.iterate(train_loader, c, "self-influence"), per)
+            for g in self._lockstep(grads, steps if self._collective() else 0):
                 x = self._ihvp_rows(self._rows(g), c)
                 norm = None if relatif_method is None else self._relatif_norm(self._rows(g), c,
                                                                             relatif_method)
@@ -367,6 +374,24 @@ class _IFBase(BaseAttributor):
             s = torch.cat(parts)
             total = s if total is None else total + s
         return self._gather(total / self.num_checkpoints)
+
+
+#: training rows per self-influence solve (consecutive loader batches grouped), and
+#: the bytes of one group's gradients at most
+SELF_INFLUENCE_ROWS = 512
+SELF_INFLUENCE_BYTES = 2**26
+
+
+def _grouped(blocks: Iterable[torch.Tensor], per: int) -> Iterator[torch.Tensor]:
+    """``blocks`` concatenated ``per`` at a time (in order)."""
+    group: list[torch.Tensor] = []
+    for b in blocks:
+        group.append(b)
+        if len(group) == per:
+            yield torch.cat(group) if per > 1 else group[0]
+            group = []
+    if group:
+        yield torch.cat(group)
 
 
 class IFAttributorExplicit(_IFBase):
