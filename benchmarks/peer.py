@@ -21,11 +21,15 @@ of the process included: torch.func's first transform, checks, graph recording),
 and prints one JSON line with both times, the ratio (``published / ours``: above 1
 means we are faster), the peak resident memory of each, and how far the two score
 matrices agree (Spearman correlation of the flattened matrices and the relative
-Frobenius difference). Known wrong answers of the published package are named in
-the ``published_note`` field (e.g. its explicit and CG inverses are computed per
-training batch and summed when the training loader has several batches, which is
-not the inverse Hessian of the training set). ``--summary`` prints the median and
-the worst cell per method from a JSONL file.
+Frobenius difference). Known wrong answers and differences of definition of the
+published package are named in the ``published_note`` field (e.g. its explicit and
+CG inverses are computed per training batch and summed when the training loader has
+several batches, which is not the inverse Hessian of the training set; its CG starts
+at the test gradient and runs exactly ``max_iter`` steps). ``--summary`` prints, per method and its settings,
+the median ratio and the worst cell (which one), the failed cells, and the median
+over methods per size and in all, from a JSONL file. ``--cg-max-iter 10 100`` runs
+IF-CG at both step counts (10: the timing cell; 100: converged, where the two
+packages agree).
 
 ``--source bench`` takes the data, the 10 ``models_full`` checkpoints and the LDS
 ground truth of our ``dattri bench`` setting ``mnist_<model>`` instead (``5000x500``
@@ -409,18 +413,45 @@ def _side_by_side(spec: dict, peer_python: str, cache: Path, gt_path: Path | Non
     return row
 
 
+_SETTING_KEYS = ("damping", "proj_dim", "max_iter")
+_CELL_KEYS = ("model", "size", "source", "batch", "threads")
+
+
+def _label(row: dict) -> str:
+    """The method and its own settings (LoGra's damping / dimension, CG's steps)."""
+    extra = [f"{k}={row[k]}" for k in _SETTING_KEYS if k in row]
+    return row["method"] + (f" ({', '.join(extra)})" if extra else "")
+
+
 def summarise(path: str) -> None:
-    """Median and worst ``published / ours`` ratio per method over the cells."""
+    """Per method (and its settings): the cells, the median ``published / ours`` ratio
+    and the worst cell (smallest ratio, which cell it is); cells that failed on
+    either side are counted, not averaged. Then the median over methods, per size
+    and in all."""
     rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-    by: dict[str, list[float]] = {}
+    rows = [r for r in rows if "method" in r]
+    by: dict[str, list[dict]] = {}
     for r in rows:
-        if "published_over_ours" in r:
-            by.setdefault(r["method"], []).append(r["published_over_ours"])
-    meds = {}
-    for m, v in by.items():
-        meds[m] = statistics.median(v)
-        print(json.dumps({"method": m, "cells": len(v), "median_ratio": round(meds[m], 2),
-                          "worst_ratio": round(min(v), 2)}))
+        by.setdefault(_label(r), []).append(r)
+    meds: dict[str, float] = {}
+    per_size: dict[str, dict[str, list[float]]] = {}
+    for label, rs in by.items():
+        ok = [r for r in rs if "published_over_ours" in r]
+        out = {"method": label, "cells": len(ok), "failed_cells": len(rs) - len(ok)}
+        if ok:
+            worst = min(ok, key=lambda r: r["published_over_ours"])
+            meds[label] = statistics.median(r["published_over_ours"] for r in ok)
+            out.update(median_ratio=round(meds[label], 2),
+                       worst_ratio=worst["published_over_ours"],
+                       worst_cell={k: worst[k] for k in _CELL_KEYS if k in worst})
+            for r in ok:
+                per_size.setdefault(r["size"], {}).setdefault(label, []).append(
+                    r["published_over_ours"])
+        print(json.dumps(out))
+    for size, methods in sorted(per_size.items()):
+        med = statistics.median(statistics.median(v) for v in methods.values())
+        print(json.dumps({"size": size, "methods": len(methods),
+                          "median_over_methods": round(med, 2)}))
     if meds:
         print(json.dumps({"median_over_methods": round(statistics.median(meds.values()), 2)}))
 

@@ -70,3 +70,31 @@ def test_logra_cell_builds_ours_with_relative_damping_and_kept_small_factor(peer
         # float32 solve of a rank-40 Fisher damped at 5e-3 of its mean eigenvalue
         # (condition ~5e3); a damping off by the published upward k (3.2x) is ~100% off
         assert float((got[:, sl] - want).norm() / want.norm()) < 5e-3
+
+
+def test_summarise_median_worst_cell_and_failures(peer, tmp_path, capsys):
+    import json
+
+    cell = {"model": "lr", "source": "peer", "threads": 1}
+    rows = [{**cell, "size": "1000x100", "batch": 64, "method": "if_cg", "max_iter": 10,
+             "published_over_ours": 4.0},
+            {**cell, "size": "1000x100", "batch": 1000, "method": "if_cg", "max_iter": 10,
+             "published_over_ours": 0.5},
+            {**cell, "size": "5000x500", "batch": 64, "method": "if_cg", "max_iter": 10,
+             "published_over_ours": 3.0},
+            {**cell, "size": "5000x500", "batch": 64, "method": "if_lissa", "published_error": "x"},
+            {**cell, "size": "5000x500", "batch": 64, "method": "grad_dot",
+             "published_over_ours": 20.0},
+            {"kind": "context"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    peer.summarise(str(path))
+    out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    cg = next(o for o in out if o.get("method") == "if_cg (max_iter=10)")
+    assert (cg["cells"], cg["median_ratio"], cg["worst_ratio"]) == (3, 3.0, 0.5)
+    assert cg["worst_cell"]["batch"] == 1000 and cg["worst_cell"]["size"] == "1000x100"
+    lissa = next(o for o in out if o.get("method") == "if_lissa")
+    assert (lissa["cells"], lissa["failed_cells"]) == (0, 1)
+    sizes = {o["size"]: o["median_over_methods"] for o in out if "size" in o}
+    assert sizes == {"1000x100": 2.25, "5000x500": 11.5}  # medians of per-method medians
+    assert out[-1] == {"median_over_methods": 11.5}  # median of (3.0, 20.0)
