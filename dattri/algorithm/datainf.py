@@ -127,6 +127,7 @@ class IFAttributorDataInf(_IFBase):
 
     def _cache(self, train_loader: Iterable) -> None:
         refuse_sharded_dropout(self, "IFAttributorDataInf")
+        self._fisher_g: dict[int, torch.Tensor] = {}  # offload="none": the Fisher rows
         if self.offload != "none":
             settings = {"method": "IF-DataInf", "layer_name": repr(self.layer_name)}
             self._kept = fill(self, self.train_features, train_loader, settings)
@@ -148,8 +149,7 @@ class IFAttributorDataInf(_IFBase):
         if not self._kept:
             parts = [self.train_features.batch(b, ckpt) for b in self._fisher_batches()]
             # a rank past the Fisher rows holds none
-            self._fisher_g = {**getattr(self, "_fisher_g", {}),
-                              ckpt: torch.cat(parts) if parts else self._rows(None)}
+            self._fisher_g[ckpt] = torch.cat(parts) if parts else self._rows(None)
         m = self._fisher_count()
         slices = list(self.task.param_spec(self.layer_name).slices().values())
         # the heuristic's mean_i ||g_il||^2 over all m Fisher examples, every block at once
