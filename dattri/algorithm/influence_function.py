@@ -251,8 +251,14 @@ class _IFBase(BaseAttributor):
     def _grad_blocks(self, train_loader: Iterable) -> Iterator[list[torch.Tensor] | None]:
         """This rank's training gradients one loader batch at a time, every checkpoint's
         (``None`` for the steps that keep the ranks in lockstep, see :meth:`_lockstep`)."""
+        from tqdm.auto import tqdm
+
+        from dattri.algorithm._loop import _disable
+
         batches = self._lockstep(train_loader, len(train_loader) if self._collective() else 0)
-        for i, b in enumerate(batches):
+        bar = tqdm(batches, desc="train grads", leave=False, total=len(train_loader),
+                   disable=_disable(self.train_features.show_progress))
+        for i, b in enumerate(bar):
             if b is None:
                 yield None
                 continue
