@@ -136,7 +136,8 @@ def _qualname(obj: Any) -> str:
 
 
 class _MaskedDropout(nn.Module):
-    """Dropout whose mask is supplied from outside (buffer ``mask``)."""
+    """Dropout whose mask is supplied from outside (buffer ``mask``: ``1[u >= p]``
+    already divided by ``1 - p``, so a step costs one product)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -148,7 +149,7 @@ class _MaskedDropout(nn.Module):
             return x
         if self.p >= 1.0:
             return x * 0.0
-        return x * self.mask / (1.0 - self.p)
+        return x * self.mask
 
 
 def _replace_dropout(model: nn.Module) -> list[str]:
@@ -356,7 +357,8 @@ class _ModelStreams:
         out = []
         for shape, prob in zip(shapes, p):
             u = torch.rand((batch, *shape), generator=self.drop_gen, dtype=torch.float32)
-            out.append((u >= prob).to(dtype))
+            keep = (u >= prob).to(dtype)
+            out.append(keep / (1.0 - prob) if prob < 1.0 else keep)
         return out
 
 
