@@ -505,6 +505,25 @@ def test_arnoldi_low_rank_scoring_equals_generic(small_case, method):
     torch.testing.assert_close(fast, generic, rtol=1e-7, atol=1e-9)
 
 
+def test_arnoldi_eigen_store_runs_one_iteration_for_a_regularization_search(small_case, monkeypatch):
+    import dattri.linalg.solvers as S
+
+    tr, te = loaders(small_case["train"], small_case["test"])
+    calls = []
+    real = S.arnoldi
+    monkeypatch.setattr(S, "arnoldi", lambda *a, **k: calls.append(1) or real(*a, **k))
+    store = {}
+    for reg in (1e-3, 1e-1):
+        kw = {"proj_dim": 10, "max_iter": 30, "regularization": reg}
+        shared = IFAttributorArnoldi(_task(small_case), eigen_store=store, **kw).cache(tr)
+        plain = IFAttributorArnoldi(_task(small_case), **kw).cache(tr)
+        torch.testing.assert_close(shared.attribute(tr, te), plain.attribute(tr, te),
+                                   rtol=1e-10, atol=1e-12)
+    assert len(calls) == 3  # the shared one once, the plain ones twice
+    with pytest.raises(DattriValueError, match="eigen_store"):
+        IFAttributorArnoldi(_task(small_case), eigen_store=[])
+
+
 def test_explicit_hessian_store_reuses_the_hessian(lr_case, monkeypatch):
     import dattri.algorithm.influence_function as IF
 

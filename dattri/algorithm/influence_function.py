@@ -710,6 +710,10 @@ class IFAttributorArnoldi(_IFBase):
     (``offload="none"``), in host memory (``"cpu"``) or in a resumable
     :mod:`dattri.store` under ``cache_dir`` (``"disk"``; keyed by the weights, the
     loader and a hash of the eigenbasis); scores and ``top_k`` read them in blocks.
+
+    ``eigen_store``: optional dict shared by several attributors of the SAME task,
+    layer selection and training data (e.g. a search over ``regularization``, which
+    only shifts the eigenvalues): each checkpoint's Arnoldi iteration runs once.
     """
 
     def __init__(
@@ -717,9 +721,14 @@ class IFAttributorArnoldi(_IFBase):
         precompute_data_ratio: float = 1.0, proj_dim: int = 100, max_iter: int = 100,
         norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0,
         seed: int = 0, offload: str = "none", cache_dir: str | None = None,
+        eigen_store: dict | None = None,
     ) -> None:
         super().__init__(task, layer_name, device)
         check_store_args("IFAttributorArnoldi", offload, cache_dir)
+        if eigen_store is not None and not isinstance(eigen_store, dict):
+            msg = f"eigen_store must be a dict or None, got {type(eigen_store).__name__}."
+            raise DattriValueError(msg)
+        self.eigen_store = eigen_store
         self.offload, self.cache_dir = offload, cache_dir
         if not 0 < precompute_data_ratio <= 1:
             msg = f"precompute_data_ratio={precompute_data_ratio!r} must be in (0, 1]."
@@ -738,10 +747,16 @@ class IFAttributorArnoldi(_IFBase):
 
         loss, theta = self._loss_and_theta(ckpt)
         k = max(1, round(self.data.num_batches * self.precompute_data_ratio))
-        matmat = dataset_matmat(loss, theta, self.data, "rev-rev", first_batches=k,
-                                structure=(self.task, self.layer_name, ckpt))
-        vals, vecs = arnoldi(matmat, theta.numel(), max_iter=self.max_iter, top_k=self.proj_dim,
-                             tol=self.tol, seed=self.seed, dtype=theta.dtype, device=theta.device)
+        key = (ckpt, self.data.n, theta.numel(), k, self.proj_dim, self.max_iter, self.tol, self.seed)
+        if self.eigen_store is not None and key in self.eigen_store:
+            vals, vecs = self.eigen_store[key]
+        else:
+            matmat = dataset_matmat(loss, theta, self.data, "rev-rev", first_batches=k,
+                                    structure=(self.task, self.layer_name, ckpt))
+            vals, vecs = arnoldi(matmat, theta.numel(), max_iter=self.max_iter, top_k=self.proj_dim,
+                                 tol=self.tol, seed=self.seed, dtype=theta.dtype, device=theta.device)
+            if self.eigen_store is not None:
+                self.eigen_store[key] = (vals, vecs)
         shifted = vals + self.regularization
         keep = shifted.abs() > 1e-12 * shifted.abs().max().clamp_min(1e-30)
         return vecs[keep], shifted[keep]

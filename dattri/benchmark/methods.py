@@ -193,8 +193,10 @@ def _if_lissa(md, hyper, ctx):
 
 
 def _if_arnoldi(md, hyper, ctx):
+    # the regularisation only shifts the eigenvalues: one Arnoldi iteration per
+    # setting and model, shared through eigen_store
     return IFAttributorArnoldi(_task(md, md["models_full"][0]), device=ctx.get("device", "cpu"),
-                               **hyper)
+                               eigen_store=ctx.setdefault("arnoldi_eigen", {}), **hyper)
 
 
 def _tracin(num: int, normalized: bool) -> Builder:
