@@ -33,7 +33,7 @@ import torch
 
 from dattri.errors import DattriValueError, NonFiniteError
 
-__all__ = ["TopK", "merge_topk", "topk_from_blocks", "topk_from_features", "topk_from_scores"]
+__all__ = ["TopK", "concat_topk", "merge_topk", "topk_from_blocks", "topk_from_features", "topk_from_scores"]
 
 _FIELDS = ("test_indices", "proponents", "proponent_scores", "opponents", "opponent_scores")
 
@@ -275,6 +275,19 @@ def topk_from_features(
     fn = score_fn or mean_inner_product
     blocks = ((start, fn(block, test)) for start, block in train_blocks)
     return topk_from_blocks(blocks, k, test_indices)
+
+
+def concat_topk(parts: Sequence[TopK]) -> TopK:
+    """One :class:`TopK` from rankings of disjoint sets of test examples (blocks of
+    test columns, or the columns of each rank), ordered by test position."""
+    if not parts:
+        msg = "parts: no rankings given; pass at least one TopK."
+        raise DattriValueError(msg)
+    k = min(p.k for p in parts)
+    order = torch.argsort(torch.cat([p.test_indices for p in parts]), stable=True)
+    fields = [torch.cat([getattr(p, name)[:, :k] if name != "test_indices" else p.test_indices
+                         for p in parts])[order] for name in _FIELDS]
+    return TopK(*fields)
 
 
 def merge_topk(parts: Sequence[TopK | tuple[int, TopK]]) -> TopK:

@@ -118,3 +118,20 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.drop(torch.tanh(self.fc1(x))))
+
+
+def spy_ranked(monkeypatch, module) -> list[tuple[int, ...]]:
+    """Record the shapes of the score blocks that ``module`` hands to its ``ranked``
+    (the blocked top-k): a test can then check that no block holds every row."""
+    shapes: list[tuple[int, ...]] = []
+    orig = module.ranked
+
+    def spy(blocks, k, shard):
+        def seen():
+            for start, s in blocks:
+                shapes.append(tuple(s.shape))
+                yield start, s
+        return orig(seen(), k, shard)
+
+    monkeypatch.setattr(module, "ranked", spy)
+    return shapes

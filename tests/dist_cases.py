@@ -214,6 +214,8 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     knn_disk = KNNShapleyAttributor(k_neighbors=3, offload="disk",
                                     cache_dir=os.path.join(cache_dir, "knn")).cache(tr)
     out["knn_disk"] = knn_disk.attribute(tr, te)
+    _top(out, "knn", knn.attribute(tr, te, top_k=5), out["knn_shapley"])
+    _top(out, "knn_disk", knn_disk.attribute(tr, te, top_k=5), out["knn_disk"])
 
     rps_task = AttributionTask(loss_func=nn.functional.cross_entropy, model=model,
                                checkpoints=ckpts[-1])
@@ -224,6 +226,8 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     rps_disk = RPSAttributor(rps_task, "fc2", l2_strength=0.01, offload="disk",
                              cache_dir=os.path.join(cache_dir, "rps")).cache(tr)
     out["rps_disk"] = rps_disk.attribute(tr, te)
+    _top(out, "rps", rps.attribute(tr, te, top_k=5), out["rps"])
+    _top(out, "rps_disk", rps_disk.attribute(tr, te, top_k=5), out["rps_disk"])
     # the step gradients of each rank's examples, K's update summed over the ranks
     traj, steps = _trajectory(model, loss, train)
     dv_task = AttributionTask(loss_func=loss, model=model, checkpoints=traj)
@@ -231,6 +235,7 @@ def run_all(cache_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out["dvemb"] = dvemb.attribute(tr, te)
     out["dvemb_self"] = dvemb.self_attribute(tr)
     out["dvemb_embeddings"] = dvemb.embeddings()
+    _top(out, "dvemb", dvemb.attribute(tr, te, top_k=5), out["dvemb"])
     out["dvemb_projected"] = DVEmbAttributor(
         dv_task, steps, proj_params={"proj_dim": 8, "proj_type": "normal"}).cache(tr).attribute(tr, te)
     held = {"trak": trak._phi[0].shape[0], "cg": cg.data.n_local, "ekfac": ekfac.data.n_local,

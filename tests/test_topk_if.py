@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import MLP, digits, l2_loss_factory, loaders
+from cases import MLP, digits, l2_loss_factory, loaders, spy_ranked
 
 from dattri.algorithm import (
     IFAttributorArnoldi,
@@ -55,17 +55,7 @@ def _case(checkpoints: int = 1):
 
 def _spy_blocks(monkeypatch) -> list[tuple[int, ...]]:
     """The shapes of the score blocks the IF attributors hand to the ranking."""
-    shapes: list[tuple[int, ...]] = []
-    orig = if_module.ranked
-
-    def spy(blocks, k, shard):
-        def seen():
-            for start, s in blocks:
-                shapes.append(tuple(s.shape))
-                yield start, s
-        return orig(seen(), k, shard)
-
-    monkeypatch.setattr(if_module, "ranked", spy)
+    shapes = spy_ranked(monkeypatch, if_module)
     # kept features (IF-Arnoldi) are read in blocks of BATCH rows, not the byte budget
     monkeypatch.setattr(if_module, "block_rows", lambda *args: BATCH)
     return shapes

@@ -8,8 +8,8 @@ defines so that both spellings work; passing both spellings of one argument is a
 error. Nothing else changes: the wrapped method gets dattri's names.
 
 ``attribute(..., top_k=k)`` works on every attributor: a method without its own
-blocked ranking (TRAK, TracIn and the influence-function family have one) ranks
-its score matrix here.
+blocked ranking (TRAK, TracIn, the influence-function family, RPS-L2, KNN-Shapley and
+DVEmb have one) ranks its score matrix here.
 
 The same wrapper takes every method's ``process_group=`` keyword (a
 ``torch.distributed`` group to split the training set over, see
@@ -47,7 +47,7 @@ def _positional_names(func: Callable) -> list[str] | None:
 def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
     names = _positional_names(func)
     ours = list(dict.fromkeys(aliases.values()))
-    # attribute(..., top_k=k) for every method: natively (score blocks: TRAK, TracIn, IF)
+    # attribute(..., top_k=k) for every method: natively (score blocks)
     # or here, from the (gathered) score matrix
     rank_here = func.__name__ == "attribute" and "top_k" not in inspect.signature(func).parameters
 

@@ -67,11 +67,13 @@ from dattri._loader import batch_size_of, slice_batch
 from dattri.algorithm._batched import BatchedGrads, reference_grads
 from dattri.algorithm._engine import DataCache
 from dattri.algorithm._loop import _check_finite, _head, close_per_example, ensemble_rng
+from dattri.algorithm._scored import block_rows, check_top_k, ranked
 from dattri.algorithm.base import BaseAttributor
-from dattri.distributed import all_gather_rows
+from dattri.distributed import all_gather_rows, row_range
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.func.utils import ParamSpec
 from dattri.task import AttributionTask
+from dattri.topk import TopK
 
 __all__ = ["DEFAULT_PROJECTOR_KWARGS", "DVEmbAttributor"]
 
@@ -466,22 +468,29 @@ class DVEmbAttributor(BaseAttributor):
 
     def attribute(self, train_loader: Iterable | None = None, test_loader: Iterable | None = None,
                   epoch: int | None = None, train_data_indices: Sequence[int] | None = None,
-                  ) -> torch.Tensor:
+                  top_k: int | None = None) -> torch.Tensor | TopK:
         """Scores ``(n_train, n_test)`` = ``<e(z_i), g_target(z_j; theta_T)>``.
 
         In the recording workflow ``attribute(test_loader, epoch=None,
         train_data_indices=None)``: the test gradients at the model's current
         parameters, the embeddings of one ``epoch`` (default: summed), the rows of
         ``train_data_indices`` (default: all recorded indices ``0..max``).
+        ``top_k=k``: the :class:`~dattri.topk.TopK` of each test example, ranked from
+        blocks of embedding rows (no ``n_train x n_test`` matrix), merged over ranks.
         """
+        k = check_top_k(top_k)
         if self.steps is None:  # attribute(test_loader, epoch, train_data_indices)
             if test_loader is not None and not isinstance(test_loader, Iterable):
                 test_loader, epoch, train_data_indices = None, test_loader, epoch
-            return self._attribute_recorded(test_loader or train_loader, epoch, train_data_indices)
+            emb, gt = self._recorded_sides(test_loader or train_loader, epoch, train_data_indices)
+            return emb @ gt.T.to(emb.dtype) if k is None else ranked(_row_blocks(emb, gt, 0), k, None)
         self._check_pair(train_loader, test_loader)
         self._ensure_cached(train_loader)
         final = self.num_checkpoints - 1
         gt = self.test_features.all(test_loader, final, "test grads")
+        if k is not None:
+            start = row_range(self._emb.shape[0], self._shard())[0]  # this rank's rows
+            return ranked(_row_blocks(self._emb, gt, start), k, self._shard())
         return self._gather(self._emb @ gt.T.to(self._emb.dtype))  # this rank's rows
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
@@ -491,8 +500,9 @@ class DVEmbAttributor(BaseAttributor):
                                     "self grads")
         return self._gather((self._emb * gt.to(self._emb.dtype)).sum(dim=1))
 
-    def _attribute_recorded(self, test_loader: Iterable, epoch: int | None,
-                            train_data_indices: Sequence[int] | None) -> torch.Tensor:
+    def _recorded_sides(self, test_loader: Iterable, epoch: int | None,
+                        train_data_indices: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings and test gradients of the recording workflow's scores."""
         from dattri._loader import check_loader
 
         if not self._epoch_emb:
@@ -506,4 +516,12 @@ class DVEmbAttributor(BaseAttributor):
         if train_data_indices is not None:
             emb = emb[torch.as_tensor(list(train_data_indices), device=emb.device).long()]
         gt = torch.cat([self._live_grads(b) for b in test_loader])
-        return emb @ gt.T.to(emb.dtype)
+        return emb, gt
+
+
+def _row_blocks(emb: torch.Tensor, gt: torch.Tensor, start: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(global_row_start, scores)`` of blocks of embedding rows."""
+    rows = block_rows(emb.shape[1], gt.shape[0])
+    g = gt.T.to(emb.dtype)
+    for i in range(0, emb.shape[0], rows):
+        yield start + i, emb[i:i + rows] @ g

@@ -37,15 +37,21 @@ import torch
 from dattri._loader import batch_size_of, check_loader, to_device
 from dattri.algorithm._engine import resolve_device
 from dattri.algorithm._loop import LoaderFeatures
-from dattri.algorithm._scored import check_store_args, fill
+from dattri.algorithm._scored import check_store_args, check_top_k, fill
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, split
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
+from dattri.topk import TopK, concat_topk, topk_from_blocks
 
 __all__ = ["KNNShapleyAttributor", "knn_shapley"]
 
 _LABEL_KEYS = ("label", "labels", "y", "target")
+
+
+#: bytes of one block of test columns in ``attribute(..., top_k=k)`` (distances,
+#: their order and the values, float64, for every training point)
+TOPK_BYTES = 64 << 20
 
 
 def knn_shapley(dist: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor,
@@ -177,18 +183,21 @@ class KNNShapleyAttributor(BaseAttributor):
         y = torch.cat([self._label(to_device(b, self.device)).reshape(-1) for b in train_loader])
         self._train = None, all_gather_rows(y, shard)
 
-    def _distances(self, x_te: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def _distances(self, x_te: torch.Tensor, lo: int, hi: int, shared: bool = False) -> torch.Tensor:
         """Distances ``(n_train, hi - lo)`` of every training point to test points
-        ``lo:hi``; from kept rows: this rank's rows to every test point, gathered."""
+        ``lo:hi``; from kept rows: this rank's rows to every test point (``shared``:
+        to ``lo:hi``, the same columns on every rank), gathered."""
         x_tr = self._train[0]
         if self._kept is None:
             if hi <= lo:  # more ranks than test points
                 return x_te.new_zeros(len(x_tr), 0)
             return self._checked(self.distance_func(x_tr.to(x_te.dtype), x_te[lo:hi]),
                                  len(x_tr), hi - lo)
-        parts = [self._checked(self.distance_func(b.to(x_te.dtype), x_te), b.shape[0], len(x_te))
+        x = x_te[lo:hi] if shared else x_te
+        parts = [self._checked(self.distance_func(b.to(x_te.dtype), x), b.shape[0], len(x))
                  for _, b in self._kept.blocks(device=self.device)]
-        return all_gather_rows(torch.cat(parts), self._shard())[:, lo:hi]
+        gathered = all_gather_rows(torch.cat(parts), self._shard())
+        return gathered if shared else gathered[:, lo:hi]
 
     @staticmethod
     def _checked(dist: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -208,7 +217,8 @@ class KNNShapleyAttributor(BaseAttributor):
         return t
 
     def attribute(self, train_loader: Iterable, test_loader: Iterable,
-                  train_labels: Any = None, test_labels: Any = None) -> torch.Tensor:
+                  train_labels: Any = None, test_labels: Any = None,
+                  top_k: int | None = None) -> torch.Tensor | TopK:
         """KNN-Shapley values ``(n_train, n_test)``: the value of training point i for
         test point j (``transpose=True``: ``(n_test, n_train)``).
 
@@ -218,7 +228,11 @@ class KNNShapleyAttributor(BaseAttributor):
             train_labels: labels of the training examples in loader order (default:
                 read from the batches).
             test_labels: likewise for the test examples.
+            top_k: return the :class:`~dattri.topk.TopK` of each test example
+                instead, from blocks of test columns (the values of a test point
+                need all its distances; no ``n_train x n_test`` matrix is formed).
         """
+        k = check_top_k(top_k)
         self._check_pair(train_loader, test_loader)
         if not self._cached and getattr(self, "_read_at_attribute", False):
             self.cache(train_loader)  # 0.3.0's cache() without a loader was called
@@ -231,6 +245,8 @@ class KNNShapleyAttributor(BaseAttributor):
             y_te = self._given_labels(test_labels, len(x_te), "test_labels").to(y_te.device)
         shard = self._shard()
         lo, hi = (0, len(x_te)) if shard is None else split(len(x_te), shard.world)[shard.rank]
+        if k is not None:
+            return self._ranked(x_te, y_tr, y_te, lo, hi, k)
         dist = self._distances(x_te, lo, hi)  # every rank: a collective with kept rows
         if hi > lo:  # this rank's test columns
             values = knn_shapley(dist, y_tr, y_te[lo:hi], self.k_neighbors)
@@ -239,6 +255,30 @@ class KNNShapleyAttributor(BaseAttributor):
         if shard is not None:
             values = all_gather_rows(values.T.contiguous(), shard).T
         return values.T if self.transpose else values
+
+    def _ranked(self, x_te: torch.Tensor, y_tr: torch.Tensor, y_te: torch.Tensor, lo: int,
+                hi: int, k: int) -> TopK:
+        """Top-k of the values, test columns ``cols`` at a time (this rank's ``lo:hi``;
+        with kept rows every rank takes part in every block's gather)."""
+        n, m = len(y_tr), len(x_te)
+        cols = max(1, TOPK_BYTES // (8 * 4 * max(1, n)))  # distances, order, values
+        shard = self._shard()
+        spans = range(lo, hi, cols) if self._kept is None else range(0, max(m, 1), cols)
+        parts = []
+        for a in spans:
+            e = min(a + cols, m)
+            dist = self._distances(x_te, a, e, shared=True)
+            a2, e2 = max(a, lo), min(e, hi)  # the block's columns this rank values
+            if e2 > a2:
+                vals = knn_shapley(dist[:, a2 - a:e2 - a], y_tr, y_te[a2:e2], self.k_neighbors)
+                parts.append(topk_from_blocks([(0, vals)], k, torch.arange(a2, e2)))
+        if shard is not None:
+            import torch.distributed as dist_
+
+            every: list[Any] = [None] * shard.world
+            dist_.all_gather_object(every, parts, group=shard.group)
+            parts = [p for ps in every for p in ps]
+        return concat_topk(parts)
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """Not defined for KNN-Shapley (a point is its own nearest neighbour)."""

@@ -46,7 +46,7 @@ scores its own training rows (the rows are gathered): the scores of one process.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,11 +55,19 @@ from torch import nn
 from dattri._convention import as_batched
 from dattri._loader import check_loader
 from dattri.algorithm._loop import LoaderFeatures
-from dattri.algorithm._scored import check_store_args, checkpoint_digest, fill
+from dattri.algorithm._scored import (
+    block_rows,
+    check_store_args,
+    check_top_k,
+    checkpoint_digest,
+    fill,
+    ranked,
+)
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, row_range
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.task import AttributionTask
+from dattri.topk import TopK
 
 __all__ = ["DENSE_NEWTON_MAX_PARAMS", "RPSAttributor"]
 
@@ -366,24 +374,42 @@ class RPSAttributor(BaseAttributor):
         self.weight = w.detach()
         self._dtype = layer.weight.dtype
 
-    def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
-        """Representer values ``(n_train, n_test)`` for the test labels' classes."""
+    def attribute(self, train_loader: Iterable, test_loader: Iterable,
+                  top_k: int | None = None) -> torch.Tensor | TopK:
+        """Representer values ``(n_train, n_test)`` for the test labels' classes; with
+        ``top_k=k`` the :class:`~dattri.topk.TopK` of each test example, ranked from
+        blocks of training rows (no ``n_train x n_test`` matrix), merged over ranks."""
+        k = check_top_k(top_k)
         self._check_pair(train_loader, test_loader)
         self._ensure_cached(train_loader)
         h_t, y_t = self._features(test_loader)
+        blocks = self._score_blocks(h_t, y_t, None if k is None else block_rows(h_t.shape[1], len(y_t)))
+        if k is not None:
+            return ranked(blocks, k, self._shard())
+        return self._gather(torch.cat([b for _, b in blocks]))
+
+    def _score_blocks(self, h_t: torch.Tensor, y_t: torch.Tensor,
+                      rows: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(global_row_start, values (b, m))`` of this rank's training rows, ``rows``
+        at a time (None: one block)."""
         lo, hi = self._held  # this rank's training rows
         if self._kept is None:
-            kernel = self.h_train[lo:hi] @ h_t.T
+            step = rows or max(1, hi - lo)
+            pieces = ((s, self.h_train[s:min(s + step, hi)]) for s in range(lo, hi, step))
         else:
-            kernel = torch.cat([b @ h_t.T for _, b in self._kept.blocks(device=self.device)])
-        return self._gather((self._label_terms(y_t)[lo:hi] * kernel).to(self._dtype))
+            pieces = self._kept.blocks(device=self.device, rows=rows)
+        for start, h in pieces:
+            terms = self._label_terms(y_t, slice(start, start + h.shape[0]))
+            yield start, (terms * (h @ h_t.T)).to(self._dtype)
 
-    def _label_terms(self, y: torch.Tensor) -> torch.Tensor:
-        """``alpha_j`` for each label's class, ``(n_train, len(y))``; a one-logit
-        (binary) model's logit speaks for class 1, so class 0 takes ``-alpha_j``."""
+    def _label_terms(self, y: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """``alpha_j`` for each label's class, ``(n_train, len(y))`` (the training
+        ``rows``); a one-logit (binary) model's logit speaks for class 1, so class 0
+        takes ``-alpha_j``."""
+        alpha = self.alpha[rows]
         if getattr(self, "_binary", False):
-            return self.alpha[:, :1] * (2 * y.reshape(1, -1).to(self.alpha.dtype) - 1)
-        return self.alpha[:, y.long().reshape(-1)]
+            return alpha[:, :1] * (2 * y.reshape(1, -1).to(alpha.dtype) - 1)
+        return alpha[:, y.long().reshape(-1)]
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``alpha_j[y_j] * ||h~_j||^2`` as ``(n_train,)``."""
