@@ -276,60 +276,46 @@ def _lead_linear(template: nn.Module, xd: torch.Tensor) -> str | None:
     own = {n for n, m in mods.items() if any(True for _ in m.parameters(recurse=False))}
     if not own:
         return None
-    lead: list[str] = []
+    x2 = xd.reshape(xd.shape[0], -1)
+    found: list[tuple[str, torch.Tensor]] = []
 
-    def pre(mod: nn.Module, _args: Any) -> None:
+    def pre(mod: nn.Module, args: Any) -> None:  # the first module with parameters
         name = names.get(id(mod))
-        if name in own and not lead:
-            lead.append(name)
+        if name in own:
+            found.append((name, args[0].detach() if args else None))
             raise _Found
 
+    lead = None
     handles = [m.register_forward_pre_hook(pre) for m in mods.values()]
     try:
-        with torch.no_grad():
-            template(xd[:1])
-    except _Found:
-        pass
-    except Exception:  # noqa: BLE001 - the probe only decides whether the path applies
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    if not lead:
-        return None
-    name = lead[0]
-    layer = mods[name]
-    if type(layer) is not nn.Linear or any(not p.requires_grad for p in layer.parameters()):
-        return None
-    ids = [id(p) for p in layer.parameters()]
-    if sum(id(p) in ids for _, p in template.named_parameters(remove_duplicate=False)) != len(ids):
-        return None  # tied to another module's parameter
-    x2 = xd.reshape(xd.shape[0], -1)
-    if x2.shape[1] != layer.in_features:
-        return None
-    seen: list[torch.Tensor] = []
-
-    def grab(_mod: nn.Module, args: Any) -> None:
-        seen.append(args[0].detach())
-        raise _Found
-
-    handle = layer.register_forward_pre_hook(grab)
-    try:
         for start in range(0, xd.shape[0], 1024):
-            seen.clear()
+            found.clear()
             with torch.no_grad():
                 try:
                     template(xd[start:start + 1024])
                 except _Found:
                     pass
-            chunk = x2[start:start + 1024]
-            if not seen or seen[0].shape != chunk.shape or not torch.equal(seen[0], chunk):
+            if not found or (lead is not None and found[0][0] != lead):
                 return None
-    except Exception:  # noqa: BLE001
+            if lead is None:  # the layer's own conditions, before reading more data
+                lead = found[0][0]
+                layer = mods[lead]
+                if type(layer) is not nn.Linear or any(not p.requires_grad for p in layer.parameters()):
+                    return None
+                ids = [id(p) for p in layer.parameters()]
+                if sum(id(p) in ids for _, p in template.named_parameters(remove_duplicate=False)) != len(ids):
+                    return None  # tied to another module's parameter
+                if x2.shape[1] != layer.in_features:
+                    return None
+            seen, chunk = found[0][1], x2[start:start + 1024]
+            if seen is None or seen.shape != chunk.shape or not torch.equal(seen, chunk):
+                return None
+    except Exception:  # noqa: BLE001 - the probe only decides whether the path applies
         return None
     finally:
-        handle.remove()
-    return name
+        for h in handles:
+            h.remove()
+    return lead
 
 
 def _drop_seed(seed: int) -> int:
