@@ -180,8 +180,8 @@ class _KroneckerMatmat:
         blocks = torch.cat(parts, dim=-1).reshape(k * c, -1)   # (k C, d')
         m = self.a.shape[0]
         u = self.a @ blocks.T                                  # (m, k C): a_i . V_kc
-        # Lambda_i applied per example: (m, k, C) @ (m, C, C), a batched GEMM (an
-        # einsum here takes a permuted path ~100x slower for small blocks)
+        # Lambda_i applied per example: (m, k, C) @ (m, C, C), a batched GEMM
+        # (1 thread, C = 10, d = 785: 1.1-1.3x faster than the einsum it replaced)
         t = torch.bmm(u.view(m, k, c), self.lam.transpose(1, 2))
         back = (t.reshape(m, k * c).T @ self.a).view(k, c, -1)  # (k, C, d')
         out = torch.cat(([back[..., :d_in].reshape(k, -1)] if self.w_sel else [])
