@@ -235,3 +235,26 @@ def _safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_dvemb_replay_gap_above_the_bound_is_noted_and_warned(tmp_path, monkeypatch):
+    """A replay that ends away from models_full[0] (here: the bound lowered to 0, so
+    any rounding difference counts) says so in the result and as a warning."""
+    from dattri.benchmark import cli
+    from dattri.benchmark import methods as bench_methods
+
+    monkeypatch.setattr(bench_methods, "REPLAY_RELATIVE_GAP_WARN", 0.0)
+    with pytest.warns(RuntimeWarning, match="the replay ended") as caught:
+        rc = cli.main(["bench", "--size", "tiny", "--settings", "mnist_lr", "--methods",
+                       "DVEmb", "--metrics", "lds", "--search", "quick", "--out",
+                       str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                       "--no-plot", "--no-progress"])
+    assert rc == 0
+    # the report (top-k proponents) replays the trajectory before it attributes
+    assert not [w for w in caught if "was not written" in str(w.message)]
+    assert list((tmp_path / "out").rglob("*.html"))
+    (dv,) = _records(tmp_path / "out")[("mnist_lr", "lds", "DVEmb")]
+    gap = float(next(n for n in dv["notes"] if n.startswith("DVEmb: replayed")).rsplit(" ", 1)[1])
+    (warned,) = [n for n in dv["notes"] if n.startswith("DVEmb: the replay ended")]
+    rel = float(warned.split("ended ", 1)[1].split(" ", 1)[0])
+    assert 0 < rel <= gap / 1e-3 and rel < 1e-5  # relative to a parameter scale > 1e-3

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -312,6 +313,11 @@ def momentum_step_weight(lr: float, momentum: float, steps_left: int) -> float:
     return float(lr) * (1 - momentum**steps_left) / (1 - momentum)
 
 
+#: relative parameter gap between DVEmb's replayed final model and ``models_full[0]``
+#: above which the result carries a note and a warning (the run is not the same one)
+REPLAY_RELATIVE_GAP_WARN = 1e-3
+
+
 class _ReplayedDVEmb:
     """DVEmb on the recorded trajectory of ``models_full[0]`` (see the module docstring).
 
@@ -333,6 +339,7 @@ class _ReplayedDVEmb:
                                                       "proj_type": "sjlt"}, device=device)
         self.proj_params = {"proj_dim": int(proj_dim), "proj_type": "sjlt", "proj_seed": 0}
         self.replay_gap: float | None = None
+        self.replay_relative_gap: float | None = None
         self.bench_notes: list[str] = []
 
     def _trainer(self) -> Any:
@@ -364,10 +371,26 @@ class _ReplayedDVEmb:
         self.net.load_state_dict(final)  # the attributed model: models_full[0]
         self.replay_gap = max(float((replayed[k].to(v.dtype) - v).abs().max())
                               for k, v in final.items() if k in replayed)
+        scale = max(float(v.abs().max()) for k, v in final.items()
+                    if k in replayed and v.is_floating_point())
+        self.replay_relative_gap = self.replay_gap / max(scale, 1e-30)
         self.bench_notes = [f"DVEmb: replayed trajectory of {total} SGD steps; its final "
                             f"model differs from models_full[0] by at most {self.replay_gap:.2e}"]
+        if self.replay_relative_gap > REPLAY_RELATIVE_GAP_WARN:
+            msg = (f"DVEmb: the replay ended {self.replay_relative_gap:.1e} (relative to the "
+                   f"largest parameter, above {REPLAY_RELATIVE_GAP_WARN:.0e}) from "
+                   f"models_full[0]: the plain loop and the vmapped trainer sum in different "
+                   f"orders and SGD amplifies float32 rounding over {total} steps; the "
+                   f"embeddings are those of the replayed run, scored at models_full[0]")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            self.bench_notes.append(msg)
         self.att.cache()
         return self
+
+    @property
+    def is_cached(self) -> bool:
+        """Whether ``cache`` has replayed the trajectory (the reports read it)."""
+        return self.replay_gap is not None
 
     def attribute(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
         return self.att.attribute(test_loader)
