@@ -268,6 +268,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
         results, held = run_all(os.path.join(out_dir, "stores"))
         torch.save({"scores": results, "held": held}, os.path.join(out_dir, f"rank{rank}.pt.tmp"))
         os.replace(os.path.join(out_dir, f"rank{rank}.pt.tmp"), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # tear down together (a peer's early exit can abort gloo's thread)
     finally:
         dist.destroy_process_group()
 

@@ -100,6 +100,11 @@ def main(rank: int, world: int, port: int, cache_dir: str, out_dir: str, kill_ra
     refused = _dropout_refusals() if kill_at < 0 else []
     torch.save({"featurized": featurized, "features": feats, "refused": refused},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    if kill_rank < 0:
+        # both ranks reach the teardown together: a rank that exits while its peer
+        # still holds the process group can make the peer's gloo thread abort (SIGABRT,
+        # "terminate called without an active exception"; seen once in CI)
+        dist.barrier()
     dist.destroy_process_group()
 
 
