@@ -258,3 +258,28 @@ def test_dvemb_replay_gap_above_the_bound_is_noted_and_warned(tmp_path, monkeypa
     (warned,) = [n for n in dv["notes"] if n.startswith("DVEmb: the replay ended")]
     rel = float(warned.split("ended ", 1)[1].split(" ", 1)[0])
     assert 0 < rel <= gap / 1e-3 and rel < 1e-5  # relative to a parameter scale > 1e-3
+
+
+def test_dvemb_steps_enter_with_the_trainers_plain_learning_rate(tmp_path, monkeypatch):
+    """The replay records every SGD step with the trainer's lr (momentum not folded
+    in: folded weights up to lr / (1 - mu) made DVEmb's propagation overshoot, AUC at
+    chance on MNIST LR at the paper's size)."""
+    from dattri.algorithm.dvemb import DVEmbAttributor
+    from dattri.benchmark import cli
+    from dattri.benchmark.settings import get_setting
+
+    rates: list[float] = []
+    orig = DVEmbAttributor.cache_gradients
+
+    def spy(self, epoch, batch, indices, learning_rate):
+        rates.append(learning_rate)
+        return orig(self, epoch, batch, indices, learning_rate)
+
+    monkeypatch.setattr(DVEmbAttributor, "cache_gradients", spy)
+    rc = cli.main(["bench", "--size", "tiny", "--settings", "mnist_lr", "--methods", "DVEmb",
+                   "--metrics", "lds", "--search", "quick", "--out", str(tmp_path / "out"),
+                   "--cache-dir", str(tmp_path / "c"), "--no-plot", "--no-progress"])
+    assert rc == 0
+    rec = get_setting("mnist_lr")
+    vt = rec.vectorized(rec.size("tiny") if callable(rec.size) else rec.sizes["tiny"])
+    assert vt.momentum > 0 and len(rates) >= 20 and set(rates) == {vt.lr}
