@@ -362,14 +362,13 @@ class _ReplayedDVEmb:
         x, y = _loader_xy(train_loader)
         seed = recorded_seed(Path(self.md["cache"]["root"]) / "models_full", 0,
                              train_seed(self.md["seed"], 0))
-        total, step = vt.num_steps(x.shape[0]), [0]
+        total = vt.num_steps(x.shape[0])
         final = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
         def record(epoch: int, idx: torch.Tensor, work: torch.nn.Module) -> None:
             self.net.load_state_dict(work.state_dict())
-            lr = vt.lr  # plain SGD's rate: see the module docstring (not momentum_step_weight)
-            self.att.cache_gradients(epoch, (x[idx], y[idx]), idx, lr)
-            step[0] += 1
+            # plain SGD's rate: see the module docstring (not momentum_step_weight)
+            self.att.cache_gradients(epoch, (x[idx], y[idx]), idx, vt.lr)
 
         replayed = vt.train_one(x, y, range(x.shape[0]), seed, on_step=record)
         self.net.load_state_dict(final)  # the attributed model: models_full[0]
@@ -383,8 +382,8 @@ class _ReplayedDVEmb:
         if self.replay_relative_gap > REPLAY_RELATIVE_GAP_WARN:
             msg = (f"DVEmb: the replay ended {self.replay_relative_gap:.1e} (relative to the "
                    f"largest parameter, above {REPLAY_RELATIVE_GAP_WARN:.0e}) from "
-                   f"models_full[0]: the plain loop and the vmapped trainer sum in different "
-                   f"orders and SGD amplifies float32 rounding over {total} steps; the "
+                   f"models_full[0] (likely the plain loop's and the vmapped trainer's summation "
+                   f"orders, with float32 rounding amplified over {total} steps); the "
                    f"embeddings are those of the replayed run, scored at models_full[0]")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             self.bench_notes.append(msg)
