@@ -355,3 +355,20 @@ def test_cuda_features_match_cpu(proj_type):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-10, atol=1e-10)
     on_gpu = get_projector(proj_type, 3000, 256, seed=1, device="cuda")  # GPU generator
     torch.testing.assert_close(on_gpu.project(x.cuda(), 5), on_gpu.project(x.cuda(), 5))
+
+
+def test_a_new_ensemble_id_evicts_the_previous_matrix_not_its_own_blocks():
+    """An ensemble loop (checkpoint-major, batches inside) over a cache that holds one
+    matrix: each checkpoint's matrix is drawn once, however many batches use it (the
+    cache kept the first id's blocks forever and redrew the others per batch)."""
+    p, k = 1000, 64
+    budget = 4 * k * 100  # 100 rows per block: 10 blocks a matrix
+    proj = DenseProjector(p, k, seed=0, block_bytes=budget, cache_bytes=10 * budget)
+    x = torch.randn(3, p, dtype=torch.float64)
+    for c in range(3):
+        first = proj.project(x, ensemble_id=c)
+        for _ in range(4):  # the other batches of this checkpoint
+            torch.testing.assert_close(proj.project(x, ensemble_id=c), first, rtol=0, atol=0)
+        torch.testing.assert_close(first, x @ proj.matrix(c).double(), rtol=1e-12, atol=1e-12)
+        assert proj.blocks_generated == 10 * (c + 1)
+        assert proj._cached_bytes <= 10 * budget

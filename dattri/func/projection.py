@@ -218,7 +218,13 @@ class Projector:
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def _cached(self, key: tuple, target: torch.device, make: Callable) -> tuple:
-        """Return ``make()`` (a tuple of tensors) on ``target``, cached within budget."""
+        """Return ``make()`` (a tuple of tensors) on ``target``, cached within budget.
+
+        ``key[0]`` is the ensemble id. Blocks of one matrix are never evicted for
+        each other (a pass over the blocks is cyclic: keeping the first ones beats
+        any eviction order), but a block of another ensemble id that does not fit
+        evicts the blocks of the ids before it: an ensemble loop over checkpoints
+        then regenerates each matrix once per checkpoint, not once per batch."""
         full_key = (*key, str(target))
         if full_key in self._cache:
             return self._cache[full_key]
@@ -227,6 +233,9 @@ class Projector:
         self.blocks_generated += 1
         self.peak_block_bytes = max(self.peak_block_bytes, nbytes)
         value = tuple(t.to(target) for t in value)
+        if self._cached_bytes + nbytes > self.cache_bytes:
+            for old in [k for k in self._cache if k[0] != key[0]]:
+                self._cached_bytes -= sum(t.numel() * t.element_size() for t in self._cache.pop(old))
         if self._cached_bytes + nbytes <= self.cache_bytes:
             self._cache[full_key] = value
             self._cached_bytes += nbytes
