@@ -155,3 +155,34 @@ def test_epoch_caps_the_newton_iterations_with_a_warning():
             RPSAttributor(task, "fc2", epoch=bad)
     with pytest.raises(DattriValueError, match="l2_strength=0"):
         RPSAttributor(task, "fc2", l2_strength=0)
+
+
+def _vmap_output_hessians(loss_fn, pre, y):
+    def one(p, yi):
+        return loss_fn(p.unsqueeze(0), yi.unsqueeze(0))
+    return torch.func.vmap(torch.func.hessian(one))(pre, y) / pre.shape[0]
+
+
+@pytest.mark.parametrize("loss", ["mean", "sum", "coupled"])
+def test_output_hessians_equal_the_per_example_definition(loss):
+    """The batched C-backward output Hessians equal vmap(hessian) over batches of one
+    (float64) for a mean or a sum over examples; a loss coupling the examples (a
+    batch statistic) takes the per-example definition itself."""
+    from dattri.algorithm.rps import _L2Problem
+
+    torch.manual_seed(0)
+    h, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 4, (40,))
+    w = torch.randn(4, 6, dtype=torch.float64)
+    fns = {
+        "mean": lambda p, t: torch.nn.functional.cross_entropy(p, t),
+        "sum": lambda p, t: torch.nn.functional.cross_entropy(p, t, reduction="sum"),
+        # scaled by a statistic of the whole batch: the batched rows are not the
+        # per-example Hessians, fail the check, and the definition is used
+        "coupled": lambda p, t: torch.nn.functional.cross_entropy(p, t) * (1 + p.pow(2).mean()),
+    }
+    prob = _L2Problem(fns[loss], h, y, 0.1)
+    want = _vmap_output_hessians(fns[loss], (h @ w.T).detach(), y)
+    torch.testing.assert_close(prob.output_hessians(w), want, rtol=1e-10, atol=1e-14)
+    batched = rps_module._batch_output_hessians(fns[loss], (h @ w.T).detach(), y)
+    scale = 40 if loss == "mean" else 1
+    assert torch.allclose(batched / 40 * scale, want, rtol=1e-8) == (loss != "coupled")
