@@ -135,3 +135,24 @@ def spy_ranked(monkeypatch, module) -> list[tuple[int, ...]]:
 
     monkeypatch.setattr(module, "ranked", spy)
     return shapes
+
+
+def weight_decay_task(model: nn.Module, n: int = 29, batch: int = 8, l2: float = 0.0,
+                      seed: int = 0, dim: int = 6, classes: int = 4):
+    """``(AttributionTask, loader)``: ``model`` in float64 on ``n`` Gaussian inputs of
+    ``dim`` features, cross-entropy plus ``(l2/2)||theta||^2`` over every parameter."""
+    from dattri.task import AttributionTask
+
+    torch.manual_seed(seed)
+    model = model.double()
+    x = torch.randn(n, dim, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,))
+
+    def loss(params, data):
+        out = torch.func.functional_call(model, params, (data[0],))
+        reg = sum((p * p).sum() for p in params.values())
+        return nn.functional.cross_entropy(out, data[1]) + 0.5 * l2 * reg
+
+    task = AttributionTask(loss, model, model.state_dict())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+    return task, loader

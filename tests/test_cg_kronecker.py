@@ -12,6 +12,7 @@ from dattri.algorithm._engine import DataCache
 from dattri.algorithm._linear_hessian import _KroneckerMatmat, linear_layer_matmat
 from dattri.algorithm.influence_function import dataset_matmat, dense_hessian
 from dattri.task import AttributionTask
+from cases import weight_decay_task
 
 
 def _task(hidden: bool, bias: bool = True, seed: int = 0, n: int = 29, batch: int = 8,
@@ -20,18 +21,7 @@ def _task(hidden: bool, bias: bool = True, seed: int = 0, n: int = 29, batch: in
     torch.manual_seed(seed)
     layers = [nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=bias)] if hidden else [
         nn.Linear(6, 4, bias=bias)]
-    model = nn.Sequential(*layers).double()
-    x = torch.randn(n, 6, dtype=torch.float64)
-    y = torch.randint(0, 4, (n,))
-
-    def loss(params, data):
-        out = torch.func.functional_call(model, params, (data[0],))
-        reg = sum((p * p).sum() for p in params.values())
-        return nn.functional.cross_entropy(out, data[1]) + 0.5 * l2 * reg
-
-    task = AttributionTask(loss, model, model.state_dict())
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
-    return task, loader
+    return weight_decay_task(nn.Sequential(*layers), n=n, batch=batch, l2=l2, seed=seed)
 
 
 def _operators(task, loader, sel, first_batches=None):
@@ -177,7 +167,18 @@ def test_lissa_kronecker_minibatch_operator_is_the_minibatch_hessian():
     torch.testing.assert_close(rows.matmat(pick, 1 / 4)(v), v @ want, rtol=1e-10, atol=1e-13)
 
 
-def test_lissa_declines_the_kronecker_path_for_an_mlp():
+def test_lissa_takes_the_chain_path_for_an_mlp(monkeypatch):
+    """An MLP is not one nn.Linear: its minibatch products come from the chain's
+    R-operator (tests/test_chain_hessian.py), equal to the autograd recursion."""
+    from dattri.algorithm import _chain_hessian
+
     task, loader = _task(hidden=True)
     att = _lissa(task, loader, False)
-    assert getattr(att._state[0], "chunk", None) is None
+    assert getattr(att._state[0], "chunk", None) is not None
+    test = torch.utils.data.DataLoader(loader.dataset, batch_size=6)
+    got = att.attribute(loader, test)
+    with monkeypatch.context() as m:
+        m.setattr(_chain_hessian, "chain_rows", lambda *a, **k: None)
+        slow = _lissa(task, loader, False)
+        assert getattr(slow._state[0], "chunk", None) is None  # autograd products
+        torch.testing.assert_close(got, slow.attribute(loader, test), rtol=1e-9, atol=1e-12)

@@ -658,14 +658,19 @@ class IFAttributorLiSSA(_IFBase):
     def _kronecker_steps(self, draws: list[torch.Tensor], bs: int, autograd_matmat: Callable,
                          theta: torch.Tensor, ckpt: int) -> Callable | None:
         """The minibatch products from the Kronecker form of one selected
-        ``nn.Linear`` (per-example layer inputs and output Hessians, cached once),
-        when it applies and its first step's product equals the autograd one on two
-        random vectors (:func:`~dattri.algorithm._linear_hessian.calibrated`); else
-        None. The same recursion, without an autograd graph per step."""
+        ``nn.Linear`` (per-example layer inputs and output Hessians, cached once), or
+        from the R-operator of a chain of ``nn.Linear`` layers (an MLP:
+        :mod:`dattri.algorithm._chain_hessian`), when one applies and its first
+        step's product equals the autograd one on two random vectors
+        (:func:`~dattri.algorithm._linear_hessian.calibrated`); else None. The same
+        recursion, without an autograd graph per step and direction."""
+        from dattri.algorithm._chain_hessian import chain_rows
         from dattri.algorithm._linear_hessian import calibrated, linear_layer_rows
 
-        rows = linear_layer_rows(self.task, self.task._resolve_layer_name(self.layer_name),
-                                 self.data, ckpt, theta)
+        names = self.task._resolve_layer_name(self.layer_name)
+        rows = linear_layer_rows(self.task, names, self.data, ckpt, theta)
+        if rows is None:
+            rows = chain_rows(self.task, names, self.data, ckpt, theta)
         if rows is None:
             return None
         first = rows.matmat(draws[0].to(theta.device), 1.0 / bs)
