@@ -276,10 +276,16 @@ def _lds(score_path: str, gt_path: Path) -> float:
     return round(float(corr[~torch.isnan(corr)].mean()), 4)
 
 
-def _run(python: str, spec: dict, cwd: str) -> dict:
+def _run(python: str, spec: dict, cwd: str, timeout: float | None = None) -> dict:
+    """One worker process; past ``timeout`` seconds it is killed and the row says
+    ``{"timeout": seconds}`` (a lower bound on that side's time)."""
     cmd = [python, "-P", __file__, "--worker", json.dumps(spec)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd, env=env)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd, env=env,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"timeout": timeout}
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode or not lines:
         return {"error": (res.stderr or res.stdout)[-600:]}
@@ -338,6 +344,10 @@ def main() -> None:
                          "CG has converged there, see published_note)")
     ap.add_argument("--peer-python", default=str(ROOT / ".peer_venv" / "bin" / "python"))
     ap.add_argument("--cache", default=str(ROOT / ".dattri_cache" / "peer"))
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds per process; a side killed then is reported as a bound "
+                         "(the published IF-Explicit at batch 64 inverts one 7,850^2 Hessian "
+                         "per training batch: minutes per cell)")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     ap.add_argument("--summary", default=None, help="summarise a JSONL file and exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -367,7 +377,8 @@ def main() -> None:
                                 "data": str(data_path), "ckpts": [str(p) for p in ckpts], **extra}
                         row = {"model": model, "size": size, "source": args.source, "batch": batch,
                                "threads": threads, "method": method, **extra}
-                        row.update(_side_by_side(spec, args.peer_python, cache, gt_path))
+                        row.update(_side_by_side(spec, args.peer_python, cache, gt_path,
+                                                 args.timeout))
                         note = published_note(method, n_train, batch, extra)
                         if note:
                             row["published_note"] = note
@@ -396,20 +407,24 @@ def _cells(args: argparse.Namespace, model: str) -> list[tuple[str, dict]]:
     return out
 
 
-def _side_by_side(spec: dict, peer_python: str, cache: Path, gt_path: Path | None) -> dict:
+def _side_by_side(spec: dict, peer_python: str, cache: Path, gt_path: Path | None,
+                  timeout: float | None = None) -> dict:
     """Ours then the published package on ``spec``, each in a fresh process: both
     times, their ratio, the agreement of the two score matrices and (with a ground
-    truth) each side's LDS."""
+    truth) each side's LDS. A side killed at ``timeout`` seconds gives a bound:
+    ``published_over_ours_at_least`` when the published side ran out of time."""
     row, outs = {}, {}
     for side, py in (("ours", sys.executable), ("published", peer_python)):
         outs[side] = str(cache / f"score_{side}.pt")
-        r = _run(py, {**spec, "score_out": outs[side]}, cwd=str(cache))
+        r = _run(py, {**spec, "score_out": outs[side]}, cwd=str(cache), timeout=timeout)
         row.update({f"{side}_{k}": v for k, v in r.items()})
-        if gt_path is not None and "error" not in r:
+        if gt_path is not None and "seconds" in r:
             row[f"{side}_lds"] = _lds(outs[side], gt_path)
     if "ours_seconds" in row and "published_seconds" in row:
         row["published_over_ours"] = round(row["published_seconds"] / row["ours_seconds"], 2)
         row.update(_agreement(outs["ours"], outs["published"]))
+    elif "ours_seconds" in row and "published_timeout" in row:
+        row["published_over_ours_at_least"] = round(row["published_timeout"] / row["ours_seconds"], 2)
     return row
 
 
@@ -423,11 +438,18 @@ def _label(row: dict) -> str:
     return row["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _ratio(row: dict) -> float | None:
+    """``published / ours``; where the published side ran out of time, the lower
+    bound ``timeout / ours``; None where a side failed."""
+    return row.get("published_over_ours", row.get("published_over_ours_at_least"))
+
+
 def summarise(path: str) -> None:
     """Per method (and its settings): the cells, the median ``published / ours`` ratio
     and the worst cell (smallest ratio, which cell it is); cells that failed on
-    either side are counted, not averaged. Then the median over methods, per size
-    and in all."""
+    either side are counted, not averaged; a cell where the published side ran out
+    of time enters with its lower bound (counted in ``published_timed_out_cells``).
+    Then the median over methods, per size and in all."""
     rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if "method" in r]
     by: dict[str, list[dict]] = {}
@@ -436,17 +458,17 @@ def summarise(path: str) -> None:
     meds: dict[str, float] = {}
     per_size: dict[str, dict[str, list[float]]] = {}
     for label, rs in by.items():
-        ok = [r for r in rs if "published_over_ours" in r]
-        out = {"method": label, "cells": len(ok), "failed_cells": len(rs) - len(ok)}
+        ok = [r for r in rs if _ratio(r) is not None]
+        out = {"method": label, "cells": len(ok), "failed_cells": len(rs) - len(ok),
+               "published_timed_out_cells": sum("published_over_ours_at_least" in r for r in ok)}
         if ok:
-            worst = min(ok, key=lambda r: r["published_over_ours"])
-            meds[label] = statistics.median(r["published_over_ours"] for r in ok)
+            worst = min(ok, key=_ratio)
+            meds[label] = statistics.median(_ratio(r) for r in ok)
             out.update(median_ratio=round(meds[label], 2),
-                       worst_ratio=worst["published_over_ours"],
+                       worst_ratio=_ratio(worst),
                        worst_cell={k: worst[k] for k in _CELL_KEYS if k in worst})
             for r in ok:
-                per_size.setdefault(r["size"], {}).setdefault(label, []).append(
-                    r["published_over_ours"])
+                per_size.setdefault(r["size"], {}).setdefault(label, []).append(_ratio(r))
         print(json.dumps(out))
     for size, methods in sorted(per_size.items()):
         med = statistics.median(statistics.median(v) for v in methods.values())

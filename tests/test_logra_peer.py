@@ -98,3 +98,28 @@ def test_summarise_median_worst_cell_and_failures(peer, tmp_path, capsys):
     sizes = {o["size"]: o["median_over_methods"] for o in out if "size" in o}
     assert sizes == {"1000x100": 2.25, "5000x500": 11.5}  # medians of per-method medians
     assert out[-1] == {"median_over_methods": 11.5}  # median of (3.0, 20.0)
+
+
+def test_summarise_counts_a_published_timeout_as_its_lower_bound(peer, tmp_path, capsys):
+    import json
+
+    cell = {"model": "lr", "source": "peer", "threads": 1, "method": "if_explicit"}
+    rows = [{**cell, "size": "1000x100", "batch": 64, "published_over_ours_at_least": 40.0},
+            {**cell, "size": "1000x100", "batch": 1000, "published_over_ours": 2.0},
+            {**cell, "size": "5000x500", "batch": 64, "published_over_ours": 8.0}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    peer.summarise(str(path))
+    out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    ex = next(o for o in out if o.get("method") == "if_explicit")
+    assert (ex["cells"], ex["failed_cells"], ex["published_timed_out_cells"]) == (3, 0, 1)
+    assert (ex["median_ratio"], ex["worst_ratio"]) == (8.0, 2.0)
+
+
+def test_run_kills_a_worker_past_its_timeout(peer, tmp_path, monkeypatch):
+    import sys
+
+    # a worker that never answers: the driver kills it and reports the bound
+    monkeypatch.setattr(peer, "__file__", str(tmp_path / "sleeper.py"))
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")
+    assert peer._run(sys.executable, {}, str(tmp_path), timeout=0.5) == {"timeout": 0.5}
