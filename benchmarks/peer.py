@@ -296,6 +296,10 @@ def _agreement(a_path: str, b_path: str) -> dict:
     from scipy.stats import spearmanr
 
     a, b = torch.load(a_path), torch.load(b_path)
+    bad = {f"{side}_nonfinite": int((~torch.isfinite(t)).sum()) for side, t in
+           (("ours", a), ("published", b)) if not torch.isfinite(t).all()}
+    if bad:  # a wrong answer (e.g. the published Arnoldi on the MNIST MLP: all NaN)
+        return {**bad, "agreement": "non-finite scores"}
     if a.shape != b.shape:
         b = b.T if b.T.shape == a.shape else b
     if a.shape != b.shape:

@@ -123,3 +123,15 @@ def test_run_kills_a_worker_past_its_timeout(peer, tmp_path, monkeypatch):
     monkeypatch.setattr(peer, "__file__", str(tmp_path / "sleeper.py"))
     (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")
     assert peer._run(sys.executable, {}, str(tmp_path), timeout=0.5) == {"timeout": 0.5}
+
+
+def test_agreement_names_non_finite_scores(peer, tmp_path):
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    b[1, 2] = float("nan")
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(b, tmp_path / "b.pt")
+    assert peer._agreement(str(tmp_path / "a.pt"), str(tmp_path / "b.pt")) == {
+        "published_nonfinite": 1, "agreement": "non-finite scores"}
+    torch.save(b.nan_to_num(), tmp_path / "b.pt")
+    assert "spearman_ours_vs_published" in peer._agreement(str(tmp_path / "a.pt"),
+                                                           str(tmp_path / "b.pt"))
