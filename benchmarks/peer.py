@@ -366,6 +366,7 @@ def main() -> None:
         raise SystemExit(f"--peer-python {args.peer_python!r} does not exist; create the venv "
                          "as the module docstring says, or pass its python.")
     cache = Path(args.cache)
+    _compile_ours()
     for model in args.models:
         for size in args.sizes:
             n_train, n_test = (int(v) for v in size.split("x"))
@@ -391,6 +392,19 @@ def main() -> None:
                         if args.out:
                             with open(args.out, "a") as fh:
                                 fh.write(line + "\n")
+
+
+def _compile_ours() -> None:
+    """Byte-compile our package once, as ``pip install`` does for the published one:
+    an editable install has no ``.pyc`` files, and where ``PYTHONDONTWRITEBYTECODE``
+    is set (this machine) every fresh process would compile each module it imports
+    lazily inside the timed ``cache`` / ``attribute`` (MNIST LR TRAK-1 at batch
+    1,000: 42 modules, 0.06 s of a 0.2 s cell)."""
+    import compileall
+
+    import dattri
+
+    compileall.compile_dir(os.path.dirname(dattri.__file__), quiet=1)
 
 
 def _cells(args: argparse.Namespace, model: str) -> list[tuple[str, dict]]:
