@@ -128,6 +128,11 @@ class ChainRows:
     ``weight`` each), summed over the ranks (the LiSSA minibatch products). Built by
     :func:`chain_rows`."""
 
+    #: directions per product in LiSSA: each product writes ``k x P`` temporaries,
+    #: which stay in cache for small ``k`` (MNIST MLP, 500 directions, minibatch 10,
+    #: one thread: 0.22 s a step at 64, 0.35 s at 512)
+    chunk = 64
+
     def __init__(self, data: DataCache, layers: list[_Layer], terms: list[torch.Tensor],
                  p: int) -> None:
         self.data, self.layers, self.p = data, layers, p

@@ -684,7 +684,9 @@ class IFAttributorLiSSA(_IFBase):
                 last[:] = step, rows.matmat(draws[step % len(draws)].to(theta.device), 1.0 / bs)
             return last[1](v)
 
-        kronecker_matmat.chunk = LISSA_KRONECKER_CHUNK  # no graph to share: larger blocks
+        # no graph to share: larger blocks (the chain's products write k x P
+        # temporaries: smaller blocks stay in cache)
+        kronecker_matmat.chunk = getattr(rows, "chunk", LISSA_KRONECKER_CHUNK)
         return kronecker_matmat
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
