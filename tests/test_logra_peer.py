@@ -135,3 +135,16 @@ def test_agreement_names_non_finite_scores(peer, tmp_path):
     torch.save(b.nan_to_num(), tmp_path / "b.pt")
     assert "spearman_ours_vs_published" in peer._agreement(str(tmp_path / "a.pt"),
                                                            str(tmp_path / "b.pt"))
+
+
+def test_run_caps_a_worker_s_memory(peer, tmp_path, monkeypatch):
+    import sys
+
+    # a worker that allocates past the cap fails (the row's error), not the machine
+    monkeypatch.setattr(peer, "__file__", str(tmp_path / "hog.py"))
+    monkeypatch.setattr(peer, "MEMORY_LIMIT_GIB", 1.0)
+    (tmp_path / "hog.py").write_text("x = bytearray(3 * 2**30)\nprint('{}')\n")
+    assert "MemoryError" in peer._run(sys.executable, {}, str(tmp_path), timeout=60)["error"]
+    monkeypatch.setattr(peer, "MEMORY_LIMIT_GIB", None)
+    (tmp_path / "hog.py").write_text("x = bytearray(2**20)\nprint('{\"ok\": 1}')\n")
+    assert peer._run(sys.executable, {}, str(tmp_path), timeout=60) == {"ok": 1}
