@@ -493,10 +493,13 @@ def summarise(path: str) -> None:
     """Per method (and its settings): the cells, the median ``published / ours`` ratio
     and the worst cell (smallest ratio, which cell it is); cells that failed on
     either side are counted, not averaged; a cell where the published side ran out
-    of time enters with its lower bound (counted in ``published_timed_out_cells``).
+    of time enters with its lower bound (counted in ``published_timed_out_cells``);
+    of a cell run more than once, the last row counts.
     Then the median over methods, per size and in all."""
     rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if "method" in r]
+    # a cell run again (appended later to the same file) replaces its earlier row
+    latest = {(*(r.get(k) for k in _CELL_KEYS), _label(r)): r for r in rows if "method" in r}
+    rows = list(latest.values())
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(_label(r), []).append(r)

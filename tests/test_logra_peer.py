@@ -114,6 +114,13 @@ def test_summarise_counts_a_published_timeout_as_its_lower_bound(peer, tmp_path,
     ex = next(o for o in out if o.get("method") == "if_explicit")
     assert (ex["cells"], ex["failed_cells"], ex["published_timed_out_cells"]) == (3, 0, 1)
     assert (ex["median_ratio"], ex["worst_ratio"]) == (8.0, 2.0)
+    # the same cell run again: its last row replaces the first
+    rows.append({**rows[1], "published_over_ours": 9.0})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    peer.summarise(str(path))
+    out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    ex = next(o for o in out if o.get("method") == "if_explicit")
+    assert ex["cells"] == 3 and ex["worst_ratio"] == 8.0
 
 
 def test_run_kills_a_worker_past_its_timeout(peer, tmp_path, monkeypatch):
