@@ -139,3 +139,15 @@ def test_active_dropout_declines():
     assert chain_rows(task, task._resolve_layer_name(None), data, 0, theta) is None
     task.model.eval()
     assert chain_rows(task, task._resolve_layer_name(None), data, 0, theta) is not None
+
+
+def test_no_rows_give_a_zero_product():
+    """A rank that holds none of a step's drawn rows adds zero to the sum (the
+    sharded LiSSA; tests/test_distributed.py runs it on two gloo ranks)."""
+    task, loader = _task(_mlp())
+    task.load_checkpoint(0)
+    theta, _ = task.get_param(0, None)
+    rows = chain_rows(task, task._resolve_layer_name(None), DataCache(loader, torch.device("cpu")),
+                      0, theta)
+    v = torch.randn(3, theta.numel(), dtype=torch.float64)
+    assert torch.equal(rows.matmat(torch.tensor([], dtype=torch.long), 0.2)(v), torch.zeros_like(v))

@@ -169,6 +169,11 @@ class _ChainMatmat:
         layers = self.c.layers
         vv = v.unsqueeze(0) if v.dim() == 1 else v
         k, b = vv.shape[0], self.lam.shape[0]
+        if b == 0:  # a rank holding none of the step's rows: it adds zero to the sum
+            out = self.c.data.reduce(vv.new_zeros(k, self.c.p))
+            if self.shift:
+                out.add_(vv, alpha=self.shift)
+            return out.reshape(v.shape)
         dirs = []
         for layer in layers:
             out_f, in_f = layer.weight.shape
