@@ -303,7 +303,9 @@ def _run(python: str, spec: dict, cwd: str, timeout: float | None = None) -> dic
         return {"timeout": timeout}
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode or not lines:
-        return {"error": (res.stderr or res.stdout)[-600:]}
+        # a negative code is the signal that ended it (-9: SIGKILL, e.g. the kernel's
+        # out-of-memory killer, which leaves no Python traceback)
+        return {"error": (res.stderr or res.stdout)[-600:], "returncode": res.returncode}
     return json.loads(lines[-1])
 
 
