@@ -19,9 +19,10 @@ solved by damped Newton from the trained layer: the Hessian is
 
     (1/n) sum_j Lambda_j (x) h~_j h~_j^T + 2 lambda I,
 
-``Lambda_j`` the loss's ``C x C`` Hessian in the pre-activation of example j
-(``torch.func.hessian`` of the loss on that example alone, so any batch-mean loss
-works). The unknowns are ``W~ = Z Q^T`` with ``Q`` an orthonormal basis of the row
+``Lambda_j`` the loss's ``C x C`` Hessian in the pre-activation of example j (from C
+backward passes of the batch loss, checked on the first examples against the loss of
+each alone; a loss that couples the examples gets ``torch.func.hessian`` of each
+example alone, so any batch loss works). The unknowns are ``W~ = Z Q^T`` with ``Q`` an orthonormal basis of the row
 space of the features (the optimum lies there; the other components only feel the
 penalty and vanish), so a layer of ``C x (d + 1)`` weights fitted on ``n < d``
 examples has ``C n`` unknowns. Up to ``DENSE_NEWTON_MAX_PARAMS`` unknowns the
@@ -324,16 +325,17 @@ class RPSAttributor(BaseAttributor):
         model = self.task.get_model().to(self.device)
         was_training = model.training
         model.eval()
-        try:
-            h, _ = get_final_layer_io(model, self.final_linear_layer_name, loader, device=self.device)
+        labels: list[torch.Tensor] = []
+        try:  # one pass over the loader gives the features and the labels
+            h, _ = get_final_layer_io(model, self.final_linear_layer_name, loader,
+                                      device=self.device, on_batch=lambda b: labels.append(_labels(b)))
         finally:
             model.train(was_training)
         h = h.to(self.device, torch.float64).flatten(1)
         if self.normalize_preactivate:
             h = h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
         h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], 1)
-        y = torch.cat([_labels(b) for b in loader]).to(self.device)
-        return h, y
+        return h, torch.cat(labels).to(self.device)
 
     def _fit(self, problem: _L2Problem, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Damped Newton from ``w`` to stationarity; returns ``(w, dL/dPhi)``."""

@@ -8,7 +8,7 @@ a loader in one pass, with ``torch.no_grad`` and the model in eval mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ def get_final_layer_io(
     final_linear_layer_name: str,
     dataloader: Iterable,
     device: str | torch.device = "cpu",
+    on_batch: Callable[[Any], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and output of the layer ``final_linear_layer_name`` for every example.
 
@@ -51,6 +52,9 @@ def get_final_layer_io(
             the model), a tensor ``x``, or a dict of keyword inputs.
         device: where the batches are moved (the model must already be there) and
             where the results are returned.
+        on_batch: called with every batch as the loader yields it (e.g. to collect
+            the labels in the same pass: a second pass would collate every batch
+            again).
 
     Returns:
         ``(features, outputs)``: ``(n, d_in)`` inputs of the layer (``phi(x)``) and
@@ -82,6 +86,8 @@ def get_final_layer_io(
     try:
         with torch.no_grad():
             for batch in dataloader:
+                if on_batch is not None:
+                    on_batch(batch)
                 args, kwargs = _model_input(to_device(batch, device))
                 model(*args, **kwargs)
     finally:
