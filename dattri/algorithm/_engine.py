@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dattri._loader import batch_size_of, check_loader, to_device
+from dattri._loader import batch_size_of, batches, check_loader, to_device
 from dattri.algorithm._batched import BatchedGrads, reference_grads
 from dattri.algorithm._factored import FactoredLinearFeaturizer
 from dattri.algorithm._loop import (  # noqa: F401 - re-exported for the attributors
@@ -249,13 +249,13 @@ def replayable(loader: Iterable, device: torch.device, passes: int,
     so later passes skip the loader's indexing and collation."""
     if passes <= 1 or isinstance(loader, (list, tuple)):
         return loader
-    batches, total = [], 0
-    for b in loader:
+    kept, total = [], 0
+    for b in batches(loader):
         total += _nbytes(b)
         if total > budget:
             return loader
-        batches.append(to_device(b, device))
-    return batches
+        kept.append(to_device(b, device))
+    return kept
 
 
 def score_stream(left: Iterable[torch.Tensor], right: torch.Tensor) -> torch.Tensor:
@@ -277,7 +277,7 @@ class DataCache:
 
     def __init__(self, loader: Iterable, device: torch.device, name: str = "train_loader") -> None:
         check_loader(loader, name)
-        self.batches = [to_device(b, device) for b in loader]
+        self.batches = [to_device(b, device) for b in batches(loader)]
         if not self.batches:
             msg = f"{name} yielded no batches; pass a non-empty loader."
             raise DattriValueError(msg)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from dattri._loader import (
     batch_context,
     batch_size_of,
+    batches,
     check_device_available,
     check_loader,
     slice_batch,
@@ -107,7 +108,7 @@ class LoaderFeatures:
         needing more per batch does not iterate the loader twice."""
         name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
         check_loader(loader, name, empty=False)  # a one-pass iterator would lose batches
-        for i, b in enumerate(tqdm(loader, desc=desc or f"{self.which} grads", leave=False,
+        for i, b in enumerate(tqdm(batches(loader), desc=desc or f"{self.which} grads", leave=False,
                                    disable=_disable(self.show_progress))):
             b = to_device(b, self.device)
             with batch_context(name, i):

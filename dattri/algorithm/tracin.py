@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dattri._loader import check_loader, count_examples, head, to_device
+from dattri._loader import batches, check_loader, count_examples, head, to_device
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import replayable, score_stream
 from dattri.algorithm._factored import FactoredGrads
@@ -144,7 +144,7 @@ class TracInAttributor(BaseAttributor):
         return 4 * k * p * m + 2 * n * p * m < 0.8 * (2 * k * p * (n + m) + 2 * n * m * k)
 
     def _grads(self, features, loader: Iterable, c: int) -> Iterable[torch.Tensor]:
-        for b in loader:
+        for b in batches(loader):
             yield features.grads(to_device(b, self.device), c)
 
     def _scores_by_adjoint(self, train_loader: Iterable, test_loader: Iterable, c: int) -> torch.Tensor:

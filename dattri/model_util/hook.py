@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dattri._loader import check_loader, to_device
+from dattri._loader import batches, check_loader, to_device
 from dattri.errors import DattriValueError, LayerNameError
 
 __all__ = ["get_final_layer_io"]
@@ -85,7 +85,7 @@ def get_final_layer_io(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in dataloader:
+            for batch in batches(dataloader):
                 if on_batch is not None:
                     on_batch(batch)
                 args, kwargs = _model_input(to_device(batch, device))
