@@ -99,8 +99,8 @@ def _record(task: AttributionTask, order: list[str], batch: Any, ckpt: int,
                 z, a = leaves[layer], ins[layer + 1]
                 if a.shape != z.shape or not a.requires_grad:
                     return None
-                (s1,) = torch.autograd.grad(a, z, torch.ones_like(a), create_graph=True,
-                                            allow_unused=True)
+                # a.sum(), not grad_outputs=ones: see influence_function._RevRev._one
+                (s1,) = torch.autograd.grad(a.sum(), z, create_graph=True, allow_unused=True)
                 if s1 is None:
                     return None
                 s2 = (torch.autograd.grad(s1.sum(), z, retain_graph=True, allow_unused=True)[0]
