@@ -72,9 +72,17 @@ def test_logra_cell_builds_ours_with_relative_damping_and_kept_small_factor(peer
         assert float((got[:, sl] - want).norm() / want.norm()) < 5e-3
 
 
-def test_summarise_median_worst_cell_and_failures(peer, tmp_path, capsys):
+def _summary(peer, tmp_path, capsys, rows: list[dict]) -> list[dict]:
+    """``peer.summarise`` of ``rows`` written as a JSONL file: its printed JSON lines."""
     import json
 
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    peer.summarise(str(path))
+    return [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+
+
+def test_summarise_median_worst_cell_and_failures(peer, tmp_path, capsys):
     cell = {"model": "lr", "source": "peer", "threads": 1}
     rows = [{**cell, "size": "1000x100", "batch": 64, "method": "if_cg", "max_iter": 10,
              "published_over_ours": 4.0},
@@ -86,10 +94,7 @@ def test_summarise_median_worst_cell_and_failures(peer, tmp_path, capsys):
             {**cell, "size": "5000x500", "batch": 64, "method": "grad_dot",
              "published_over_ours": 20.0},
             {"kind": "context"}]
-    path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    peer.summarise(str(path))
-    out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    out = _summary(peer, tmp_path, capsys, rows)
     cg = next(o for o in out if o.get("method") == "if_cg (max_iter=10)")
     assert (cg["cells"], cg["median_ratio"], cg["worst_ratio"]) == (3, 3.0, 0.5)
     assert cg["worst_cell"]["batch"] == 1000 and cg["worst_cell"]["size"] == "1000x100"
@@ -101,24 +106,17 @@ def test_summarise_median_worst_cell_and_failures(peer, tmp_path, capsys):
 
 
 def test_summarise_counts_a_published_timeout_as_its_lower_bound(peer, tmp_path, capsys):
-    import json
-
     cell = {"model": "lr", "source": "peer", "threads": 1, "method": "if_explicit"}
     rows = [{**cell, "size": "1000x100", "batch": 64, "published_over_ours_at_least": 40.0},
             {**cell, "size": "1000x100", "batch": 1000, "published_over_ours": 2.0},
             {**cell, "size": "5000x500", "batch": 64, "published_over_ours": 8.0}]
-    path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    peer.summarise(str(path))
-    out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    out = _summary(peer, tmp_path, capsys, rows)
     ex = next(o for o in out if o.get("method") == "if_explicit")
     assert (ex["cells"], ex["failed_cells"], ex["published_timed_out_cells"]) == (3, 0, 1)
     assert (ex["median_ratio"], ex["worst_ratio"]) == (8.0, 2.0)
     # the same cell run again: its last row replaces the first
     rows.append({**rows[1], "published_over_ours": 9.0})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    peer.summarise(str(path))
-    out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    out = _summary(peer, tmp_path, capsys, rows)
     ex = next(o for o in out if o.get("method") == "if_explicit")
     assert ex["cells"] == 3 and ex["worst_ratio"] == 8.0
 

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dattri._convention import BatchedFunction, is_unbatched
 from dattri.algorithm._engine import DataCache, ensemble_rng
+from dattri.algorithm._linear_hessian import output_hessians, resolved_loss
 from dattri.task import AttributionTask
 
 __all__ = ["ChainRows", "chain_rows"]
@@ -57,34 +57,33 @@ def _dropout_active(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _record(task: AttributionTask, order: list[str], batch: Any, ckpt: int,
-            device: torch.device) -> list[torch.Tensor] | None:
-    """Per-example terms of one batch: for each layer ``l`` its input ``a_{l-1}``,
-    gradient ``d_l`` (of the example's own loss), and for ``l < L`` ``s_l'`` and
-    ``s_l''``; then ``Lambda (B, C, C)``. None when the hooks do not see a chain."""
-    func = task.original_loss_func
-    if isinstance(func, BatchedFunction):
-        func.resolve(dict(task.named_parameters), batch)
-    if is_unbatched(func):
+def _record(task: AttributionTask, linear: dict[str, nn.Module], batch: Any, ckpt: int,
+            device: torch.device) -> tuple[list[str], list[torch.Tensor]] | None:
+    """The ``nn.Linear`` modules the loss calls on one batch, in call order, and their
+    per-example terms: for each layer ``l`` its input ``a_{l-1}`` and gradient ``d_l``
+    (of the example's own loss), for ``l < L`` ``s_l'`` and ``s_l''``, then
+    ``Lambda (B, C, C)``. None when the hooks do not see a chain."""
+    func = resolved_loss(task, batch)
+    if func is None:
         return None
-    modules = dict(task.model.named_modules())
-    seen: dict[str, list] = {name: [] for name in order}
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def hook_for(name: str):
         def hook(_m, inputs, output):
             leaf = torch.zeros_like(output, requires_grad=True)
-            seen[name].append((inputs[0], leaf))
+            seen.append((name, inputs[0], leaf))
             return output + leaf
         return hook
 
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in order]
+    handles = [mod.register_forward_hook(hook_for(name)) for name, mod in linear.items()]
     try:
         with ensemble_rng(ckpt, device), torch.enable_grad():
             loss = func(dict(task.named_parameters), batch).reshape(())
-            if any(len(v) != 1 for v in seen.values()):
+            order = [name for name, _, _ in seen]
+            if not order or len(set(order)) != len(order):  # each layer called once
                 return None
-            ins = [seen[name][0][0] for name in order]
-            leaves = [seen[name][0][1] for name in order]
+            ins = [a for _, a, _ in seen]
+            leaves = [z for _, _, z in seen]
             if any(t.dim() != 2 for t in ins + leaves):
                 return None
             m = leaves[0].shape[0]
@@ -107,19 +106,11 @@ def _record(task: AttributionTask, order: list[str], batch: Any, ckpt: int,
                       if s1.requires_grad else None)
                 out.append(s1.detach())
                 out.append(torch.zeros_like(z) if s2 is None else s2.detach())
-            g_last = grads[-1]
-            if not g_last.requires_grad:
-                lam = g_last.new_zeros(m, g_last.shape[1], g_last.shape[1])
-            else:
-                cols = [torch.autograd.grad(g_last[:, c].sum(), leaves[-1], retain_graph=True,
-                                            allow_unused=True)[0] for c in range(g_last.shape[1])]
-                lam = torch.stack([c if c is not None else torch.zeros_like(g_last)
-                                   for c in cols], dim=1).detach() * m
-            out.append(lam)
+            out.append(output_hessians(grads[-1], leaves[-1]) * m)
     finally:
         for h in handles:
             h.remove()
-    return out
+    return order, out
 
 
 class ChainRows:
@@ -166,14 +157,18 @@ class _ChainMatmat:
         self.shift = 0.0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        layers = self.c.layers
         vv = v.unsqueeze(0) if v.dim() == 1 else v
+        # a rank holding none of the step's rows adds zero to the sum
+        out = self._local(vv) if self.lam.shape[0] else vv.new_zeros(vv.shape[0], self.c.p)
+        out = self.c.data.reduce(out)
+        if self.shift:
+            out.add_(vv, alpha=self.shift)
+        return out.reshape(v.shape)
+
+    def _local(self, vv: torch.Tensor) -> torch.Tensor:
+        """``V H_B`` of this rank's rows (``b > 0`` of them)."""
+        layers = self.c.layers
         k, b = vv.shape[0], self.lam.shape[0]
-        if b == 0:  # a rank holding none of the step's rows: it adds zero to the sum
-            out = self.c.data.reduce(vv.new_zeros(k, self.c.p))
-            if self.shift:
-                out.add_(vv, alpha=self.shift)
-            return out.reshape(v.shape)
         dirs = []
         for layer in layers:
             out_f, in_f = layer.weight.shape
@@ -218,10 +213,7 @@ class _ChainMatmat:
                 rq = rq + self.d[i] @ w  # V_l^T d_l: (b, out) x (k, out, in)
             q = self.d[i] @ layer.weight  # (b, in)
             rd = self.s1[i - 1] * rq + self.s2[i - 1] * rz[i - 1] * q
-        out = self.c.data.reduce(out)
-        if self.shift:
-            out.add_(vv, alpha=self.shift)
-        return out.reshape(v.shape)
+        return out
 
 
 def chain_rows(task: AttributionTask, names: list[str], data: DataCache, ckpt: int,
@@ -246,46 +238,23 @@ def chain_rows(task: AttributionTask, names: list[str], data: DataCache, ckpt: i
     mods = {n.rpartition(".")[0] for n in names}
     if not mods <= set(linear) or any(n.rpartition(".")[2] not in ("weight", "bias") for n in names):
         return None
-    order = _call_order(task, linear, data.batches[0], ckpt, theta.device)
-    if order is None or not mods <= set(order):
+    order, parts, ok = None, [], True
+    for batch in data.batches:
+        rec = _record(task, linear, batch, ckpt, theta.device)
+        if rec is None or (order is not None and rec[0] != order):
+            ok = False
+            break
+        order = rec[0]
+        parts.append(rec[1])
+    if data.shard is not None:  # every rank takes the same path
+        ok = bool(data.reduce(torch.tensor([0.0 if ok else 1.0], device=theta.device)) == 0)
+    if not ok or order is None or not mods <= set(order):
         return None
     layers = []
     for name in order:
         w = params.get(f"{name}.weight", linear[name].weight)
         layers.append(_Layer(name, w.detach().to(theta.dtype), offsets.get(f"{name}.weight"),
                              offsets.get(f"{name}.bias")))
-    parts: list[list[torch.Tensor]] | None = None
-    ok = True
-    for batch in data.batches:
-        terms = _record(task, order, batch, ckpt, theta.device)
-        if terms is None:
-            ok = False
-            break
-        parts = [[t] for t in terms] if parts is None else [p + [t] for p, t in zip(parts, terms)]
-    if data.shard is not None:  # every rank takes the same path
-        ok = bool(data.reduce(torch.tensor([0.0 if ok else 1.0], device=theta.device)) == 0)
-    if not ok or parts is None:
-        return None
-    return ChainRows(data, layers, [torch.cat(p).to(theta.dtype) for p in parts], theta.numel())
+    terms = [torch.cat(col).to(theta.dtype) for col in zip(*parts)]
+    return ChainRows(data, layers, terms, theta.numel())
 
-
-def _call_order(task: AttributionTask, linear: dict[str, nn.Module], batch: Any, ckpt: int,
-                device: torch.device) -> list[str] | None:
-    """The ``nn.Linear`` modules in the order the loss calls them (each once), or None."""
-    func = task.original_loss_func
-    if isinstance(func, BatchedFunction):
-        func.resolve(dict(task.named_parameters), batch)
-    if is_unbatched(func):
-        return None
-    calls: list[str] = []
-    handles = [mod.register_forward_hook(lambda _m, _i, _o, name=name: calls.append(name))
-               for name, mod in linear.items()]
-    try:
-        with ensemble_rng(ckpt, device), torch.no_grad():
-            func(dict(task.named_parameters), batch)
-    finally:
-        for h in handles:
-            h.remove()
-    if not calls or len(set(calls)) != len(calls):
-        return None
-    return calls

@@ -31,15 +31,36 @@ from dattri.algorithm._engine import DataCache, ensemble_rng
 from dattri.algorithm._factored import _layers
 from dattri.task import AttributionTask
 
-__all__ = ["LinearLayerRows", "calibrated", "linear_layer_hessian", "linear_layer_matmat", "linear_layer_rows"]
+__all__ = ["LinearLayerRows", "calibrated", "linear_layer_hessian", "linear_layer_matmat",
+           "linear_layer_rows", "output_hessians", "resolved_loss"]
+
+
+def resolved_loss(task: AttributionTask, batch) -> Callable | None:
+    """The task's loss with its convention probed on ``batch`` (a ``BatchedFunction``'s
+    first call probes it, not hooked), or None for a one-example loss run under
+    ``vmap`` (module hooks cannot see inside it)."""
+    func = task.original_loss_func
+    if isinstance(func, BatchedFunction):
+        func.resolve(dict(task.named_parameters), batch)
+    return None if is_unbatched(func) else func
+
+
+def output_hessians(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``(B, C, C)``: row ``c`` of example ``i``'s block is ``d g[:, c].sum() / d z_i``,
+    with ``g = dL/dz (B, C)`` taken with ``create_graph=True``; for a loss whose
+    examples are independent, the Hessian of ``L`` in each example's ``z_i``. C
+    backward passes; zeros when ``L`` is linear in ``z``."""
+    if not g.requires_grad:
+        return g.new_zeros(g.shape[0], g.shape[1], g.shape[1]).detach()
+    rows = [torch.autograd.grad(g[:, c].sum(), z, retain_graph=True, allow_unused=True)[0]
+            for c in range(g.shape[1])]
+    return torch.stack([r if r is not None else torch.zeros_like(g) for r in rows], dim=1).detach()
 
 
 def _batch_terms(task: AttributionTask, module: str, batch, ckpt: int, device: torch.device):
     """``(A (B, d_in), Lambda (B, C, C))`` of one batch, or None (not one 2-D call)."""
-    func = task.original_loss_func
-    if isinstance(func, BatchedFunction):  # its first call probes the convention: not hooked
-        func.resolve(dict(task.named_parameters), batch)
-    if is_unbatched(func):  # hooks cannot see inside its vmap
+    func = resolved_loss(task, batch)
+    if func is None:
         return None
     mod = dict(task.model.named_modules())[module]
     seen: list = []
@@ -57,14 +78,10 @@ def _batch_terms(task: AttributionTask, module: str, batch, ckpt: int, device: t
                 return None
             a, z = seen[0]
             (g,) = torch.autograd.grad(loss.reshape(()), z, create_graph=True)
-            if not g.requires_grad:  # the loss is linear in z: no curvature
-                return a, g.new_zeros(g.shape[0], g.shape[1], g.shape[1])
-            rows = [torch.autograd.grad(g[:, c].sum(), z, retain_graph=True, allow_unused=True)[0]
-                    for c in range(g.shape[1])]
+            lam = output_hessians(g, z)
     finally:
         handle.remove()
-    lam = torch.stack([r if r is not None else torch.zeros_like(g) for r in rows], dim=1)
-    return a, lam.detach()
+    return a, lam
 
 
 def _layer_terms(task: AttributionTask, names: list[str], data: DataCache, ckpt: int,

@@ -103,14 +103,12 @@ def _batch_output_hessians(loss_fn: Callable, pre: torch.Tensor, y: torch.Tensor
     """``(n, C, C)``: row c of example j's block is ``d/dpre_j`` of ``dL/dpre[:, c]``
     summed over the batch, ``L = loss_fn(pre, y)`` (the per-example Hessians of ``L``
     when the examples are independent)."""
+    from dattri.algorithm._linear_hessian import output_hessians
+
     p = pre.detach().requires_grad_(True)
     with torch.enable_grad():
         (g,) = torch.autograd.grad(loss_fn(p, y), p, create_graph=True)
-        if not g.requires_grad:  # linear in pre: no curvature
-            return pre.new_zeros(pre.shape[0], pre.shape[1], pre.shape[1])
-        rows = [torch.autograd.grad(g[:, c].sum(), p, retain_graph=True, allow_unused=True)[0]
-                for c in range(pre.shape[1])]
-    return torch.stack([r if r is not None else torch.zeros_like(pre) for r in rows], dim=1)
+        return output_hessians(g, p)
 
 
 class _L2Problem:
