@@ -13,6 +13,9 @@ the same batch of examples, in one process, it times:
 - ``dense``: per-example gradients ``(B, P)`` by the featurizer of the attributors
   (one forward and one backward per batch, ``dattri.algorithm._batched``);
 - ``vmap``: the same by ``vmap(grad)`` on batches of one (the previous path);
+- ``dense_reused``: the same, each result lent back to the featurizer before the
+  next call (a consumer that keeps nothing of a batch, as the exact Grad-Dot / TracIn
+  scores do through ``Featurizer.stream``): one buffer for every batch;
 - ``trak``: TRAK's training features, the ``sjlt`` projection to k = 2,048 of the
   per-example gradients;
 
@@ -137,6 +140,10 @@ def worker(name: str, batch: int | None, reps: int, skip_vmap: bool) -> dict:
     first, out["dense_seconds"] = _timed(lambda: fz.raw(data, 0), reps)
     out["dense_first_call_seconds"] = round(first, 3)
     out["dense_batched_verified"] = bool(fz._batched_ok.get(0))
+    if fz.batched is not None and hasattr(fz.batched, "release"):
+        # a consumer that keeps nothing of a batch (Featurizer.stream: exact Grad-Dot /
+        # TracIn scores): each batch is written into the previous one's buffer
+        _, out["dense_reused_seconds"] = _timed(lambda: fz.batched.release(fz.raw(data, 0)), reps)
     proj = make_projection({"proj_dim": 2048, "proj_type": "sjlt", "proj_max_batch_size": 64,
                             "proj_seed": 0}, torch.device("cpu"))
     tz = Featurizer(task, "loss", None, torch.device("cpu"), transform=proj)
@@ -145,7 +152,7 @@ def worker(name: str, batch: int | None, reps: int, skip_vmap: bool) -> dict:
     out["trak_first_call_seconds"] = round(first, 3)
     if not skip_vmap:
         _, out["vmap_seconds"] = _timed(lambda: fz.vmapped(data, 0), max(1, reps // 2))
-    for k in ("dense", "trak", "vmap"):
+    for k in ("dense", "dense_reused", "trak", "vmap"):
         if f"{k}_seconds" in out:
             out[f"{k}_over_step"] = round(out[f"{k}_seconds"] / out["step_seconds"], 3)
     out["step_gflops_per_s"] = round(flops / out["step_seconds"] / 1e9, 1)

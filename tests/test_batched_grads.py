@@ -412,3 +412,52 @@ def test_nanogpt_layer_norms_in_closed_form(bias, monkeypatch):
     got = _batched(task, batch)
     assert not calls
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_projected_batches_reuse_the_dense_buffer_without_corrupting_features(view):
+    """A projection transform lends the dense (B, P) gradients back: the next batch is
+    written into the same buffer, and every batch's features equal those computed
+    alone. A transform that returns a view of its input keeps its memory."""
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    task = _task(model, _ce(model))
+    x, y = _data_conv(12)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)]
+    proj = torch.randn(BatchedGrads(task, None).spec.numel, 7)
+    seen: list[int] = []
+
+    def transform(g, ckpt):
+        seen.append(g.data_ptr())
+        return g[:, :7] if view else g @ proj
+
+    fz = Featurizer(task, "loss", None, torch.device("cpu"), transform=transform)
+    got = [fz.batch(b, 0) for b in batches]  # kept: a later batch must not overwrite them
+    want = [_batched(task, b) for b in batches]
+    want = [w[:, :7] if view else w @ proj for w in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    if view:
+        assert len(set(seen[-3:])) == 3  # each batch in its own memory
+    else:
+        assert seen[-1] == seen[-2]  # the buffer of the previous batch, reused
+
+
+def test_stream_writes_each_batch_into_the_previous_buffer():
+    """``Featurizer.stream`` (dense gradients, no transform) lends each batch back
+    when the next is asked for: the consumer's products equal those of gradients
+    computed alone, and the batches after the first share one buffer."""
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    task = _task(model, _ce(model))
+    x, y = _data_conv(12)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)]
+    right = torch.randn(5, BatchedGrads(task, None).spec.numel)
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    ptrs, got = [], []
+    for f in fz.stream(batches, 0):
+        ptrs.append(f.data_ptr())
+        got.append(f @ right.T)
+    want = [_batched(task, b) @ right.T for b in batches]
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-10, atol=1e-12)
+    assert ptrs[1] == ptrs[2]

@@ -201,6 +201,15 @@ class Featurizer(LoaderFeatures):
                 return fg.dense()
         return self.raw(batch, ckpt_idx)
 
+    def stream(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[torch.Tensor]:
+        """:meth:`iterate`, each batch's dense gradients lent back to the batched path
+        when the next is asked for (the consumer keeps nothing of them, see
+        :meth:`LoaderFeatures.stream`): one buffer for every batch."""
+        for f in self.iterate(loader, ckpt_idx, desc):
+            yield f
+            if self._batched:
+                self._batched.release(f)  # ignored unless f is its last result itself
+
     def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Features ``(B, d)`` of one batch (already on the device)."""
         sketch = getattr(self.transform, "project_factored", None)
@@ -215,8 +224,19 @@ class Featurizer(LoaderFeatures):
                                                 self.factored.layer_sizes(), ckpt_idx)
         g = self.grads(batch, ckpt_idx)
         if self.transform is not None:
-            g = self.transform(g, ckpt_idx)
+            f = self.transform(g, ckpt_idx)
+            bg = self._batched
+            if bg and not _shares_memory(f, g):
+                bg.release(g)  # only projected: its buffer takes the next batch's gradients
+            return f
         return g
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` may view ``b``'s memory (an identity or slicing transform)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return True
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _unbatched(func: Callable) -> bool:

@@ -93,8 +93,9 @@ class LinearCapture:
 
     ``run`` calls the loss (or target) function on a batch with forward hooks on the
     selected Linear modules; each output ``y`` is replaced by ``y + 0`` with a zero
-    leaf so that ``autograd.grad`` w.r.t. the leaf gives ``dL/dy``, multiplied by
-    ``B`` (the loss is a mean).
+    leaf so that ``autograd.grad`` of ``B L`` (the loss is a mean) w.r.t. the leaf gives
+    each example's own ``dL_b/dy_b`` (as :class:`dattri.algorithm._batched.BatchedGrads`
+    takes them: the same rounding on both paths).
     """
 
     def __init__(self, task: AttributionTask, modules: list[str], device: torch.device) -> None:
@@ -148,16 +149,16 @@ class LinearCapture:
                            "(does it call task.model?); drop them from module_name.")
                     raise DattriValueError(msg)
                 leaves = [store[n][0][1] for n in self.modules]
-                grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
+                b = batch_size_of(batch)
+                grads = torch.autograd.grad(loss.reshape(()) * b, leaves, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        b = batch_size_of(batch)
         out, it = {}, iter(grads)
         for n in self.modules:
             a, leaf = store[n][0]
             g = next(it)
-            g = torch.zeros_like(leaf) if g is None else g.detach() * b
+            g = torch.zeros_like(leaf) if g is None else g.detach()
             if isinstance(mods[n], (nn.Conv1d, nn.Conv2d)):  # positions = output pixels
                 a, g = _patches(mods[n], a), g.reshape(b, g.shape[1], -1).transpose(1, 2)
             out[n] = (_as_seq(a), _check_finite(_as_seq(g), f"{which} output gradients"))

@@ -115,6 +115,12 @@ class LoaderFeatures:
                 f = self.batch(b, ckpt_idx)
             yield (b, f) if with_batch else f
 
+    def stream(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[Any]:
+        """:meth:`iterate` for a consumer that keeps nothing of a batch's features
+        (no reference, no view) once it asks for the next batch: a featurizer may
+        then write the next batch into the same memory."""
+        return self.iterate(loader, ckpt_idx, desc)
+
     def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
         """Features ``(n, d)`` of the whole loader."""
         parts = list(self.iterate(loader, ckpt_idx, desc))

@@ -218,7 +218,7 @@ class TracInAttributor(BaseAttributor):
                 s = self._scores_by_adjoint(train_loader, test_loader, c)
             else:
                 ft = self.test_features.all(test_loader, c, "test grads")
-                s = score_stream(self.train_features.iterate(train_loader, c), ft)
+                s = score_stream(self.train_features.stream(train_loader, c), ft)
             s = s * self.weight_list[c].to(s.dtype)
             total = s if total is None else total + s
         return total
