@@ -461,3 +461,26 @@ def test_stream_writes_each_batch_into_the_previous_buffer():
     want = [_batched(task, b) @ right.T for b in batches]
     torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-10, atol=1e-12)
     assert ptrs[1] == ptrs[2]
+
+
+def test_cat_releasing_equals_cat_and_empties_the_list():
+    from dattri.algorithm._loop import cat_releasing
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 3, 2, generator=g) for n in (4, 1, 5)]
+    want = torch.cat(parts)
+    kept = list(parts)
+    got = cat_releasing(parts)
+    assert parts == [] and torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(kept, want.split([4, 1, 5])))
+    mixed = [torch.ones(2, 3), torch.ones(1, 3, dtype=torch.float32)]
+    torch.testing.assert_close(cat_releasing(mixed), torch.cat([torch.ones(2, 3), torch.ones(1, 3)]))
+
+
+def test_grad_cos_rows_normalised_in_place_are_unit_and_exact():
+    from dattri.algorithm.tracin import _unit_rows
+
+    g = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-300, 0.0]])
+    out = _unit_rows(g)
+    assert out.data_ptr() == g.data_ptr()
+    torch.testing.assert_close(out, torch.tensor([[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]]))

@@ -127,7 +127,30 @@ class LoaderFeatures:
         if not parts:
             msg = "the data loader yielded no batches; pass a non-empty loader."
             raise DattriValueError(msg)
-        return torch.cat(parts)
+        return cat_releasing(parts)
+
+
+def cat_releasing(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, each part dropped from the list once copied: the result's
+    pages are touched as the parts are freed, so the peak is about one copy of the
+    rows, not two (500 ResNet-9 test gradients: 9.7 GB, not 19.4). The caller's list
+    is emptied."""
+    first = parts[0]
+    if len(parts) == 1 or any(p.dtype != first.dtype or p.device != first.device
+                              or p.shape[1:] != first.shape[1:] for p in parts):
+        out = torch.cat(parts)
+        parts.clear()
+        return out
+    out = first.new_empty((sum(p.shape[0] for p in parts), *first.shape[1:]))
+    del first  # the loop below frees each part
+    row = 0
+    for i in range(len(parts)):
+        p, parts[i] = parts[i], None
+        out[row:row + p.shape[0]] = p
+        row += p.shape[0]
+        del p
+    parts.clear()
+    return out
 
 
 def _head(batch: Any, n: int = 4) -> Any:

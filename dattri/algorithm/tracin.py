@@ -36,8 +36,11 @@ def _nonzero(n: torch.Tensor) -> torch.Tensor:
 
 
 def _unit_rows(g: torch.Tensor) -> torch.Tensor:
-    g = g / _nonzero(g.abs().amax(dim=1, keepdim=True))  # no underflow in the norm
-    return g / _nonzero(g.norm(dim=1, keepdim=True))
+    """Rows of ``g`` scaled to unit length, in place (``g`` is the featurizer's own
+    gradients of one batch: no copy of its size; a zero row stays zero)."""
+    inf = torch.linalg.vector_norm(g, float("inf"), dim=1, keepdim=True)
+    g.div_(_nonzero(inf))  # no underflow in the norm
+    return g.div_(_nonzero(torch.linalg.vector_norm(g, dim=1, keepdim=True)))
 
 
 class TracInAttributor(BaseAttributor):
