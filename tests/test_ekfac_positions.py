@@ -94,3 +94,28 @@ def test_ekfac_default_modules_include_convolutions():
     task = AttributionTask(_loss(model), model, model.state_dict())
     att = IFAttributorEKFAC(task, damping=0.1)
     assert att.module_name == ["conv", "seq", "out"]
+
+
+
+def test_ihvp_in_row_chunks_equals_one_block(monkeypatch):
+    """The inverse-Fisher products taken a few rows at a time (and in place for the
+    test side) equal the products of the whole block."""
+    import dattri.algorithm.ekfac as ek
+
+    torch.manual_seed(0)
+    model = ConvSeq().double()
+    task = AttributionTask(_loss(model), model, model.state_dict())
+    x, y = torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    for damping in (0.0, 0.1):
+        att = IFAttributorEKFAC(task, damping=damping).cache([(x, y)])
+        width = max(sl.stop for sl, *_ in att._state[0])
+        v = torch.randn(5, width, dtype=torch.float64)
+        whole = att._ihvp(v, 0)
+        assert whole.abs().max() > 0
+        monkeypatch.setattr(ek, "_IHVP_CHUNK_BYTES", 8)  # one row at a time
+        torch.testing.assert_close(att._ihvp(v, 0), whole, rtol=1e-12, atol=1e-14)
+        owned = v.clone()
+        got = att._ihvp_owned(owned, 0)
+        assert got.data_ptr() == owned.data_ptr()
+        torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-14)
+        monkeypatch.undo()

@@ -238,8 +238,14 @@ class _IFBase(BaseAttributor):
 
     def _test_side(self, test_loader: Iterable) -> list[torch.Tensor]:
         """``(H_c + lambda I)^{-1} g_target`` of every test example, per checkpoint."""
-        return [self._ihvp(self._same_everywhere(self.test_features.all(test_loader, c, "test grads")), c)
+        return [self._ihvp_owned(self._same_everywhere(self.test_features.all(test_loader, c, "test grads")), c)
                 for c in range(self.num_checkpoints)]
+
+    def _ihvp_owned(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        """:meth:`_ihvp` of a ``v`` that nobody else holds: a method may overwrite it
+        instead of allocating a result of its size (500 ResNet-9 test gradients:
+        9.7 GB)."""
+        return self._ihvp(v, ckpt)
 
     def _block_scores(self, g: torch.Tensor | None, xt: torch.Tensor, c: int,
                       relatif_method: str | None) -> torch.Tensor | None:
