@@ -234,7 +234,7 @@ class BatchedGrads:
         finally:
             for h in handles:
                 h.remove()
-        b = batch_size_of(batch)
+        b = self._b
         total: dict[str, torch.Tensor] = {}
         ref = next(iter(params.values()))
         # the result; the closed-form rules of the large layers write into it
@@ -258,7 +258,7 @@ class BatchedGrads:
                     name = u.params[local]
                     total[name] = g if name not in total else total[name] + g
             u.calls, u.traces = [], []
-        out = self._flat(total, b, flat)
+        out = self._flat(total, b, flat, slices)
         self._last = (out.data_ptr(), tuple(out.shape))
         return out
 
@@ -271,8 +271,8 @@ class BatchedGrads:
             if len(gs) != 1 or not args or not isinstance(args[0], torch.Tensor) or kwargs:
                 return None
             delta, x = gs[0], args[0]
-            if (u.rule in WRITES_INTO and dest and x.dtype == next(iter(dest.values())).dtype
-                    and x.device == next(iter(dest.values())).device):
+            some = next(iter(dest.values()), None) if dest else None
+            if u.rule in WRITES_INTO and some is not None and (x.dtype, x.device) == (some.dtype, some.device):
                 return u.rule(u.module, x, delta, list(u.params), out=dest)
             return u.rule(u.module, x, delta, list(u.params))
         it = iter(gs)
@@ -281,12 +281,13 @@ class BatchedGrads:
         own = {local: params[glob] for local, glob in u.params.items()}
         return generic_grads(u.module, own, args, kwargs, out, g_tree, b)
 
-    def _flat(self, total: dict[str, torch.Tensor], b: int, flat: torch.Tensor) -> torch.Tensor:
+    def _flat(self, total: dict[str, torch.Tensor], b: int, flat: torch.Tensor,
+              slices: dict[str, slice]) -> torch.Tensor:
         """``(B, P)`` of the gradients' dtype: ``flat``, with every parameter's slice
         filled (those a rule wrote into it already are left as they are)."""
         dtype = next(iter(total.values())).dtype if total else flat.dtype
         out = flat if dtype == flat.dtype else torch.empty(b, flat.shape[1], dtype=dtype, device=flat.device)
-        for name, sl in self.spec.slices().items():
+        for name, sl in slices.items():
             target = out[:, sl]
             if name not in total:  # not reached by the loss
                 target.zero_()

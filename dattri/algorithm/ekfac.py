@@ -165,15 +165,17 @@ class IFAttributorEKFAC(_IFBase):
         (a rotation of 500 gradients of a 512 x 4,608 convolution is 4.7 GB)."""
         for sl, qa, qs, lam in self._state[ckpt]:
             qa, qs, lam = qa.to(v.dtype), qs.to(v.dtype), lam.to(v.dtype)
-            cut = lam.abs().max() * lam.numel() * torch.finfo(lam.dtype).eps
-            inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, 1.0), 0.0)
+            inv = None
+            if self.damping == 0:  # pseudo-inverse: eigenvalues at rounding level dropped
+                cut = lam.abs().max() * lam.numel() * torch.finfo(lam.dtype).eps
+                inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, 1.0), 0.0)
             rows = max(1, _IHVP_CHUNK_BYTES // (lam.numel() * v.element_size()))
             for r0 in range(0, v.shape[0], rows):
                 r1 = min(v.shape[0], r0 + rows)
                 vl = v[r0:r1, sl].reshape(r1 - r0, *lam.shape)
-                if self.damping > 0:
+                if inv is None:
                     r = kfac_ifvp(vl, qa, qs, lam, self.damping)
-                else:  # pseudo-inverse
+                else:
                     r = qs @ ((qs.T @ vl @ qa) * inv) @ qa.T
                 out[r0:r1, sl] = r.reshape(r1 - r0, -1)
         return out
