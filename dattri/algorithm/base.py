@@ -16,6 +16,7 @@ import torch
 
 from dattri._loader import check_loader, check_same_loader, loader_fingerprint
 from dattri.algorithm._engine import Featurizer, resolve_device
+from dattri.algorithm._score import Ensemble
 from dattri.distributed import Shard, all_gather_rows, resolve, shard_loader
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -83,6 +84,14 @@ class BaseAttributor:
     def num_checkpoints(self) -> int:
         """How many checkpoints the task holds."""
         return len(self.task.get_checkpoints())
+
+    #: TracInCP's per-checkpoint weights (``None``: the ensemble mean)
+    _checkpoint_weights: torch.Tensor | None = None
+
+    @property
+    def ensemble(self) -> Ensemble:
+        """The checkpoints and how their scores combine (:class:`_score.Ensemble`)."""
+        return Ensemble(self.num_checkpoints, self._checkpoint_weights)
 
     @property
     def is_cached(self) -> bool:

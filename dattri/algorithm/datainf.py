@@ -168,7 +168,7 @@ class IFAttributorDataInf(_IFBase):
             blocks.append((sl, lam))
         return blocks
 
-    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+    def _solve(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         blocks = self._state[ckpt]
         # this rank's Fisher sums of every block, then summed over the ranks (one call)
         part = torch.zeros_like(v)

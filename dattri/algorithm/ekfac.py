@@ -40,9 +40,9 @@ from dattri.func.fisher import (
     ekfac_corrected_eigenvalues_from_activations,
     kfac_covariances,
     kfac_eigen,
-    kfac_ifvp,
     linear_per_example_grads,
 )
+from dattri.linalg.operators import KroneckerEigenPreconditioner
 from dattri.task import AttributionTask
 
 __all__ = ["IFAttributorEKFAC"]
@@ -154,31 +154,10 @@ class IFAttributorEKFAC(_IFBase):
             start += size
         return out
 
-    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
-        return self._ihvp_into(v, ckpt, torch.empty_like(v))
-
-    def _ihvp_owned(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
-        return self._ihvp_into(v, ckpt, v)  # each block is read before it is written
-
-    def _ihvp_into(self, v: torch.Tensor, ckpt: int, out: torch.Tensor) -> torch.Tensor:
-        """Each layer's rows in chunks of at most ``_IHVP_CHUNK_BYTES`` per temporary
-        (a rotation of 500 gradients of a 512 x 4,608 convolution is 4.7 GB)."""
-        for sl, qa, qs, lam in self._state[ckpt]:
-            qa, qs, lam = qa.to(v.dtype), qs.to(v.dtype), lam.to(v.dtype)
-            inv = None
-            if self.damping == 0:  # pseudo-inverse: eigenvalues at rounding level dropped
-                cut = lam.abs().max() * lam.numel() * torch.finfo(lam.dtype).eps
-                inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, 1.0), 0.0)
-            rows = max(1, _IHVP_CHUNK_BYTES // (lam.numel() * v.element_size()))
-            for r0 in range(0, v.shape[0], rows):
-                r1 = min(v.shape[0], r0 + rows)
-                vl = v[r0:r1, sl].reshape(r1 - r0, *lam.shape)
-                if inv is None:
-                    r = kfac_ifvp(vl, qa, qs, lam, self.damping)
-                else:
-                    r = qs @ ((qs.T @ vl @ qa) * inv) @ qa.T
-                out[r0:r1, sl] = r.reshape(r1 - r0, -1)
-        return out
+    def _precondition(self, ckpt: int) -> KroneckerEigenPreconditioner:
+        """Each layer's ``Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T``, rows in chunks
+        of ``_IHVP_CHUNK_BYTES`` per temporary (:class:`KroneckerEigenPreconditioner`)."""
+        return KroneckerEigenPreconditioner(self._state[ckpt], self.damping, _IHVP_CHUNK_BYTES)
 
     def factors(self, ckpt: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``{module: (Q_A, Q_S, corrected eigenvalues)}`` at ``ckpt`` (after ``cache``)."""

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from dattri._loader import batch_context, count_examples, to_device
+from dattri._loader import count_examples
 from dattri.algorithm._engine import DataCache
 from dattri.algorithm._loop import LoaderFeatures
+from dattri.algorithm._score import checkpoint_batches, score_blocks, started
 from dattri.algorithm._scored import (
     aligned_blocks,
     block_rows,
@@ -38,6 +39,7 @@ from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, broadcast, row_range
 from dattri.errors import DattriValueError, MemoryBudgetError
 from dattri.func.hessian import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa
+from dattri.linalg.operators import EigenbasisPreconditioner, Preconditioner
 from dattri.task import AttributionTask
 from dattri.topk import TopK
 
@@ -192,8 +194,30 @@ class _IFBase(BaseAttributor):
     def _cache(self, train_loader: Iterable) -> None:
         self.data = DataCache(train_loader, self.device)
         self._state = {}
-        for c in range(self.num_checkpoints):
-            self._state[c] = self._fit(c)
+        self._state = dict(enumerate(self.ensemble.each(self._fit)))
+        self._preconditioners = dict(enumerate(self.ensemble.each(self._precondition)))
+
+    def preconditioner(self, ckpt: int = 0) -> Preconditioner:
+        """The inverse curvature of checkpoint ``ckpt`` as a
+        :class:`~dattri.linalg.operators.Preconditioner` (``solve(V) = V (H + lambda
+        I)^{-1}`` on rows; after ``cache``): what ``attribute`` applies to the test
+        gradients, for reuse in a researcher's own scores."""
+        if ckpt not in getattr(self, "_preconditioners", {}):
+            from dattri.errors import NotCachedError
+
+            msg = (f"{type(self).__name__}.preconditioner({ckpt!r}) needs cache(train_loader) "
+                   f"first and 0 <= ckpt < {self.num_checkpoints}.")
+            raise NotCachedError(msg)
+        return self._preconditioners[ckpt]
+
+    def _precondition(self, ckpt: int) -> Preconditioner:
+        """Checkpoint ``ckpt``'s preconditioner (after :meth:`_fit`): by default the
+        method's :meth:`_solve`; structured operators override this."""
+        return Preconditioner(lambda v: self._solve(v, ckpt),
+                              self.task.param_spec(self.layer_name).numel, type(self).__name__)
+
+    def _solve(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def _loss_and_theta(self, ckpt: int) -> tuple[Callable, torch.Tensor]:
         task = self.task
@@ -206,7 +230,8 @@ class _IFBase(BaseAttributor):
         raise NotImplementedError
 
     def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
-        raise NotImplementedError
+        """``v (H_ckpt + lambda I)^{-1}`` on rows (the checkpoint's preconditioner)."""
+        return self._preconditioners[ckpt].solve(v)
 
     def attribute(
         self, train_loader: Iterable, test_loader: Iterable,
@@ -238,14 +263,14 @@ class _IFBase(BaseAttributor):
 
     def _test_side(self, test_loader: Iterable) -> list[torch.Tensor]:
         """``(H_c + lambda I)^{-1} g_target`` of every test example, per checkpoint."""
-        return [self._ihvp_owned(self._same_everywhere(self.test_features.all(test_loader, c, "test grads")), c)
-                for c in range(self.num_checkpoints)]
+        return self.ensemble.each(lambda c: self._ihvp_owned(
+            self._same_everywhere(self.test_features.all(test_loader, c, "test grads")), c))
 
     def _ihvp_owned(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         """:meth:`_ihvp` of a ``v`` that nobody else holds: a method may overwrite it
         instead of allocating a result of its size (500 ResNet-9 test gradients:
         9.7 GB)."""
-        return self._ihvp(v, ckpt)
+        return self._preconditioners[ckpt].solve_owned(v)
 
     def _block_scores(self, g: torch.Tensor | None, xt: torch.Tensor, c: int,
                       relatif_method: str | None) -> torch.Tensor | None:
@@ -260,20 +285,10 @@ class _IFBase(BaseAttributor):
     def _grad_blocks(self, train_loader: Iterable) -> Iterator[list[torch.Tensor] | None]:
         """This rank's training gradients one loader batch at a time, every checkpoint's
         (``None`` for the steps that keep the ranks in lockstep, see :meth:`_lockstep`)."""
-        from tqdm.auto import tqdm
-
-        from dattri.algorithm._loop import _disable
-
         batches = self._lockstep(train_loader, len(train_loader) if self._collective() else 0)
-        bar = tqdm(batches, desc="train grads", leave=False, total=len(train_loader),
-                   disable=_disable(self.train_features.show_progress))
-        for i, b in enumerate(bar):
-            if b is None:
-                yield None
-                continue
-            b = to_device(b, self.device)
-            with batch_context("train_loader", i):
-                yield [self.train_features.batch(b, c) for c in range(self.num_checkpoints)]
+        yield from checkpoint_batches(self.train_features.batch, batches, self.ensemble, self.device,
+                                      show_progress=self.train_features.show_progress,
+                                      total=len(train_loader))
 
     def _kept_blocks(self, train_loader: Iterable) -> Iterator[list[torch.Tensor] | None] | None:  # noqa: ARG002
         """Kept training gradients of ``train_loader`` in blocks, like :meth:`_grad_blocks`
@@ -288,26 +303,24 @@ class _IFBase(BaseAttributor):
         a time; otherwise one block, each checkpoint's loader pass at a time (no
         alternation between checkpoints' weights per batch)."""
         xts = self._test_side(test_loader)
-        C = self.num_checkpoints
+        ens = self.ensemble
         start = row_range(count_examples(train_loader), self._shard())[0]
         kept = self._kept_blocks(train_loader)
-        if blocked or C == 1 or kept is not None:
-            for gs in kept if kept is not None else self._grad_blocks(train_loader):
-                parts = [self._block_scores(None if gs is None else gs[c], xt, c, relatif_method)
-                         for c, xt in enumerate(xts)]
-                if gs is not None:
-                    s = sum(parts[1:], parts[0]) / C
-                    yield start, s
-                    start += s.shape[0]
+
+        def pair(g: torch.Tensor | None, c: int) -> torch.Tensor | None:
+            return self._block_scores(g, xts[c], c, relatif_method)
+
+        if blocked or len(ens) == 1 or kept is not None:
+            blocks = kept if kept is not None else self._grad_blocks(train_loader)
+            yield from score_blocks(started(blocks, start), pair, ens)
             return
-        total = None
-        for c, xt in enumerate(xts):
-            mine = len(train_loader) if self._collective() else 0
-            grads = self._lockstep(self.train_features.iterate(train_loader, c), mine)
-            parts = [self._block_scores(g, xt, c, relatif_method) for g in grads]
-            s = torch.cat([p for p in parts if p is not None])
-            total = s if total is None else total + s
-        yield start, total / C
+        yield start, ens.total(lambda c: self._checkpoint_scores(train_loader, c, pair))
+
+    def _checkpoint_scores(self, train_loader: Iterable, c: int, pair: Callable) -> torch.Tensor:
+        """Checkpoint ``c``'s scores of this rank's rows, from one pass over the loader."""
+        mine = len(train_loader) if self._collective() else 0
+        grads = self._lockstep(self.train_features.iterate(train_loader, c), mine)
+        return torch.cat([p for p in (pair(g, c) for g in grads) if p is not None])
 
     # -- torch.distributed: solvers whose inverse reads the training data ---------
     #: True where ``_ihvp`` sums over the cached training data (CG, DataInf): under
@@ -365,7 +378,6 @@ class _IFBase(BaseAttributor):
         train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
         same = self.task.original_target_func is self.task.original_loss_func
-        total = None
         # consecutive batches solved together (a solve of 64 rows pays the solver's
         # per-step overhead for few vectors)
         width = self.task.param_spec(self.layer_name).numel
@@ -373,22 +385,27 @@ class _IFBase(BaseAttributor):
         biggest = max(self.data.sizes, default=1) if self.data is not None else 1
         per = max(1, rows // max(1, biggest))
         steps = -(-len(train_loader) // per)
-        for c in range(self.num_checkpoints):
-            parts = []
-            targets = None if same else _grouped(self.test_features.iterate(train_loader, c, "self targets"), per)
-            grads = _grouped(self.train_features.iterate(train_loader, c, "self-influence"), per)
-            for g in self._lockstep(grads, steps if self._collective() else 0):
-                x = self._ihvp_rows(self._rows(g), c)
-                norm = None if relatif_method is None else self._relatif_norm(self._rows(g), c,
-                                                                            relatif_method)
-                if g is None:
-                    continue
-                gt = g if targets is None else next(targets)
-                si = (x * gt).sum(dim=1)
-                parts.append(si if norm is None else si / norm)
-            s = torch.cat(parts)
-            total = s if total is None else total + s
-        return self._gather(total / self.num_checkpoints)
+        total = self.ensemble.total(
+            lambda c: self._self_scores(train_loader, c, per, steps, same, relatif_method))
+        return self._gather(total)
+
+    def _self_scores(self, train_loader: Iterable, c: int, per: int, steps: int, same: bool,
+                     relatif_method: str | None) -> torch.Tensor:
+        """Checkpoint ``c``'s self-influence of this rank's rows, ``per`` loader batches
+        solved together (``steps`` lockstep steps under a collective solver)."""
+        parts = []
+        targets = None if same else _grouped(self.test_features.iterate(train_loader, c, "self targets"), per)
+        grads = _grouped(self.train_features.iterate(train_loader, c, "self-influence"), per)
+        for g in self._lockstep(grads, steps if self._collective() else 0):
+            x = self._ihvp_rows(self._rows(g), c)
+            norm = None if relatif_method is None else self._relatif_norm(self._rows(g), c,
+                                                                        relatif_method)
+            if g is None:
+                continue
+            gt = g if targets is None else next(targets)
+            si = (x * gt).sum(dim=1)
+            parts.append(si if norm is None else si / norm)
+        return torch.cat(parts)
 
 
 #: training rows per self-influence solve (consecutive loader batches grouped), and
@@ -477,8 +494,8 @@ class IFAttributorExplicit(_IFBase):
         # again: 4.7 s on top of 2.4 s for the 7,850-parameter MNIST LR)
         return factorize(h, self.regularization)
 
-    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
-        return self._state[ckpt](v).to(v.dtype)
+    def _solve(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+        return self._state[ckpt](v).to(v.dtype)  # Cholesky solves of H + lambda I
 
 
 def dense_hessian(
@@ -566,7 +583,7 @@ class IFAttributorCG(_IFBase):
         return dataset_matmat(loss, theta, self.data, self.mode,
                               structure=(self.task, self.layer_name, ckpt))
 
-    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+    def _solve(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         from dattri.linalg.solvers import cg_multishift_solve, cg_solve
 
         if self.shift_store is None:
@@ -698,7 +715,7 @@ class IFAttributorLiSSA(_IFBase):
         kronecker_matmat.chunk = getattr(rows, "chunk", LISSA_KRONECKER_CHUNK)
         return kronecker_matmat
 
-    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+    def _solve(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
         from dattri.linalg.solvers import lissa_solve
 
         op = self._state[ckpt]
@@ -777,16 +794,17 @@ class IFAttributorArnoldi(_IFBase):
         keep = shifted.abs() > 1e-12 * shifted.abs().max().clamp_min(1e-30)
         return vecs[keep], shifted[keep]
 
-    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
+    def _precondition(self, ckpt: int) -> EigenbasisPreconditioner:
         vecs, vals = self._state[ckpt]
-        return ((v @ vecs.T.to(v.dtype)) / vals.to(v.dtype)) @ vecs.to(v.dtype) / self.norm_constant
+        return EigenbasisPreconditioner(vecs, vals, self.norm_constant)
 
     def _cache(self, train_loader: Iterable) -> None:
         """Curvature eigenbasis, then the training gradients projected on it once
         (``n x r`` per checkpoint; kept where ``offload`` says)."""
         super()._cache(train_loader)
-        basis = [hashlib.sha256(self._state[c][0].detach().cpu().contiguous().view(torch.uint8)
-                                .numpy().tobytes()).hexdigest()[:16] for c in range(self.num_checkpoints)]
+        basis = self.ensemble.each(lambda c: hashlib.sha256(
+            self._state[c][0].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(),
+        ).hexdigest()[:16])
         settings = {"method": "IF-Arnoldi", "layer_name": repr(self.layer_name), "basis": basis}
         self._kept = fill(self, _Projected(self), train_loader, settings, desc="train grads on the eigenbasis")
 
@@ -801,29 +819,28 @@ class IFAttributorArnoldi(_IFBase):
         projected here, one batch at a time."""
         from dattri._loader import loader_fingerprint
 
-        C = self.num_checkpoints
-        fts, invs = [], []
-        for c in range(C):
-            vecs, vals = self._state[c]
-            fts.append(self.test_features.all(test_loader, c, "test grads") @ vecs.T.to(vecs.dtype))
-            invs.append(1.0 / (vals * self.norm_constant))
+        ens = self.ensemble
+        pre = ens.each(self.preconditioner)
+        fts = ens.each(lambda c: pre[c].project(self.test_features.all(test_loader, c, "test grads")
+                                                .to(pre[c].vecs.dtype)))
+        invs = ens.each(lambda c: pre[c].inverse_eigenvalues)
         if loader_fingerprint(train_loader) == self._train_fingerprint:
-            rows = block_rows(self._kept[0].dim, fts[0].shape[0], C)
+            rows = block_rows(self._kept[0].dim, fts[0].shape[0], len(ens))
             blocks = aligned_blocks(self._kept, rows, self.device)
         else:
             start = row_range(count_examples(train_loader), self._shard())[0]
-            blocks = _started(_Projected(self).batches(train_loader), start)
-        for start, trs in blocks:
-            total = None
-            for tr, inv, ft in zip(trs, invs, fts):
-                inv = inv.to(tr.dtype)
-                s = (tr * inv) @ ft.T.to(tr.dtype)
-                if relatif_method == "l":
-                    s = s / _nonzero((tr * tr * inv).sum(1).abs().sqrt())[:, None]
-                elif relatif_method == "theta":
-                    s = s / _nonzero((tr * inv).norm(dim=1))[:, None]
-                total = s if total is None else total + s
-            yield start, total / C
+            blocks = started(_Projected(self).batches(train_loader), start)
+
+        def pair(tr: torch.Tensor, c: int) -> torch.Tensor:
+            inv = invs[c].to(tr.dtype)
+            s = (tr * inv) @ fts[c].T.to(tr.dtype)
+            if relatif_method == "l":
+                s = s / _nonzero((tr * tr * inv).sum(1).abs().sqrt())[:, None]
+            elif relatif_method == "theta":
+                s = s / _nonzero((tr * inv).norm(dim=1))[:, None]
+            return s
+
+        return score_blocks(blocks, pair, ens)
 
 
 class _Projected(LoaderFeatures):
@@ -836,21 +853,13 @@ class _Projected(LoaderFeatures):
 
     def batch(self, batch: Any, ckpt: int) -> torch.Tensor:
         g = self.att.train_features.batch(batch, ckpt)
-        return g @ self.att._state[ckpt][0].T.to(g.dtype)
+        return self.att.preconditioner(ckpt).project(g)
 
     def batches(self, loader: Iterable) -> Iterator[list[torch.Tensor]]:
         """Every checkpoint's features, one batch of ``loader`` at a time."""
-        for i, b in enumerate(loader):
-            b = to_device(b, self.device)
-            with batch_context("train_loader", i):
-                yield [self.batch(b, c) for c in range(self.att.num_checkpoints)]
-
-
-def _started(blocks: Iterable[list[torch.Tensor]], start: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """``(global_row_start, blocks)`` of consecutive row blocks from row ``start``."""
-    for parts in blocks:
-        yield start, parts
-        start += parts[0].shape[0]
+        return checkpoint_batches(self.batch, loader, self.att.ensemble, self.device,
+                                  desc="train grads on the eigenbasis",
+                                  show_progress=self.show_progress)
 
 
 def __getattr__(name: str) -> type:

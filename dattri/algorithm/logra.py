@@ -53,6 +53,7 @@ from dattri.errors import DattriValueError
 from dattri.func.projection import Projector, get_projector
 from dattri.linalg.solvers import factorize
 from dattri.params.projection import LoGraProjectionParams
+from dattri.linalg.operators import BlockDiagonalPreconditioner
 from dattri.task import AttributionTask
 
 __all__ = ["LoGraAttributor", "published_names", "published_proj_dim"]
@@ -208,34 +209,41 @@ class _BlockProjectedIF(_IFBase):
                         "projector_kwargs": repr(getattr(self, "projector_kwargs", None)),
                         "modules": list(self.module_name)}
             disk = fill_stores(self, self.train_features, train_loader, settings)
-        for c in range(self.num_checkpoints):
-            if disk is not None:
-                store = _DiskRows(disk[c], self.device, self.chunk_size)
-                rows = store.blocks()
-            else:
-                store = FeatureStore(self.offload, self.device, self.cache_dir, self.chunk_size,
-                                     f"{type(self).__name__}-ckpt{c}")
-                rows = self.train_features.iterate(train_loader, c, "train features")
-            fisher: list[torch.Tensor] | None = None
-            for g in rows:
-                if disk is None:
-                    store.append(g)
-                if self.hessian == "Identity":
-                    continue
-                if fisher is None:
-                    fisher = [g.new_zeros(sl.stop - sl.start, sl.stop - sl.start) for sl in slices]
-                for f, sl in zip(fisher, slices):
-                    f.addmm_(g[:, sl].T, g[:, sl])
-            if store.n == 0:
-                msg = "train_loader yielded no batches; pass a non-empty loader."
-                raise DattriValueError(msg)
-            self._stores[c] = store
-            # torch.distributed: the Fisher blocks and counts of every rank's part
-            shard = self._shard()
-            n = row_range(store.n, shard)[2]
-            self._state[c] = ([(sl, None) for sl in slices] if fisher is None
-                              else [(sl, self._damped(all_reduce(f, shard) / n))
-                                    for f, sl in zip(fisher, slices)])
+        fitted = self.ensemble.each(lambda c: self._fit_checkpoint(train_loader, c, slices, disk))
+        self._stores = dict(enumerate(store for store, _ in fitted))
+        self._state = dict(enumerate(state for _, state in fitted))
+        self._preconditioners = dict(enumerate(self.ensemble.each(self._precondition)))
+
+    def _fit_checkpoint(self, train_loader: Any, c: int, slices: list[slice],
+                        disk: list[Any] | None) -> tuple[Any, list]:
+        """Checkpoint ``c``'s feature store (filled here unless ``disk`` holds it) and
+        its per-layer ``(slice, damped Fisher solver or None)``."""
+        if disk is not None:
+            store = _DiskRows(disk[c], self.device, self.chunk_size)
+            rows = store.blocks()
+        else:
+            store = FeatureStore(self.offload, self.device, self.cache_dir, self.chunk_size,
+                                 f"{type(self).__name__}-ckpt{c}")
+            rows = self.train_features.iterate(train_loader, c, "train features")
+        fisher: list[torch.Tensor] | None = None
+        for g in rows:
+            if disk is None:
+                store.append(g)
+            if self.hessian == "Identity":
+                continue
+            if fisher is None:
+                fisher = [g.new_zeros(sl.stop - sl.start, sl.stop - sl.start) for sl in slices]
+            for f, sl in zip(fisher, slices):
+                f.addmm_(g[:, sl].T, g[:, sl])
+        if store.n == 0:
+            msg = "train_loader yielded no batches; pass a non-empty loader."
+            raise DattriValueError(msg)
+        # torch.distributed: the Fisher blocks and counts of every rank's part
+        shard = self._shard()
+        n = row_range(store.n, shard)[2]
+        state = ([(sl, None) for sl in slices] if fisher is None
+                 else [(sl, self._damped(all_reduce(f, shard) / n)) for f, sl in zip(fisher, slices)])
+        return store, state
 
     def _damped(self, f: torch.Tensor) -> Callable:
         """Solver of ``F_l + lambda_l I`` with ``lambda_l = damping * trace(F_l) / k_l``."""
@@ -253,16 +261,11 @@ class _BlockProjectedIF(_IFBase):
         ``None`` for another loader (its features are computed)."""
         if not self._same_as_cached(train_loader):
             return None
-        return (list(parts) for parts in zip(*(self._stores[c].blocks()
-                                               for c in range(self.num_checkpoints))))
+        return (list(parts) for parts in zip(*self.ensemble.each(lambda c: self._stores[c].blocks())))
 
-    def _ihvp(self, v: torch.Tensor, ckpt: int) -> torch.Tensor:
-        if self.hessian == "Identity":
-            return v
-        out = torch.empty_like(v)
-        for sl, solve in self._state[ckpt]:
-            out[:, sl] = solve(v[:, sl]).to(v.dtype)
-        return out
+    def _precondition(self, ckpt: int) -> BlockDiagonalPreconditioner:
+        """Each layer's damped projected Fisher (the identity for ``hessian="Identity"``)."""
+        return BlockDiagonalPreconditioner(self._state[ckpt], f"{self.hessian}, per layer")
 
     def projected_dim(self, name: str) -> int:
         """Feature dimension of layer ``name`` after projection."""

@@ -19,6 +19,7 @@ from dattri._loader import batches, check_loader, count_examples, head, to_devic
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import replayable, score_stream
 from dattri.algorithm._factored import FactoredGrads
+from dattri.algorithm._score import diagonal, score_blocks
 from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill, ranked
 from dattri.algorithm.base import DEFAULT_PROJECTOR_KWARGS, BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
@@ -41,6 +42,28 @@ def _unit_rows(g: torch.Tensor) -> torch.Tensor:
     inf = torch.linalg.vector_norm(g, float("inf"), dim=1, keepdim=True)
     g.div_(_nonzero(inf))  # no underflow in the norm
     return g.div_(_nonzero(torch.linalg.vector_norm(g, dim=1, keepdim=True)))
+
+
+def _row_norms(g: torch.Tensor) -> torch.Tensor:
+    """Euclidean norms ``(B,)`` of the rows of ``g``, which is left as it is: one pass
+    for every row, and a second, scaled by the row's largest entry, for the rows whose
+    squares may have underflowed (norm below ``2^32 sqrt(tiny)``) or overflowed."""
+    n = torch.linalg.vector_norm(g, dim=1)
+    small = 2.0 ** 32 * torch.finfo(g.dtype).tiny ** 0.5
+    bad = ((n < small) | ~torch.isfinite(n)).nonzero().flatten()
+    if bad.numel():
+        rows = g[bad]
+        top = _nonzero(torch.linalg.vector_norm(rows, float("inf"), dim=1))
+        n[bad] = torch.linalg.vector_norm(rows / top[:, None], dim=1) * top
+    return n
+
+
+def _cosine_stream(grads: Iterable[torch.Tensor], unit_test: torch.Tensor) -> torch.Tensor:
+    """``cat_b((G_b @ U^T) / ||G_b rows||)``: Grad-Cos scores of raw training gradient
+    blocks against unit test rows ``U``, the norms dividing the ``(B, m)`` scores
+    instead of the ``(B, P)`` gradients (four passes over each block saved)."""
+    out = [(g @ unit_test.T.to(g.dtype)).div_(_nonzero(_row_norms(g))[:, None]) for g in grads]
+    return torch.cat(out) if out else unit_test.new_zeros((0, unit_test.shape[0]))
 
 
 class TracInAttributor(BaseAttributor):
@@ -105,6 +128,7 @@ class TracInAttributor(BaseAttributor):
             )
             raise DattriValueError(msg)
         self.weight_list = w
+        self._checkpoint_weights = w  # the engine's sum over checkpoints (_score.Ensemble)
         self.normalized_grad = bool(normalized_grad)
         self.proj_params = proj_params
         transform = make_projection(projection_settings(proj_params), self.device)
@@ -115,7 +139,10 @@ class TracInAttributor(BaseAttributor):
         def feature(g: torch.Tensor, c: int) -> torch.Tensor:
             if transform is not None:
                 g = transform(g, c)
-            return post(g) if post is not None else g
+            return post(g) if post is not None and not self._raw_train else g
+
+        #: set while the dense exact Grad-Cos scores stream raw training gradients
+        self._raw_train = False
 
         self.train_features.transform = feature
         self.test_features.transform = feature
@@ -199,53 +226,56 @@ class TracInAttributor(BaseAttributor):
         return self._gather(torch.cat([b for _, b in blocks]))
 
     def _stored_blocks(self, test_loader: Iterable) -> Iterator[tuple[int, torch.Tensor]]:
-        test_loader = replayable(test_loader, self.device, self.num_checkpoints)
-        fts = [self.test_features.all(test_loader, c, "test grads") * self.weight_list[c]
-               for c in range(self.num_checkpoints)]
+        ens = self.ensemble
+        test_loader = replayable(test_loader, self.device, len(ens))
+        fts = ens.each(lambda c: self.test_features.all(test_loader, c, "test grads"))
         rows = block_rows(self._stores[0].dim, fts[0].shape[0], len(fts))
-        for start, parts in aligned_blocks(self._stores, rows, self.device):
-            yield start, sum(b @ ft.T.to(b.dtype) for b, ft in zip(parts, fts))
+        return score_blocks(aligned_blocks(self._stores, rows, self.device),
+                            lambda b, c: b @ fts[c].T.to(b.dtype), ens)
 
     def _scores(self, train_loader: Iterable, test_loader: Iterable) -> torch.Tensor:
         """This rank's rows of the score matrix."""
-        train_loader = replayable(train_loader, self.device, self.num_checkpoints)
-        test_loader = replayable(test_loader, self.device, self.num_checkpoints)
+        ens = self.ensemble
+        train_loader = replayable(train_loader, self.device, len(ens))
+        test_loader = replayable(test_loader, self.device, len(ens))
         adjoint = self._adjoint_cheaper(train_loader, test_loader)
-        total = None
-        for c in range(self.num_checkpoints):
-            if self._use_factored(train_loader, c):
-                fl, ft_ = self.train_features.factored, self.test_features.factored
-                ft = self._unit(FactoredGrads.cat(list(ft_.iterate(test_loader, c, "test grads"))))
-                s = torch.cat([self._unit(fg).gram(ft) for fg in fl.iterate(train_loader, c)])
-            elif adjoint:
-                s = self._scores_by_adjoint(train_loader, test_loader, c)
-            else:
-                ft = self.test_features.all(test_loader, c, "test grads")
-                s = score_stream(self.train_features.stream(train_loader, c), ft)
-            s = s * self.weight_list[c].to(s.dtype)
-            total = s if total is None else total + s
-        return total
+        return ens.total(lambda c: self._checkpoint_scores(train_loader, test_loader, c, adjoint))
+
+    def _checkpoint_scores(self, train_loader: Iterable, test_loader: Iterable, c: int,
+                           adjoint: bool) -> torch.Tensor:
+        """``<f_c(z_i), f_c(z_j)>`` of checkpoint ``c``: from layer factors, by the
+        adjoint of the projection, or from the streamed training features."""
+        if self._use_factored(train_loader, c):
+            fl, ft_ = self.train_features.factored, self.test_features.factored
+            ft = self._unit(FactoredGrads.cat(list(ft_.iterate(test_loader, c, "test grads"))))
+            return torch.cat([self._unit(fg).gram(ft) for fg in fl.iterate(train_loader, c)])
+        if adjoint:
+            return self._scores_by_adjoint(train_loader, test_loader, c)
+        ft = self.test_features.all(test_loader, c, "test grads")
+        if not (self.normalized_grad and self._projection is None):
+            return score_stream(self.train_features.stream(train_loader, c), ft)
+        self._raw_train = True  # Grad-Cos: divide the scores by the norms instead
+        try:
+            return _cosine_stream(self.train_features.stream(train_loader, c), ft)
+        finally:
+            self._raw_train = False
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``sum_c eta_c <g_loss^c(z_i), g_target^c(z_i)>`` as ``(n_train,)``."""
         check_loader(train_loader, "train_loader")
+        ens = self.ensemble
+        train_loader = replayable(self._local(train_loader), self.device, len(ens))
+        return self._gather(ens.total(lambda c: self._self_scores(train_loader, c)))
+
+    def _self_scores(self, train_loader: Iterable, c: int) -> torch.Tensor:
+        """``<f^loss_c(z_i), f^target_c(z_i)>`` of checkpoint ``c`` as ``(n,)``."""
         same = self.task.original_target_func is self.task.original_loss_func
-        train_loader = replayable(self._local(train_loader), self.device, self.num_checkpoints)
-        total = None
-        for c in range(self.num_checkpoints):
-            if self._use_factored(train_loader, c):
-                fl, ft_ = self.train_features.factored, self.test_features.factored
-                tgt = None if same else ft_.iterate(train_loader, c, "self-influence targets")
-                parts = []
-                for fg in fl.iterate(train_loader, c, "self-influence"):
-                    fg = self._unit(fg)
-                    parts.append(fg.sq_norms() if tgt is None else fg.rowdot(self._unit(next(tgt))))
-            else:
-                targets = None if same else self.test_features.iterate(train_loader, c, "self-influence targets")
-                parts = []
-                for g in self.train_features.iterate(train_loader, c, "self-influence"):
-                    gt = g if targets is None else next(targets)
-                    parts.append((g * gt).sum(dim=1))
-            s = torch.cat(parts) * self.weight_list[c]
-            total = s if total is None else total + s.to(total.dtype)
-        return self._gather(total)
+        if self._use_factored(train_loader, c):
+            fl, ft_ = self.train_features.factored, self.test_features.factored
+            loss = (self._unit(fg) for fg in fl.iterate(train_loader, c, "self-influence"))
+            if same:
+                return torch.cat([fg.sq_norms() for fg in loss])
+            tgt = (self._unit(fg) for fg in ft_.iterate(train_loader, c, "self-influence targets"))
+            return torch.cat([fg.rowdot(t) for fg, t in zip(loss, tgt)])
+        targets = None if same else self.test_features.iterate(train_loader, c, "self-influence targets")
+        return diagonal(self.train_features.iterate(train_loader, c, "self-influence"), targets)

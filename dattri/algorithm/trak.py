@@ -26,6 +26,7 @@ from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import ensemble_rng, replayable
 from dattri.algorithm._loop import LoaderFeatures
+from dattri.algorithm._score import score_blocks
 from dattri.algorithm.base import DEFAULT_PROJECTOR_KWARGS, BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.algorithm._scored import (
@@ -207,25 +208,29 @@ class TRAKAttributor(BaseAttributor):
         if self.offload != "none":
             self._cache_kept(train_loader)
             return
-        self._phi, self._inv, self._dual, self._stores, q = [], [], [], [], None
-        train_loader = replayable(train_loader, self.device, self.num_checkpoints)
-        for c in range(self.num_checkpoints):
-            # one pass over the loader per checkpoint gives the features and Q
-            feats, qc = [], []
-            for b, f in self.train_features.iterate(train_loader, c, "train grads", with_batch=True):
-                feats.append(f)
-                qc.append(1 - self._probabilities(b, c))
-            if not feats:
-                msg = "train_loader yielded no batches; pass a non-empty loader."
-                raise DattriValueError(msg)
-            phi = torch.cat(feats)
-            del feats
-            self._phi.append(phi)
-            factor, dual = self._factor(phi)
-            self._inv.append(factor)
-            self._dual.append(dual)
-            q = torch.cat(qc) if q is None else q + torch.cat(qc)
-        self._q = q / self.num_checkpoints
+        self._stores = []
+        ens = self.ensemble
+        train_loader = replayable(train_loader, self.device, len(ens))
+        fitted = ens.each(lambda c: self._fit_checkpoint(train_loader, c))
+        self._phi = [phi for phi, _, _, _ in fitted]
+        self._inv = [factor for _, factor, _, _ in fitted]
+        self._dual = [dual for _, _, dual, _ in fitted]
+        self._q = ens.combine([q for _, _, _, q in fitted])
+
+    def _fit_checkpoint(self, train_loader: Iterable, c: int) -> tuple:
+        """``(Phi_c, its kernel factor, the dual form's rows or None, 1 - p_c)`` from
+        one pass over the loader at checkpoint ``c``."""
+        feats, qc = [], []
+        for b, f in self.train_features.iterate(train_loader, c, "train grads", with_batch=True):
+            feats.append(f)
+            qc.append(1 - self._probabilities(b, c))
+        if not feats:
+            msg = "train_loader yielded no batches; pass a non-empty loader."
+            raise DattriValueError(msg)
+        phi = torch.cat(feats)
+        del feats
+        factor, dual = self._factor(phi)
+        return phi, factor, dual, torch.cat(qc)
 
     def _cache_kept(self, train_loader: Iterable) -> None:
         """``offload="disk"``: the features of each checkpoint into a feature store
@@ -235,31 +240,31 @@ class TRAKAttributor(BaseAttributor):
         settings = {"method": "TRAK", "proj": repr(self.proj_params),
                     "layer_name": repr(self.layer_name)}
         self._stores = fill(self, self.train_features, train_loader, settings)
-        self._phi, self._inv, self._dual = [], [], []
-        shard, q = self._shard(), None
+        shard = self._shard()
         n = row_range(self._stores[0].n, shard)[2]
-        for c, store in enumerate(self._stores):
-            if store.dim > n:  # the dual form needs every row: read them (n is small)
-                phi = torch.cat([b for _, b in store.blocks(device=self.device)])
-                factor, dual = self._factor(phi)
-                self._phi.append(phi)
-            else:
-                g = None
-                for _, b in store.blocks(device=self.device):
-                    part = gram.gram64(b)
-                    g = part if g is None else g.add_(part)
-                g = all_reduce(g, shard)
-                factor, dual = ("primal", GramCholesky.from_gram(g, self.regularization)), None
-                self._phi.append(None)
-            self._inv.append(factor)
-            self._dual.append(dual)
+        fitted = self.ensemble.each(lambda c: self._fit_store(self._stores[c], n))
+        self._phi = [phi for phi, _, _ in fitted]
+        self._inv = [factor for _, factor, _ in fitted]
+        self._dual = [dual for _, _, dual in fitted]
         # the residuals 1 - p, in stores of their own (resumed like the features)
         q_stores = fill(self, _Residuals(self), train_loader, {**settings, "what": "1-p"},
                         desc="train residuals", subdir="residuals")
-        for qs in q_stores:
-            qc = torch.cat([b for _, b in qs.blocks(device=self.device)])[:, 0]
-            q = qc if q is None else q + qc
-        self._q = q / self.num_checkpoints
+        self._q = self.ensemble.combine(
+            [torch.cat([b for _, b in qs.blocks(device=self.device)])[:, 0] for qs in q_stores])
+
+    def _fit_store(self, store: Any, n: int) -> tuple:
+        """``(Phi or None, kernel factor, dual rows or None)`` of one checkpoint's store
+        (``n``: training examples over every rank)."""
+        if store.dim > n:  # the dual form needs every row: read them (n is small)
+            phi = torch.cat([b for _, b in store.blocks(device=self.device)])
+            factor, dual = self._factor(phi)
+            return phi, factor, dual
+        g = None
+        for _, b in store.blocks(device=self.device):
+            part = gram.gram64(b)
+            g = part if g is None else g.add_(part)
+        g = all_reduce(g, self._shard())
+        return None, ("primal", GramCholesky.from_gram(g, self.regularization)), None
 
     def _test_side(self, c: int, ft: torch.Tensor) -> torch.Tensor:
         """``(Phi_c^T Phi_c + lambda I)^{-1} ft^T`` as ``(k, m)`` float64 (primal form)."""
@@ -268,14 +273,14 @@ class TRAKAttributor(BaseAttributor):
     def _score_blocks(self, test_feats: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
         """``(global_row_start, scores (b, m))`` of this rank's training rows, one
         block at a time (from the stores, or from the features in memory)."""
-        shard, C = self._shard(), self.num_checkpoints
+        shard, ens = self._shard(), self.ensemble
         if any(form == "dual" for form, _ in self._inv):
             # the dual form solves with every row: the block is the rank's whole part
-            total = sum(self._kernel_scores(c, ft) for c, ft in enumerate(test_feats))
+            total = ens.combine(ens.each(lambda c: self._kernel_scores(c, test_feats[c])))
             start = row_range(total.shape[0], shard)[0]
-            yield start, self._q[:, None].to(total.dtype) * total / C
+            yield start, self._q[:, None].to(total.dtype) * total
             return
-        xs = [self._test_side(c, ft) for c, ft in enumerate(test_feats)]
+        xs = ens.each(lambda c: self._test_side(c, test_feats[c]))
         rows = block_rows(xs[0].shape[0], xs[0].shape[1], len(xs))
         if self._stores:
             blocks = aligned_blocks(self._stores, rows, self.device)
@@ -285,8 +290,7 @@ class TRAKAttributor(BaseAttributor):
             blocks = ((first + i, [p[i:i + rows] for p in self._phi])
                       for i in range(0, self._phi[0].shape[0], rows))
         dtype = test_feats[0].dtype
-        for start, parts in blocks:
-            s = sum(b.to(torch.float64) @ x for b, x in zip(parts, xs)) / C
+        for start, s in score_blocks(blocks, lambda b, c: b.to(torch.float64) @ xs[c], ens):
             q = self._q[start - first:start - first + s.shape[0], None].to(torch.float64)
             yield start, (q * s).to(dtype)
 
@@ -318,8 +322,7 @@ class TRAKAttributor(BaseAttributor):
             msg = f"attribute takes (train_loader, test_loader) or (test_loader,), got {len(loaders)} loaders."
             raise DattriValueError(msg)
         test_loader = replayable(test_loader, self.device, self.num_checkpoints)
-        test_feats = [self.test_features.all(test_loader, c, "test grads")
-                      for c in range(self.num_checkpoints)]
+        test_feats = self.ensemble.each(lambda c: self.test_features.all(test_loader, c, "test grads"))
         blocks = self._score_blocks(test_feats)
         if top_k is not None:
             return ranked(blocks, top_k, self._shard())
@@ -329,22 +332,23 @@ class TRAKAttributor(BaseAttributor):
         """``Q_i * mean_c <[Phi_c K_c^{-1}]_i, phi_target^c(z_i)>`` as ``(n_train,)``."""
         train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
-        total = None
         train_loader = replayable(train_loader, self.device, self.num_checkpoints)
-        for c in range(self.num_checkpoints):
-            ft = self.test_features.all(train_loader, c, "self grads").to(torch.float64)
-            form, factor = self._inv[c]
-            if form == "primal":  # row i of Phi K^{-1} (K symmetric)
-                phi = self._phi[c]
-                if phi is None:  # offload="disk": this rank's rows from the store
-                    phi = torch.cat([b for _, b in self._stores[c].blocks(device=self.device)])
-                f = phi.to(torch.float64)
-                r = factor.solve(f).to(f.device)
-            else:  # row i of K^{-1} Phi, this rank's rows of it
-                full, start, stop = self._dual[c] or (self._phi[c], 0, self._phi[c].shape[0])
-                f = full.to(torch.float64)
-                r = factor.solve(f.T).T.to(f.device)[start:stop]
-            dtype = self._stores[c].dtype if self._phi[c] is None else self._phi[c].dtype
-            s = (r * ft).sum(dim=1).to(dtype)
-            total = s if total is None else total + s
-        return self._gather(self._q.to(total.dtype) * total / self.num_checkpoints)
+        total = self.ensemble.total(lambda c: self._self_scores(train_loader, c))
+        return self._gather(self._q.to(total.dtype) * total)
+
+    def _self_scores(self, train_loader: Iterable, c: int) -> torch.Tensor:
+        """``<[Phi_c K_c^{-1}]_i, phi_target^c(z_i)>`` of this rank's rows, ``(n,)``."""
+        ft = self.test_features.all(train_loader, c, "self grads").to(torch.float64)
+        form, factor = self._inv[c]
+        if form == "primal":  # row i of Phi K^{-1} (K symmetric)
+            phi = self._phi[c]
+            if phi is None:  # offload="disk": this rank's rows from the store
+                phi = torch.cat([b for _, b in self._stores[c].blocks(device=self.device)])
+            f = phi.to(torch.float64)
+            r = factor.solve(f).to(f.device)
+        else:  # row i of K^{-1} Phi, this rank's rows of it
+            full, start, stop = self._dual[c] or (self._phi[c], 0, self._phi[c].shape[0])
+            f = full.to(torch.float64)
+            r = factor.solve(f.T).T.to(f.device)[start:stop]
+        dtype = self._stores[c].dtype if self._phi[c] is None else self._phi[c].dtype
+        return (r * ft).sum(dim=1).to(dtype)

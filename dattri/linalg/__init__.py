@@ -4,6 +4,12 @@ See :mod:`dattri.linalg.solvers` for the formulas.
 """
 
 from dattri.linalg.gram import GramCholesky
+from dattri.linalg.operators import (
+    BlockDiagonalPreconditioner,
+    EigenbasisPreconditioner,
+    KroneckerEigenPreconditioner,
+    Preconditioner,
+)
 from dattri.linalg.solvers import (
     arnoldi,
     cg_multishift_solve,
@@ -15,6 +21,10 @@ from dattri.linalg.solvers import (
 )
 
 __all__ = [
+    "BlockDiagonalPreconditioner",
+    "EigenbasisPreconditioner",
+    "KroneckerEigenPreconditioner",
+    "Preconditioner",
     "GramCholesky",
     "arnoldi",
     "cg_multishift_solve",

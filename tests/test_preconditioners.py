@@ -1,0 +1,130 @@
+"""The precondition seam (``dattri.linalg.operators``): each operator against its dense
+float64 definition, and ``attributor.preconditioner(c)`` against the inverse of a dense
+Hessian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dattri.algorithm import (
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    IFAttributorDataInf,
+    IFAttributorExplicit,
+)
+from dattri.errors import NotCachedError
+from dattri.linalg.operators import (
+    BlockDiagonalPreconditioner,
+    EigenbasisPreconditioner,
+    KroneckerEigenPreconditioner,
+    Preconditioner,
+)
+from dattri.task import AttributionTask
+
+from cases import dense_hessian, digits, l2_loss_factory, loaders, make_lr, train_full_batch
+
+D = torch.float64
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=D)
+    return a @ a.T + 0.5 * torch.eye(d, dtype=D)
+
+
+def test_eigenbasis_is_the_low_rank_inverse():
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=D))
+    vecs, vals = q[:, :3].T, torch.tensor([4.0, 2.0, 0.5], dtype=D)
+    op = EigenbasisPreconditioner(vecs, vals, scale=2.0)
+    want = vecs.T @ torch.diag(1 / (2.0 * vals)) @ vecs
+    torch.testing.assert_close(op.to_dense(), want)
+    v = torch.randn(4, 6, dtype=D)
+    torch.testing.assert_close((op.project(v) * op.inverse_eigenvalues) @ vecs, op.solve(v))
+    torch.testing.assert_close(op.solve(v[0]), op.solve(v)[0])  # one vector
+
+
+def test_block_diagonal_solves_each_block_and_keeps_identity_blocks():
+    m1, m2 = _spd(3, 1), _spd(2, 2)
+    op = BlockDiagonalPreconditioner([
+        (slice(0, 3), lambda v: torch.linalg.solve(m1, v.T).T),
+        (slice(3, 5), None),
+        (slice(5, 7), lambda v: torch.linalg.solve(m2, v.T).T)])
+    want = torch.block_diag(torch.linalg.inv(m1), torch.eye(2, dtype=D), torch.linalg.inv(m2))
+    torch.testing.assert_close(op.to_dense(), want)
+    with pytest.raises(ValueError, match="width 6, expected 7"):
+        op.solve(torch.zeros(2, 6, dtype=D))
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_kronecker_eigen_equals_the_dense_kronecker_inverse(damping):
+    d_out, d_a = 2, 3
+    qs, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=torch.Generator().manual_seed(3), dtype=D))
+    qa, _ = torch.linalg.qr(torch.randn(d_a, d_a, generator=torch.Generator().manual_seed(4), dtype=D))
+    lam = torch.tensor([[1.0, 2.0, 0.0], [0.5, 3.0, 4.0]], dtype=D)  # one zero eigenvalue
+    op = KroneckerEigenPreconditioner([(slice(1, 7), qa, qs, lam)], damping, chunk_bytes=8)
+    # vec(V) row-major (out, a): vec(Q_S X Q_A^T) = (Q_S kron Q_A) vec(X)
+    q = torch.kron(qs, qa)
+    lam_d = lam.flatten() + damping
+    inv = torch.where(lam_d > 1e-12, 1 / torch.where(lam_d > 1e-12, lam_d, 1.0), 0.0)
+    block = q @ torch.diag(inv) @ q.T
+    v = torch.randn(5, 7, dtype=D)
+    out = op.solve(v)  # column 0 is outside every block (not written)
+    torch.testing.assert_close(out[:, 1:], v[:, 1:] @ block)
+    owned = v.clone()
+    res = op.solve_owned(owned)
+    assert res.data_ptr() == owned.data_ptr()
+    torch.testing.assert_close(res[:, 1:], v[:, 1:] @ block)
+
+
+@pytest.fixture(scope="module")
+def lr_case():
+    (xtr, ytr), (xte, yte) = digits(60, 6, classes=3, dim=16)
+    model = make_lr(16, 3)
+    loss = l2_loss_factory(model)
+    train_full_batch(model, loss, xtr, ytr)
+    return model, loss, (xtr, ytr), (xte, yte), dense_hessian(model, loss, xtr, ytr)
+
+
+@pytest.mark.parametrize("make", ["explicit", "cg", "arnoldi"])
+def test_attributor_preconditioner_is_the_damped_inverse_hessian(lr_case, make):
+    model, loss, train, test, h = lr_case
+    task = AttributionTask(loss, model, model.state_dict())
+    p, reg = h.shape[0], 0.05
+    att = {"explicit": lambda: IFAttributorExplicit(task, regularization=reg),
+           "cg": lambda: IFAttributorCG(task, max_iter=300, tol=1e-14, regularization=reg),
+           "arnoldi": lambda: IFAttributorArnoldi(task, proj_dim=p, max_iter=p, regularization=reg),
+           }[make]()
+    with pytest.raises(NotCachedError, match="needs cache"):
+        att.preconditioner(0)
+    tr, _ = loaders(train, test)
+    op = att.cache(tr).preconditioner(0)
+    assert isinstance(op, Preconditioner) and op.dim == p
+    want = torch.linalg.inv(h + reg * torch.eye(p, dtype=D))
+    from cases import per_example_grads
+
+    g = per_example_grads(model, loss, *test)
+    torch.testing.assert_close(op.solve(g), g @ want, rtol=1e-5, atol=1e-7)
+    if make == "arnoldi":  # the inverse on the Krylov space it found (the gradients' span)
+        assert isinstance(op, EigenbasisPreconditioner)
+    else:
+        torch.testing.assert_close(op.to_dense(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_datainf_preconditioner_is_its_block_formula(lr_case):
+    # DataInf (Kwon et al. 2024): per block, (1/n sum_i (g g^T + lam I)^{-1}) by
+    # Sherman-Morrison of each example's rank-one term
+    model, loss, train, test, _ = lr_case
+    task = AttributionTask(loss, model, model.state_dict())
+    tr, _ = loaders(train, test)
+    att = IFAttributorDataInf(task, regularization=0.3).cache(tr)
+    op = att.preconditioner(0)
+    from cases import per_example_grads
+
+    g = per_example_grads(model, loss, *train)
+    want = torch.zeros(g.shape[1], g.shape[1], dtype=D)
+    for sl in task.param_spec(None).slices().values():  # one block per parameter tensor
+        eye = torch.eye(sl.stop - sl.start, dtype=D)
+        for gi in g[:, sl]:
+            want[sl, sl] += torch.linalg.inv(torch.outer(gi, gi) + 0.3 * eye) / g.shape[0]
+    torch.testing.assert_close(op.to_dense(), want, rtol=1e-8, atol=1e-10)
