@@ -36,8 +36,16 @@ The floor of a method is its arithmetic at the machine's measured matmul rate:
   each, plus ``(n + m) f`` for the gradients: ~2 PFLOP here, hours on this CPU, so
   it is not run by default (``--methods arnoldi`` runs it).
 - IF-EK-FAC: ``(3 n + m) f`` (covariances, eigenvalue correction and the training
-  gradients, the test gradients) plus ``2 n m P`` (the scores); the eigendecompositions
-  and the rotations into the eigenbases are not counted (a lower bound).
+  gradients, the test gradients) plus ``2 n m P`` (the scores), plus the Kronecker
+  arithmetic of each layer (``T`` output positions, ``d_a`` patch and ``d_o`` output
+  sizes; :func:`kfac_flops`): per training example the two covariances
+  ``2 T (d_a^2 + d_o^2)`` and the eigenbasis rotation of the eigenvalue correction
+  (the cheaper of rotating the factors, ``2 T (d_a^2 + d_o^2 + d_a d_o)``, or the
+  formed gradient, ``2 d_a d_o (T + d_a + d_o)``), and per test example the
+  inverse-Fisher product ``4 d_a d_o (d_a + d_o)`` (two rotations there and back). On
+  ResNet-9 that is 10.5 + 8.9 GFLOP per training example and 70.7 per test example,
+  more than the 4.2 GFLOP of its step. The eigendecompositions (``d^3`` per factor)
+  are not counted (a lower bound); session 10's floor left the Kronecker terms out.
 
 Beside the floor, ``step_floor_seconds`` is the same count of per-example passes at
 the measured rate of PyTorch's own batched step on this machine (what a training
@@ -132,7 +140,36 @@ def step_profile(batch: int = BATCH, reps: int = 3) -> dict:
         times.append(time.perf_counter() - t)
     return {"flop_per_example": f, "flop_forward_per_example": f_fwd,
             "params": sum(p.numel() for p in model.parameters()),
-            "step_seconds_per_example": statistics.median(times) / batch, "step_batch": batch}
+            "step_seconds_per_example": statistics.median(times) / batch, "step_batch": batch,
+            "kfac": kfac_flops(model)}
+
+
+def kfac_flops(model: nn.Module | None = None) -> dict:
+    """EK-FAC's Kronecker arithmetic per example (see the module docstring): the
+    covariances and eigenbasis rotation per training example, the inverse-Fisher
+    product per test example, summed over the model's ``nn.Conv2d`` / ``nn.Linear``."""
+    model = _model(0) if model is None else model
+    shapes = []
+
+    def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        bias = int(mod.bias is not None)
+        if isinstance(mod, nn.Conv2d):
+            t = out.shape[-1] * out.shape[-2]
+            d_a = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1] + bias
+            shapes.append((t, mod.out_channels, d_a))
+        else:
+            shapes.append((1, mod.out_features, mod.in_features + bias))
+
+    hooks = [mod.register_forward_hook(hook) for mod in model.modules()
+             if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    cov = sum(2 * t * (a * a + o * o) for t, o, a in shapes)
+    rot = sum(min(2 * t * (a * a + o * o + a * o), 2 * a * o * (t + a + o)) for t, o, a in shapes)
+    ihvp = sum(4 * a * o * (a + o) for _, o, a in shapes)
+    return {"covariance": cov, "rotation": rot, "ihvp": ihvp}
 
 
 def floors(method: str, prof: dict, n: int, m: int, rate: float, rate64: float) -> dict:
@@ -153,6 +190,9 @@ def floors(method: str, prof: dict, n: int, m: int, rate: float, rate64: float) 
     # forward passes alone: RPS's final-layer inputs, TRAK's residuals 1 - p of the
     # training examples (at a third of a training step's time)
     forwards = {"rps": n + m}.get(method, n if method.startswith("trak") else 0)
+    if method == "ekfac":  # the Kronecker arithmetic (kfac_flops), at the matmul rate
+        kf = prof.get("kfac") or kfac_flops()
+        extra += n * (kf["covariance"] + kf["rotation"]) + m * kf["ihvp"]
     flop = passes * f + extra + forwards * f_fwd
     floor = flop / 1e9 / rate + extra64 / 1e9 / rate64
     step_floor = (passes + forwards / 3) * per_ex + extra / 1e9 / rate + extra64 / 1e9 / rate64

@@ -184,7 +184,8 @@ def test_ekfac_is_best_diagonal_in_eigenbasis():
                                torch.diagonal(Q.T @ F @ Q).reshape(3, 5))
 
 
-def test_ekfac_from_activations_matches_grads():
+@pytest.mark.parametrize("order", ["auto", "factors", "gradients"])
+def test_ekfac_from_activations_matches_grads(order):
     g = _gen(8)
     a = torch.randn(9, 5, 4, generator=g, dtype=D)
     s = torch.randn(9, 5, 3, generator=g, dtype=D)
@@ -192,10 +193,11 @@ def test_ekfac_from_activations_matches_grads():
     la, qa, ls, qs = kfac_eigen(*kfac_covariances(a, s, mask=mask))
     G = linear_per_example_grads(a, s, mask=mask)
     ref = ekfac_corrected_eigenvalues(G, qa, qs)
-    out = ekfac_corrected_eigenvalues_from_activations(a, s, qa, qs, mask=mask, chunk_size=2)
+    out = ekfac_corrected_eigenvalues_from_activations(a, s, qa, qs, mask=mask, chunk_size=2,
+                                                       order=order)
     torch.testing.assert_close(out, ref)
     out_sum = ekfac_corrected_eigenvalues_from_activations(a, s, qa, qs, mask=mask,
-                                                           reduction="sum")
+                                                           reduction="sum", order=order)
     torch.testing.assert_close(out_sum, ref * 9)
 
 
@@ -211,3 +213,12 @@ def test_kfac_errors():
         ekfac_corrected_eigenvalues(z(4, 2, 3), torch.eye(4), torch.eye(2))
     with pytest.raises(DattriValueError, match="`V` must end in"):
         kfac_ifvp(z(2, 3), torch.eye(3), torch.eye(2), z(2, 4))
+
+
+@pytest.mark.parametrize("d", [3, 512, 513, 700, 1030])
+def test_gram_from_block_upper_triangle_equals_the_full_product(d):
+    from dattri.func.fisher import _gram
+
+    x = torch.randn(37, d, generator=_gen(d), dtype=D)
+    got = _gram(x, block=128)
+    torch.testing.assert_close(got, x.T @ x, rtol=1e-12, atol=1e-12)
