@@ -34,6 +34,7 @@ from cases import (
     make_lr,
     per_example_grads,
     train_full_batch,
+    trained_lr,
 )
 
 REG = 1e-3
@@ -86,10 +87,7 @@ def test_cg_rev_fwd_equals_rev_rev(lr_case):
 @pytest.fixture(scope="module")
 def small_case():
     """A 51-parameter LR (16 pixels, 3 classes) for the iterative solvers."""
-    (xtr, ytr), (xte, yte) = digits(60, 6, classes=3, dim=16)
-    model = make_lr(16, 3)
-    loss = l2_loss_factory(model)
-    train_full_batch(model, loss, xtr, ytr)
+    model, loss, (xtr, ytr), (xte, yte) = trained_lr(60, 6, classes=3, dim=16)
     return {
         "model": model, "loss": loss, "train": (xtr, ytr), "test": (xte, yte),
         "g_tr": per_example_grads(model, loss, xtr, ytr),

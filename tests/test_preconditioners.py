@@ -22,7 +22,7 @@ from dattri.linalg.operators import (
 )
 from dattri.task import AttributionTask
 
-from cases import dense_hessian, digits, l2_loss_factory, loaders, make_lr, train_full_batch
+from cases import dense_hessian, loaders, per_example_grads, trained_lr
 
 D = torch.float64
 
@@ -79,11 +79,8 @@ def test_kronecker_eigen_equals_the_dense_kronecker_inverse(damping):
 
 @pytest.fixture(scope="module")
 def lr_case():
-    (xtr, ytr), (xte, yte) = digits(60, 6, classes=3, dim=16)
-    model = make_lr(16, 3)
-    loss = l2_loss_factory(model)
-    train_full_batch(model, loss, xtr, ytr)
-    return model, loss, (xtr, ytr), (xte, yte), dense_hessian(model, loss, xtr, ytr)
+    model, loss, train, test = trained_lr(60, 6, classes=3, dim=16)
+    return model, loss, train, test, dense_hessian(model, loss, *train)
 
 
 @pytest.mark.parametrize("make", ["explicit", "cg", "arnoldi"])
@@ -101,8 +98,6 @@ def test_attributor_preconditioner_is_the_damped_inverse_hessian(lr_case, make):
     op = att.cache(tr).preconditioner(0)
     assert isinstance(op, Preconditioner) and op.dim == p
     want = torch.linalg.inv(h + reg * torch.eye(p, dtype=D))
-    from cases import per_example_grads
-
     g = per_example_grads(model, loss, *test)
     torch.testing.assert_close(op.solve(g), g @ want, rtol=1e-5, atol=1e-7)
     if make == "arnoldi":  # the inverse on the Krylov space it found (the gradients' span)
@@ -119,8 +114,6 @@ def test_datainf_preconditioner_is_its_block_formula(lr_case):
     tr, _ = loaders(train, test)
     att = IFAttributorDataInf(task, regularization=0.3).cache(tr)
     op = att.preconditioner(0)
-    from cases import per_example_grads
-
     g = per_example_grads(model, loss, *train)
     want = torch.zeros(g.shape[1], g.shape[1], dtype=D)
     for sl in task.param_spec(None).slices().values():  # one block per parameter tensor

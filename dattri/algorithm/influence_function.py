@@ -193,7 +193,7 @@ class _IFBase(BaseAttributor):
 
     def _cache(self, train_loader: Iterable) -> None:
         self.data = DataCache(train_loader, self.device)
-        self._state = {}
+        self._state, self._preconditioners = {}, {}  # nothing stale if a fit fails
         self._state = dict(enumerate(self.ensemble.each(self._fit)))
         self._preconditioners = dict(enumerate(self.ensemble.each(self._precondition)))
 
@@ -821,8 +821,7 @@ class IFAttributorArnoldi(_IFBase):
 
         ens = self.ensemble
         pre = ens.each(self.preconditioner)
-        fts = ens.each(lambda c: pre[c].project(self.test_features.all(test_loader, c, "test grads")
-                                                .to(pre[c].vecs.dtype)))
+        fts = ens.each(lambda c: pre[c].project(self.test_features.all(test_loader, c, "test grads")))
         invs = ens.each(lambda c: pre[c].inverse_eigenvalues)
         if loader_fingerprint(train_loader) == self._train_fingerprint:
             rows = block_rows(self._kept[0].dim, fts[0].shape[0], len(ens))

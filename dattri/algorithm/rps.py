@@ -144,24 +144,27 @@ class _L2Problem:
         the whole RPS-L2 ``cache`` took 1.6 s, of which the fit is 0.1 s)."""
         pre = (self.h @ w.T).detach()
         loss_fn, n = self.loss_fn, pre.shape[0]
-        if self._scale is None:  # checked at the first Newton step, then known
-            self._scale = self._check_scale(pre)
-        if self._scale:
-            return _batch_output_hessians(loss_fn, pre, self.y) * (self._scale / n)
+        if self._scale != 0.0:  # not known to couple the examples
+            lam_j = _batch_output_hessians(loss_fn, pre, self.y)
+            if self._scale is None:  # checked at the first Newton step, then known
+                self._scale = self._check_scale(pre, lam_j)
+            if self._scale:
+                return lam_j * (self._scale / n)
 
         def one(p: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
             return loss_fn(p.unsqueeze(0), yi.unsqueeze(0))
 
         return torch.func.vmap(torch.func.hessian(one))(pre, self.y) / n
 
-    def _check_scale(self, pre: torch.Tensor) -> float:
-        """The factor from the batch loss's Hessian rows to one example's Hessian
-        (``n`` for a batch mean), checked on the first examples; ``0.0`` when the
-        loss couples the examples (``vmap(hessian)`` of batches of one then). The
-        coupling is a property of ``loss_fn``, not of the weights: one check per fit."""
+    def _check_scale(self, pre: torch.Tensor, batch_rows: torch.Tensor) -> float:
+        """The factor from the batch loss's Hessian rows ``batch_rows`` (n, C, C) to one
+        example's Hessian (``n`` for a batch mean), checked on the first examples;
+        ``0.0`` when the loss couples the examples (``vmap(hessian)`` of batches of one
+        then). The coupling is a property of ``loss_fn``, not of the weights: one
+        check per fit."""
         loss_fn = self.loss_fn
         head = min(pre.shape[0], 3)
-        lam_j = _batch_output_hessians(loss_fn, pre, self.y)[:head]
+        lam_j = batch_rows[:head]
         want = torch.stack([_batch_output_hessians(loss_fn, pre[j:j + 1], self.y[j:j + 1])[0]
                             for j in range(head)])
         scale = float((want * lam_j).sum() / (lam_j ** 2).sum().clamp_min(1e-300))

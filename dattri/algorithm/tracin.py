@@ -38,10 +38,9 @@ def _nonzero(n: torch.Tensor) -> torch.Tensor:
 
 def _unit_rows(g: torch.Tensor) -> torch.Tensor:
     """Rows of ``g`` scaled to unit length, in place (``g`` is the featurizer's own
-    gradients of one batch: no copy of its size; a zero row stays zero)."""
-    inf = torch.linalg.vector_norm(g, float("inf"), dim=1, keepdim=True)
-    g.div_(_nonzero(inf))  # no underflow in the norm
-    return g.div_(_nonzero(torch.linalg.vector_norm(g, dim=1, keepdim=True)))
+    gradients of one batch: no copy of its size; a zero row stays zero), by the
+    norms of :func:`_row_norms` (no underflow or overflow)."""
+    return g.div_(_nonzero(_row_norms(g))[:, None])
 
 
 def _row_norms(g: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,33 @@ BLOCK_ELEMENTS = 1 << 21
 SMALL_GRAM_WORK = 1 << 31
 
 
+#: column block of :func:`symmetric_gram`: wider Gram matrices are formed from the
+#: blocks on and above the diagonal only
+GRAM_BLOCK = 256
+
+
+def symmetric_gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """``x^T x`` ``(d, d)`` of ``x (N, d)`` in ``x``'s dtype, from its block upper
+    triangle, mirrored: about ``(d + block) / (2 d)`` of the multiply-adds of one
+    product (62% at ``d = 1,152``, 53% at 4,608: a ResNet-9 convolution's patch
+    covariance), as a symmetric rank-k update (``syrk``) would, in ordinary matrix
+    products."""
+    d = x.shape[1]
+    if d <= 2 * block:
+        return x.T @ x
+    out = x.new_empty(d, d)
+    for i in range(0, d, block):
+        out[i:i + block, i:] = x[:, i:i + block].T @ x[:, i:]
+    for i in range(block, d, block):
+        out[i:i + block, :i] = out[:i, i:i + block].T
+    return out
+
+
 def gram64(f: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """Float64 Gram matrix ``f^T f`` (``transpose=False``) or ``f f^T``, full storage."""
+    """Float64 Gram matrix ``f^T f`` (``transpose=False``) or ``f f^T``, full storage
+    (:func:`symmetric_gram`)."""
     f = f.to(torch.float64)
-    return f @ f.T if transpose else f.T @ f
+    return symmetric_gram(f.T if transpose else f)
 
 
 def rfp_diagonal(size: int) -> torch.Tensor:
