@@ -222,8 +222,14 @@ def _run_hyper(cfg, md, gts, spec, hyper, ctx, todo) -> dict[str, dict]:
                           traceback=traceback.format_exc(limit=3),
                           seconds={"total": time.perf_counter() - t0})
     if peak:
+        top = _peak_memory_gib()
+        if top is not None and floor is not None:
+            # the kernel's resident-set counters are batched per thread: a reading
+            # after the reset can fall a few pages below the one taken at the reset,
+            # but the peak since the reset is at least what was held then
+            top = max(top, floor)
         for m in todo:
-            out[m]["memory_gib"] = {"peak": _peak_memory_gib(), "before": floor}
+            out[m]["memory_gib"] = {"peak": top, "before": floor}
     return out
 
 
