@@ -336,7 +336,8 @@ class SJLTProjector(Projector):
     For coordinate ``j`` and repetition ``r < c``, ``h_r(j)`` is uniform in the
     ``r``-th of ``c`` contiguous output blocks and ``s_r(j) = +-1``;
     ``(xM)_i = c^(-1/2) sum_{j, r: h_r(j) = i} s_r(j) x_j``. Unbiased:
-    ``E[<xM, yM>] = <x, y>``. Cost ``B P c`` additions (``index_add_``).
+    ``E[<xM, yM>] = <x, y>``. Cost ``B P c`` additions (one ``index_add_`` into ``2k``
+    columns, positive and negative signs apart, then a difference).
 
     Args:
         c: nonzeros per input coordinate (``1 <= c <= k``); 1 is CountSketch.
@@ -364,23 +365,34 @@ class SJLTProjector(Projector):
         scale = 1.0 / math.sqrt(c)
         return idx.reshape(-1), signs.mul_(2.0 * scale).sub_(scale)
 
+    def _signed_buckets(self, ensemble_id: int, block: int, rows: int) -> tuple[torch.Tensor]:
+        """``h_r(j) + k [s_r(j) < 0]`` ``(rows * c,)``: one ``index_add_`` into ``2k``
+        columns, then the first ``k`` minus the last ``k``, applies the signs without a
+        signed copy of the input (which cost as much as the additions)."""
+        idx, signs = self._draw(ensemble_id, block, rows)
+        return (idx.add_((signs.reshape(-1) < 0).long() * self.proj_dim),)
+
     def _project(self, x: torch.Tensor, ensemble_id: int) -> torch.Tensor:
-        out = x.new_zeros(x.shape[0], self.proj_dim)
-        rows, p, c = self.rows_per_block, self.feature_dim, self.c
+        k, rows, p, c = self.proj_dim, self.rows_per_block, self.feature_dim, self.c
+        out = x.new_zeros(x.shape[0], 2 * k)
         for b in range(math.ceil(p / rows)):
             r0, r1 = b * rows, min(p, (b + 1) * rows)
-            idx, signs = self._cached(
-                (ensemble_id, b), x.device, lambda b=b, n=r1 - r0: self._draw(ensemble_id, b, n)
+            (idx,) = self._cached(
+                (ensemble_id, b), x.device,
+                lambda b=b, n=r1 - r0: self._signed_buckets(ensemble_id, b, n),
             )
-            signs = signs.to(x.dtype)
             for sl in self._batch_slices(x.shape[0]):
                 bs = x[sl].shape[0]
-                step = max(1, 2**22 // max(1, bs * c))  # bound the (bs, step * c) temporary
+                # columns at a time: bounds the (bs, step * c) copy when c > 1
+                step = max(1, (2**20 if c == 1 else 2**22 // max(1, bs)) // c)
                 for s0 in range(0, r1 - r0, step):
                     s1 = min(r1 - r0, s0 + step)
-                    src = x[sl, r0 + s0 : r0 + s1].unsqueeze(-1) * signs[s0:s1]
-                    out[sl].index_add_(1, idx[s0 * c : s1 * c], src.reshape(bs, -1))
-        return out
+                    src = x[sl, r0 + s0 : r0 + s1]
+                    if c > 1:
+                        src = src.unsqueeze(-1).expand(-1, -1, c).reshape(bs, -1)
+                    out[sl].index_add_(1, idx[s0 * c : s1 * c], src)
+        res = out[:, :k] - out[:, k:]
+        return res if c == 1 else res.mul_(1.0 / math.sqrt(c))
 
 
 def _sample_subset(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
