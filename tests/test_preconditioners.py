@@ -12,17 +12,20 @@ from dattri.algorithm import (
     IFAttributorCG,
     IFAttributorDataInf,
     IFAttributorExplicit,
+    TRAKAttributor,
+    TracInAttributor,
 )
 from dattri.errors import NotCachedError
 from dattri.linalg.operators import (
     BlockDiagonalPreconditioner,
     EigenbasisPreconditioner,
+    GramPreconditioner,
     KroneckerEigenPreconditioner,
     Preconditioner,
 )
 from dattri.task import AttributionTask
 
-from cases import dense_hessian, loaders, per_example_grads, trained_lr
+from cases import correct_probability, dense_hessian, loaders, per_example_grads, trained_lr
 
 D = torch.float64
 
@@ -121,3 +124,38 @@ def test_datainf_preconditioner_is_its_block_formula(lr_case):
         for gi in g[:, sl]:
             want[sl, sl] += torch.linalg.inv(torch.outer(gi, gi) + 0.3 * eye) / g.shape[0]
     torch.testing.assert_close(op.to_dense(), want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("n, reg", [(60, 0.1), (16, 0.1), (16, 0.0)])
+def test_trak_preconditioner_is_the_inverse_gram(lr_case, n, reg):
+    # TRAK with the identity projection: Phi = the per-example gradients (n, 51);
+    # 60 rows factor the primal 51 x 51 Gram matrix, 16 the dual 16 x 16 one, whose
+    # operator is Woodbury's form (reg > 0) or the pseudo-inverse of Phi^T Phi (0;
+    # Phi's 16 singular values span 2.3 .. 0.0085, so the pseudo-inverse is stable)
+    model, loss, train, test, _ = lr_case
+    task = AttributionTask(loss, model, model.state_dict())
+    x, y = train[0][:n], train[1][:n]
+    tr, _ = loaders((x, y), test)
+    att = TRAKAttributor(task, correct_probability(model), regularization=reg,
+                         proj_params={"proj_type": "identity"})
+    with pytest.raises(NotCachedError, match="needs cache"):
+        att.preconditioner(0)
+    op = att.cache(tr).preconditioner(0)
+    assert isinstance(op, GramPreconditioner) and op.form == ("primal" if n == 60 else "dual")
+    phi = per_example_grads(model, loss, x, y)
+    gram = phi.T @ phi
+    want = (torch.linalg.inv(gram + reg * torch.eye(gram.shape[0], dtype=D)) if reg
+            else torch.linalg.pinv(gram, hermitian=True))
+    scale = want.abs().max()
+    torch.testing.assert_close(op.to_dense() / scale, want / scale, rtol=1e-7, atol=1e-9)
+    g = per_example_grads(model, loss, *test)  # rows, and one vector
+    torch.testing.assert_close(op.solve(g[0]), op.solve(g)[0])
+
+
+def test_a_method_without_a_preconditioner_says_so(lr_case):
+    model, loss, train, test, _ = lr_case
+    tr, _ = loaders(train, test)
+    task = AttributionTask(loss, model, model.state_dict())
+    att = TracInAttributor(task, weight_list=[1.0], normalized_grad=False).cache(tr)
+    with pytest.raises(NotCachedError, match="does not exist: this method scores"):
+        att.preconditioner(0)

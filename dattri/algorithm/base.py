@@ -18,7 +18,8 @@ from dattri._loader import check_loader, check_same_loader, loader_fingerprint
 from dattri.algorithm._engine import Featurizer, resolve_device
 from dattri.algorithm._score import Ensemble
 from dattri.distributed import Shard, all_gather_rows, resolve, shard_loader
-from dattri.errors import DattriValueError
+from dattri.errors import DattriValueError, NotCachedError
+from dattri.linalg.operators import Preconditioner
 from dattri.task import AttributionTask
 
 __all__ = ["DEFAULT_PROJECTOR_KWARGS", "BaseAttributor", "projector_kwargs"]
@@ -92,6 +93,29 @@ class BaseAttributor:
     def ensemble(self) -> Ensemble:
         """The checkpoints and how their scores combine (:class:`_score.Ensemble`)."""
         return Ensemble(self.num_checkpoints, self._checkpoint_weights)
+
+    def preconditioner(self, ckpt: int = 0) -> Preconditioner:
+        """The operator ``cache`` built for checkpoint ``ckpt``, applied to the test
+        features in ``attribute``: a :class:`~dattri.linalg.operators.Preconditioner`
+        (``solve(V) = V M^{-1}`` on rows), for reuse in a researcher's own scores.
+        Influence functions: the inverse damped curvature; TRAK: the inverse
+        regularised Gram matrix; LoGra / FactGraSS: per-layer blocks.
+
+        Raises:
+            NotCachedError: before ``cache``, for a ``ckpt`` out of range, or for a
+                method without one (Grad-Dot, TracIn, RPS, ...).
+        """
+        held = getattr(self, "_preconditioners", None) or {}
+        if ckpt not in held:
+            what = ("needs cache(train_loader) first and 0 <= ckpt < "
+                    f"{self.num_checkpoints}") if self._uses_preconditioner else \
+                "does not exist: this method scores the features without one"
+            msg = f"{type(self).__name__}.preconditioner({ckpt!r}) {what}."
+            raise NotCachedError(msg)
+        return held[ckpt]
+
+    #: whether ``cache`` builds :meth:`preconditioner` (influence functions, TRAK, LoGra)
+    _uses_preconditioner = False
 
     @property
     def is_cached(self) -> bool:

@@ -184,6 +184,7 @@ class _IFBase(BaseAttributor):
     Hessians, Kronecker factors) and the score rows are gathered."""
 
     _scores_given_train = True
+    _uses_preconditioner = True
     _shardable = True
 
     def __init__(self, task: AttributionTask, layer_name=None, device="cpu") -> None:
@@ -196,19 +197,6 @@ class _IFBase(BaseAttributor):
         self._state, self._preconditioners = {}, {}  # nothing stale if a fit fails
         self._state = dict(enumerate(self.ensemble.each(self._fit)))
         self._preconditioners = dict(enumerate(self.ensemble.each(self._precondition)))
-
-    def preconditioner(self, ckpt: int = 0) -> Preconditioner:
-        """The inverse curvature of checkpoint ``ckpt`` as a
-        :class:`~dattri.linalg.operators.Preconditioner` (``solve(V) = V (H + lambda
-        I)^{-1}`` on rows; after ``cache``): what ``attribute`` applies to the test
-        gradients, for reuse in a researcher's own scores."""
-        if ckpt not in getattr(self, "_preconditioners", {}):
-            from dattri.errors import NotCachedError
-
-            msg = (f"{type(self).__name__}.preconditioner({ckpt!r}) needs cache(train_loader) "
-                   f"first and 0 <= ckpt < {self.num_checkpoints}.")
-            raise NotCachedError(msg)
-        return self._preconditioners[ckpt]
 
     def _precondition(self, ckpt: int) -> Preconditioner:
         """Checkpoint ``ckpt``'s preconditioner (after :meth:`_fit`): by default the

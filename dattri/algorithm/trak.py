@@ -42,6 +42,7 @@ from dattri.topk import TopK
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.linalg import gram
 from dattri.linalg.gram import GramCholesky
+from dattri.linalg.operators import GramPreconditioner
 from dattri.task import AttributionTask, batch_of_one
 
 __all__ = ["DEFAULT_PROJECTOR_KWARGS", "TRAKAttributor", "kernel_factor", "kernel_scores"]
@@ -123,6 +124,7 @@ class TRAKAttributor(BaseAttributor):
     """
 
     _shardable = True
+    _uses_preconditioner = True
 
     def __init__(
         self,
@@ -158,30 +160,33 @@ class TRAKAttributor(BaseAttributor):
         self.train_features.transform = transform
         self.test_features.transform = transform
         self._phi: list[torch.Tensor] = []
-        self._inv: list[tuple[str, GramCholesky]] = []
+        self._preconditioners: dict[int, GramPreconditioner] = {}
         self._dual: list[tuple[torch.Tensor, int, int] | None] = []
         self._stores: list[Any] = []
         self._q: torch.Tensor | None = None
 
-    def _factor(self, phi: torch.Tensor) -> tuple[tuple[str, GramCholesky], Any]:
-        """The kernel factor of the whole training set from this rank's rows ``phi``;
+    def _factor(self, phi: torch.Tensor) -> tuple[GramPreconditioner, Any]:
+        """The inverse kernel of the whole training set from this rank's rows ``phi``;
         with the gathered rows and this rank's ``(start, stop)`` in the dual form."""
-        shard = self._shard()
+        shard, k = self._shard(), phi.shape[1]
         if shard is None:
-            return kernel_factor(phi, self.regularization), None
+            form, factor = kernel_factor(phi, self.regularization)
+            return GramPreconditioner(form, factor, k, phi if form == "dual" else None), None
         start, stop, n = row_range(phi.shape[0], shard)
-        if phi.shape[1] <= n:
+        if k <= n:
             g = all_reduce(gram.gram64(phi), shard)
-            return ("primal", GramCholesky.from_gram(g, self.regularization)), None
+            return GramPreconditioner("primal", GramCholesky.from_gram(g, self.regularization), k), None
         full = all_gather_rows(phi, shard)
-        return ("dual", GramCholesky(full, self.regularization, transpose=True)), (full, start, stop)
+        factor = GramCholesky(full, self.regularization, transpose=True)
+        return GramPreconditioner("dual", factor, k, full), (full, start, stop)
 
     def _kernel_scores(self, c: int, ft: torch.Tensor) -> torch.Tensor:
         """This rank's rows of ``Phi_c (Phi_c^T Phi_c + lambda I)^{-1} ft^T``."""
+        p = self._preconditioners[c]
         if self._dual[c] is None:
-            return kernel_scores(self._phi[c], *self._inv[c], ft)
+            return kernel_scores(self._phi[c], p.form, p.factor, ft)
         full, start, stop = self._dual[c]
-        return kernel_scores(full, *self._inv[c], ft)[start:stop]
+        return kernel_scores(full, p.form, p.factor, ft)[start:stop]
 
     def _probabilities(self, batch: Any, ckpt: int) -> torch.Tensor:
         task = self.task
@@ -213,7 +218,7 @@ class TRAKAttributor(BaseAttributor):
         train_loader = replayable(train_loader, self.device, len(ens))
         fitted = ens.each(lambda c: self._fit_checkpoint(train_loader, c))
         self._phi = [phi for phi, _, _, _ in fitted]
-        self._inv = [factor for _, factor, _, _ in fitted]
+        self._preconditioners = dict(enumerate(factor for _, factor, _, _ in fitted))
         self._dual = [dual for _, _, dual, _ in fitted]
         self._q = ens.combine([q for _, _, _, q in fitted])
 
@@ -244,7 +249,7 @@ class TRAKAttributor(BaseAttributor):
         n = row_range(self._stores[0].n, shard)[2]
         fitted = self.ensemble.each(lambda c: self._fit_store(self._stores[c], n))
         self._phi = [phi for phi, _, _ in fitted]
-        self._inv = [factor for _, factor, _ in fitted]
+        self._preconditioners = dict(enumerate(factor for _, factor, _ in fitted))
         self._dual = [dual for _, _, dual in fitted]
         # the residuals 1 - p, in stores of their own (resumed like the features)
         q_stores = fill(self, _Residuals(self), train_loader, {**settings, "what": "1-p"},
@@ -264,17 +269,18 @@ class TRAKAttributor(BaseAttributor):
             part = gram.gram64(b)
             g = part if g is None else g.add_(part)
         g = all_reduce(g, self._shard())
-        return None, ("primal", GramCholesky.from_gram(g, self.regularization)), None
+        factor = GramCholesky.from_gram(g, self.regularization)
+        return None, GramPreconditioner("primal", factor, store.dim), None
 
     def _test_side(self, c: int, ft: torch.Tensor) -> torch.Tensor:
         """``(Phi_c^T Phi_c + lambda I)^{-1} ft^T`` as ``(k, m)`` float64 (primal form)."""
-        return self._inv[c][1].solve(ft.to(torch.float64)).T.to(self.device)
+        return self._preconditioners[c].solve(ft).T.to(self.device)
 
     def _score_blocks(self, test_feats: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
         """``(global_row_start, scores (b, m))`` of this rank's training rows, one
         block at a time (from the stores, or from the features in memory)."""
         shard, ens = self._shard(), self.ensemble
-        if any(form == "dual" for form, _ in self._inv):
+        if any(p.form == "dual" for p in self._preconditioners.values()):
             # the dual form solves with every row: the block is the rank's whole part
             total = ens.combine(ens.each(lambda c: self._kernel_scores(c, test_feats[c])))
             start = row_range(total.shape[0], shard)[0]
@@ -339,7 +345,8 @@ class TRAKAttributor(BaseAttributor):
     def _self_scores(self, train_loader: Iterable, c: int) -> torch.Tensor:
         """``<[Phi_c K_c^{-1}]_i, phi_target^c(z_i)>`` of this rank's rows, ``(n,)``."""
         ft = self.test_features.all(train_loader, c, "self grads").to(torch.float64)
-        form, factor = self._inv[c]
+        p = self._preconditioners[c]
+        form, factor = p.form, p.factor
         if form == "primal":  # row i of Phi K^{-1} (K symmetric)
             phi = self._phi[c]
             if phi is None:  # offload="disk": this rank's rows from the store

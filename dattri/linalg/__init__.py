@@ -7,6 +7,7 @@ from dattri.linalg.gram import GramCholesky
 from dattri.linalg.operators import (
     BlockDiagonalPreconditioner,
     EigenbasisPreconditioner,
+    GramPreconditioner,
     KroneckerEigenPreconditioner,
     Preconditioner,
 )
@@ -23,6 +24,7 @@ from dattri.linalg.solvers import (
 __all__ = [
     "BlockDiagonalPreconditioner",
     "EigenbasisPreconditioner",
+    "GramPreconditioner",
     "KroneckerEigenPreconditioner",
     "Preconditioner",
     "GramCholesky",

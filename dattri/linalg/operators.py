@@ -8,7 +8,8 @@ features, all rows together:
 .. math:: \mathrm{solve}(V) = V M^{-1} \quad (V: (k, P),\ M\ \text{symmetric}),
 
 with ``M`` the damped Hessian (explicit, CG, LiSSA), its top eigenspace (Arnoldi),
-Kronecker / EK-FAC blocks, DataInf's or LoGra's per-layer blocks. The solvers of
+Kronecker / EK-FAC blocks, DataInf's or LoGra's per-layer blocks, or TRAK's
+regularised Gram matrix of the projected training gradients. The solvers of
 :mod:`dattri.linalg.solvers` and :mod:`dattri.func.fisher` give the products; these
 classes only package them with their dimension, so that scoring code (and a
 researcher's own method) can use any of them alike: ``attributor.preconditioner(c)``.
@@ -25,6 +26,7 @@ from dattri.errors import DattriValueError
 __all__ = [
     "BlockDiagonalPreconditioner",
     "EigenbasisPreconditioner",
+    "GramPreconditioner",
     "KroneckerEigenPreconditioner",
     "Preconditioner",
 ]
@@ -163,3 +165,50 @@ class KroneckerEigenPreconditioner(Preconditioner):
                     r = qs @ ((qs.T @ vl @ qa) * inv) @ qa.T
                 out[r0:r1, sl] = r.reshape(r1 - r0, -1)
         return out
+
+
+class GramPreconditioner(Preconditioner):
+    r"""``M^{-1} = (\Phi^\top \Phi + \lambda I)^{-1}`` of a kernel method (TRAK) from a
+    Cholesky factor of its Gram matrix (:class:`dattri.linalg.GramCholesky`), in the
+    form that was cheaper to factor:
+
+    - ``"primal"``: ``factor`` holds :math:`\Phi^\top \Phi + \lambda I` (``k x k``);
+      ``solve(V)`` is one solve.
+    - ``"dual"``: ``factor`` holds :math:`\Phi \Phi^\top + \lambda I` (``n x n``, for
+      ``n < k``) and ``rows`` is :math:`\Phi`. ``solve(V)`` is, by Woodbury,
+      :math:`(V - V \Phi^\top (\Phi \Phi^\top + \lambda I)^{-1} \Phi) / \lambda`, and with
+      :math:`\lambda = 0` the pseudo-inverse
+      :math:`V \Phi^\top (\Phi \Phi^\top)^{-2} \Phi = V (\Phi^\top \Phi)^+`. TRAK's
+      scores never form this: :math:`\Phi M^{-1} = (\Phi \Phi^\top + \lambda I)^{-1}
+      \Phi` (:func:`dattri.algorithm.trak.kernel_scores`).
+
+    Results are float64.
+
+    Args:
+        form: ``"primal"`` or ``"dual"``.
+        factor: the Gram factor of that form.
+        dim: the feature dimension ``k``.
+        rows: :math:`\Phi` ``(n, k)`` (the dual form only).
+    """
+
+    def __init__(self, form: str, factor, dim: int, rows: torch.Tensor | None = None) -> None:
+        if form not in ("primal", "dual"):
+            msg = f"form={form!r}; expected 'primal' or 'dual'."
+            raise DattriValueError(msg)
+        if form == "dual" and (rows is None or rows.shape != (factor.size, dim)):
+            shape = None if rows is None else tuple(rows.shape)
+            msg = f"the dual form needs rows of shape ({factor.size}, {dim}), got {shape}."
+            raise DattriValueError(msg)
+        self.form, self.factor, self.rows = form, factor, rows
+        super().__init__(self._apply, dim, f"Gram factor, {form} form of size {factor.size}")
+
+    def _apply(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.to(torch.float64)
+        if self.form == "primal":
+            return self.factor.solve(v).to(v.device)
+        phi = self.rows.to(v.device, torch.float64)
+        inner = self.factor.solve(v @ phi.T).to(v.device)  # (m, n)
+        lam = self.factor.regularization
+        if lam > 0:
+            return (v - inner @ phi) / lam
+        return self.factor.solve(inner).to(v.device) @ phi
