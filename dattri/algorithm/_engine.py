@@ -8,12 +8,12 @@ checks and blocked matrix products; attributor classes only compose them.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from dattri._warn import warn_user
 from dattri._loader import batch_size_of, batches, check_loader, to_device
 from dattri.algorithm._batched import BatchedGrads, reference_grads
 from dattri.algorithm._factored import FactoredLinearFeaturizer
@@ -124,10 +124,9 @@ class Featurizer(LoaderFeatures):
                 if "vmap" not in str(e):
                     raise
                 self._vmap_fails = True
-                warnings.warn(
+                warn_user(
                     f"{self.which} gradients: vmap cannot trace this model ({str(e)[:120]}...); "
-                    "computing per-example gradients one example at a time (slow).",
-                    stacklevel=3,
+                    "computing per-example gradients one example at a time (slow)."
                 )
         return self.reference(batch, ckpt_idx)
 
@@ -169,14 +168,13 @@ class Featurizer(LoaderFeatures):
             self._batched_ok[ckpt_idx] = ok
             if not ok and not self._warned:
                 self._warned = True
-                warnings.warn(
+                warn_user(
                     f"{self.which} gradients: the batched per-example gradients (one forward "
                     "and backward per batch) differ from autograd on single examples, so "
                     "this task falls back to vmap(grad) over examples (slower). Usual "
                     "causes: the loss couples the examples of a batch (batch statistics, "
                     "a mean over padded positions), BatchNorm in training mode, or random "
-                    "layers other than nn.Dropout.",
-                    stacklevel=3,
+                    "layers other than nn.Dropout."
                 )
         return self._batched_ok[ckpt_idx]
 

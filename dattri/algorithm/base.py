@@ -8,12 +8,12 @@ it (caching first, with a warning, if the user did not).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from dattri._warn import warn_user
 from dattri._loader import check_loader, check_same_loader, loader_fingerprint
 from dattri.algorithm._engine import Featurizer, resolve_device
 from dattri.algorithm._score import Ensemble
@@ -146,10 +146,10 @@ class BaseAttributor:
         if not self._shardable:
             if not self._warned_unsharded:
                 self._warned_unsharded = True
-                warnings.warn(
+                warn_user(
                     f"{type(self).__name__} does not split the training set across the "
                     f"{shard.world} ranks of the process group: every rank computes all "
-                    "of it (same result, no speed-up).", stacklevel=4)
+                    "of it (same result, no speed-up).")
             return None
         return shard
 
@@ -171,10 +171,9 @@ class BaseAttributor:
             check_same_loader(getattr(self, "_train_fingerprint", None), train_loader,
                               type(self).__name__)
         if not self._cached:
-            warnings.warn(
+            warn_user(
                 f"{type(self).__name__}.attribute called before cache(train_loader); "
                 "caching now. Call cache() once to reuse the training-side work.",
-                stacklevel=3,
             )
             self.cache(train_loader)
 

@@ -55,7 +55,6 @@ batches of one; ``use_batched = False`` turns the batched path off.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -63,6 +62,7 @@ import torch
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from dattri._warn import warn_user
 from dattri._loader import batch_size_of, slice_batch
 from dattri.algorithm._batched import BatchedGrads, reference_grads
 from dattri.algorithm._engine import DataCache
@@ -182,11 +182,11 @@ class _StepGrads:
             got, reference_grads(func, small, params, self.names, seed))
         if not ok and not self._warned:
             self._warned = True
-            warnings.warn(
+            warn_user(
                 "DVEmb step gradients: the batched per-example gradients differ from "
                 "autograd on single examples (a loss coupling the examples of a batch, "
                 "BatchNorm in training mode...), so every step uses vmap(grad) over "
-                "examples (slower).", stacklevel=4)
+                "examples (slower).")
         return ok
 
 

@@ -46,13 +46,13 @@ scores its own training rows (the rows are gathered): the scores of one process.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from dattri._warn import warn_user
 from dattri._convention import as_batched
 from dattri._loader import check_loader
 from dattri.algorithm._loop import LoaderFeatures
@@ -377,12 +377,12 @@ class RPSAttributor(BaseAttributor):
             w = w + t * step
         self.hessian_factorizations = problem.factorizations
         if self.stationarity > _RTOL:
-            warnings.warn(
+            warn_user(
                 f"RPSAttributor: the L2 fine-tuning stopped after {self.newton_iterations} Newton "
                 f"iteration(s) at relative gradient norm {self.stationarity:.2e} (target "
                 f"{_RTOL:.0e}); the representer decomposition is off by that much. Raise "
                 f"epoch={self.epoch} or l2_strength={self.l2_strength}.",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning)
         return w, g_pre
 
     def _cache(self, train_loader: Iterable) -> None:

@@ -26,13 +26,12 @@ needs less memory but forward-mode support of every operator.
 
 from __future__ import annotations
 
-import warnings
-
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.func import grad, hessian, jvp, vjp, vmap
 
+from dattri._warn import warn_user
 from dattri.errors import DattriValueError
 from dattri.linalg import arnoldi, cg_solve, factorize, lissa_solve
 
@@ -342,13 +341,13 @@ def ihvp_at_x_cg(
         X = cg_solve(watched, V, max_iter=max_iter, tol=tol,
                      regularization=regularization, progress=progress)
         if negative:
-            warnings.warn(
+            warn_user(
                 "ihvp_cg: negative curvature p^T (H + regularization I) p < 0 met, so "
                 "H + regularization*I is indefinite. CG went on (it stops only on a "
                 "breakdown) and solves the indefinite system when it is non-singular; "
                 "for a positive-definite system raise regularization above the most "
                 "negative eigenvalue's magnitude.",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning,
             )
         return restore(X)
 

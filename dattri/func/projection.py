@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Literal, get_args
@@ -45,6 +44,7 @@ from typing import Literal, get_args
 import torch
 from tqdm.auto import tqdm
 
+from dattri._warn import warn_user
 from dattri.errors import DattriValueError
 
 __all__ = [
@@ -810,12 +810,11 @@ def arnoldi_project(
     eigvals = eigvals + regularization
     keep = eigvals > tol**2
     if not bool(keep.all()):
-        warnings.warn(
+        warn_user(
             f"arnoldi_project: {int((~keep).sum())} of {keep.numel()} eigenvalues of "
             f"H + {regularization} I are <= tol^2={tol**2:g} and were dropped; the output "
             "has fewer columns. Increase `regularization` to keep them.",
             RuntimeWarning,
-            stacklevel=2,
         )
     eigvals, eigvecs = eigvals[keep], eigvecs[keep]
     scale = norm_constant / eigvals.sqrt()

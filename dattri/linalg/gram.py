@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from dattri._warn import warn_user
 from dattri.errors import DattriValueError, NonFiniteError
 from dattri.func.utils import all_finite
 
@@ -195,14 +196,12 @@ class GramCholesky:
         return self
 
     def _warn_singular(self) -> None:
-        import warnings
-
-        warnings.warn(
+        warn_user(
             f"GramCholesky: the {self.size} x {self.size} Gram matrix + regularization*I "
             f"(regularization={self.regularization}) is not positive definite in float64 "
             "(the features are linearly dependent or nearly so); using the eigendecomposition "
             "pseudo-inverse instead. A regularization > 0 makes it well posed (and faster).",
-            RuntimeWarning, stacklevel=5,
+            RuntimeWarning,
         )
 
     @property

@@ -21,12 +21,12 @@ block per iteration, never a Python loop over the rows.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from dattri._warn import warn_user
 from dattri.errors import DattriValueError, NonFiniteError
 from dattri.func.utils import all_finite
 
@@ -83,13 +83,13 @@ def _unit_rows(Bm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _warn_breakdown(count: int, total: int, solver: str) -> None:
     if count:
-        warnings.warn(
+        warn_user(
             f"{solver}: for {count} of {total} right-hand side(s) p^T (A + lambda I) p "
             "was 0 or not finite before convergence (the operator's products underflowed "
             "or overflowed, or A is singular along the residual); those rows stopped "
             "early and are incomplete. Rescale the loss (e.g. a sum instead of a tiny "
             "mean), use float64, or add regularization.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
         )
 
 
@@ -523,12 +523,11 @@ def _regularized(H: torch.Tensor, regularization: float) -> torch.Tensor:
 
 
 def _warn_fallback() -> None:
-    warnings.warn(
+    warn_user(
         "explicit inverse: H + regularization*I is not positive definite (Cholesky "
         "failed); using a symmetric eigendecomposition pseudo-inverse instead. "
         "Increase `regularization` for a well-posed inverse.",
         RuntimeWarning,
-        stacklevel=4,
     )
 
 

@@ -14,11 +14,12 @@ loop over columns). They follow ``scipy.stats.pearsonr`` / ``spearmanr``:
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
+
 from scipy import special
+
+from dattri._warn import warn_user
 
 __all__ = [
     "ConstantColumnWarning",
@@ -107,12 +108,11 @@ def columnwise_pearson(
     if bool(const.any()):
         bad = torch.nonzero(const).flatten().tolist()
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        warnings.warn(
+        warn_user(
             f"{len(bad)} test column(s) [{shown}] are constant in the scores or the "
             f"ground truth, so their {what} is undefined and set to NaN; average the "
             "others with torch.nanmean, or check the retrained models.",
-            ConstantColumnWarning,
-            stacklevel=3,
+            ConstantColumnWarning
         )
     return r, p
 

@@ -19,7 +19,6 @@ import pickle
 import random
 import threading
 import time
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from dattri._warn import warn_user
 from dattri.errors import DattriRuntimeError, DattriValueError
 from dattri.model_util._retrain_store import (
     file_status,
@@ -206,10 +206,9 @@ def _pending(root: Path, jobs: list[Job]) -> list[Job]:
             bad = root / job.file
             os.replace(bad, bad.with_name(bad.name + ".corrupt"))
     if corrupt:
-        warnings.warn(
+        warn_user(
             f"{len(corrupt)} model file(s) are corrupt, half-written or from another "
-            f"run ({corrupt[:5]}); they were renamed to *.corrupt and will be retrained.",
-            stacklevel=4,
+            f"run ({corrupt[:5]}); they were renamed to *.corrupt and will be retrained."
         )
     return pending
 
@@ -262,11 +261,11 @@ def run_jobs(
         if bad is not None:
             serial = True
             where = f"{desc}: in this process ({bad} cannot be pickled for worker processes)"
-            warnings.warn(
+            warn_user(
                 f"{bad} cannot be pickled (a lambda, a closure or a local object?), so "
                 f"the {num_workers} worker process(es) cannot receive it: training in "
                 "this process instead. Define it at module level to use worker processes.",
-                RuntimeWarning, stacklevel=4)
+                RuntimeWarning)
         else:
             where = f"{desc}: {num_workers} worker process(es)"
     if spec["kind"] == "vectorized":

@@ -41,7 +41,6 @@ import functools
 import hashlib
 import os
 import random
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from dattri._warn import warn_user
 from dattri._loader import check_loader, hash_batch
 from dattri.errors import DattriValueError, GroundTruthError
 from dattri.model_util._retrain_runner import Job, run_jobs
@@ -271,11 +271,11 @@ def _scheme(old: dict[str, Any] | None, fingerprint: dict, root: Path) -> tuple[
     and data were fingerprinted resumes with its recorded seeds, unchecked."""
     if old is None or "seed_scheme" in old:
         return False, fingerprint
-    warnings.warn(
+    warn_user(
         f"{str(root)!r} was written by an earlier dattri "
         "version: it resumes with its recorded (63-bit) seeds, and its training data "
         "cannot be checked against this call's (the folder has no data fingerprint). "
-        "Retrain into a new folder to get both.", stacklevel=4)
+        "Retrain into a new folder to get both.")
     return True, None
 
 
