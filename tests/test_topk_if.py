@@ -17,6 +17,7 @@ from dattri.algorithm import (
     IFAttributorLiSSA,
     LoGraAttributor,
 )
+from dattri.algorithm import base as base_module
 from dattri.algorithm import influence_function as if_module
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -55,7 +56,7 @@ def _case(checkpoints: int = 1):
 
 def _spy_blocks(monkeypatch) -> list[tuple[int, ...]]:
     """The shapes of the score blocks the IF attributors hand to the ranking."""
-    shapes = spy_ranked(monkeypatch, if_module)
+    shapes = spy_ranked(monkeypatch, base_module)  # every attributor's _finish
     # kept features (IF-Arnoldi) are read in blocks of BATCH rows, not the byte budget
     monkeypatch.setattr(if_module, "block_rows", lambda *args: BATCH)
     return shapes

@@ -17,6 +17,7 @@ from dattri._warn import warn_user
 from dattri._loader import check_loader, check_same_loader, loader_fingerprint
 from dattri.algorithm._engine import Featurizer, resolve_device
 from dattri.algorithm._score import Ensemble
+from dattri.algorithm._scored import ranked
 from dattri.distributed import Shard, all_gather_rows, resolve, shard_loader
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.linalg.operators import Preconditioner
@@ -161,6 +162,14 @@ class BaseAttributor:
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         """The ranks' score rows in loader order, on every rank."""
         return all_gather_rows(rows, self._shard())
+
+    def _finish(self, blocks: Iterable[tuple[int, torch.Tensor]], top_k: int | None):
+        """``attribute``'s result from ``(global_row_start, scores)`` blocks of this
+        rank's training rows: every rank's rows in order, or with ``top_k`` the
+        :class:`~dattri.topk.TopK` ranked block by block (merged over the ranks)."""
+        if top_k is not None:
+            return ranked(blocks, top_k, self._shard())
+        return self._gather(torch.cat([b for _, b in blocks]))
 
     def _cache(self, train_loader: Iterable) -> None:  # noqa: ARG002
         """Subclasses override; the default has nothing to precompute."""

@@ -32,7 +32,6 @@ from dattri.algorithm._scored import (
     check_store_args,
     check_top_k,
     fill,
-    ranked,
     refuse_sharded_dropout,
 )
 from dattri.algorithm.base import BaseAttributor
@@ -245,9 +244,7 @@ class _IFBase(BaseAttributor):
         train_loader = self._local(train_loader)
         self._ensure_cached(train_loader)
         blocks = self._score_blocks(train_loader, test_loader, relatif_method, top_k is not None)
-        if top_k is not None:
-            return ranked(blocks, top_k, self._shard())
-        return self._gather(torch.cat([s for _, s in blocks]))
+        return self._finish(blocks, top_k)
 
     def _test_side(self, test_loader: Iterable) -> list[torch.Tensor]:
         """``(H_c + lambda I)^{-1} g_target`` of every test example, per checkpoint."""

@@ -62,7 +62,6 @@ from dattri.algorithm._scored import (
     check_top_k,
     checkpoint_digest,
     fill,
-    ranked,
 )
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, row_range
@@ -432,9 +431,7 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(train_loader)
         h_t, y_t = self._features(test_loader)
         blocks = self._score_blocks(h_t, y_t, None if k is None else block_rows(h_t.shape[1], len(y_t)))
-        if k is not None:
-            return ranked(blocks, k, self._shard())
-        return self._gather(torch.cat([b for _, b in blocks]))
+        return self._finish(blocks, k)
 
     def _score_blocks(self, h_t: torch.Tensor, y_t: torch.Tensor,
                       rows: int | None) -> Iterator[tuple[int, torch.Tensor]]:

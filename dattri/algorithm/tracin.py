@@ -20,7 +20,7 @@ from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import replayable, score_stream
 from dattri.algorithm._factored import FactoredGrads
 from dattri.algorithm._score import diagonal, score_blocks
-from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill, ranked
+from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill
 from dattri.algorithm.base import DEFAULT_PROJECTOR_KWARGS, BaseAttributor, make_projection
 from dattri.algorithm.base import projector_kwargs as projection_settings
 from dattri.distributed import row_range
@@ -220,9 +220,7 @@ class TracInAttributor(BaseAttributor):
             total = self._scores(train_loader, test_loader)
             start = row_range(total.shape[0], self._shard())[0]
             blocks = iter([(start, total)])
-        if top_k is not None:
-            return ranked(blocks, top_k, self._shard())
-        return self._gather(torch.cat([b for _, b in blocks]))
+        return self._finish(blocks, top_k)
 
     def _stored_blocks(self, test_loader: Iterable) -> Iterator[tuple[int, torch.Tensor]]:
         ens = self.ensemble

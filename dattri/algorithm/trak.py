@@ -35,7 +35,6 @@ from dattri.algorithm._scored import (
     check_store_args,
     check_top_k,
     fill,
-    ranked,
 )
 from dattri.distributed import all_gather_rows, all_reduce, row_range
 from dattri.topk import TopK
@@ -330,9 +329,7 @@ class TRAKAttributor(BaseAttributor):
         test_loader = replayable(test_loader, self.device, self.num_checkpoints)
         test_feats = self.ensemble.each(lambda c: self.test_features.all(test_loader, c, "test grads"))
         blocks = self._score_blocks(test_feats)
-        if top_k is not None:
-            return ranked(blocks, top_k, self._shard())
-        return self._gather(torch.cat([b for _, b in blocks]))
+        return self._finish(blocks, top_k)
 
     def self_attribute(self, train_loader: Iterable) -> torch.Tensor:
         """``Q_i * mean_c <[Phi_c K_c^{-1}]_i, phi_target^c(z_i)>`` as ``(n_train,)``."""
