@@ -73,8 +73,9 @@ def _reference(model, batches, test, layer, damping):
     return g.reshape(n, -1) @ pre.reshape(pre.shape[0], -1).T
 
 
+@pytest.mark.parametrize("basis", ["standard", "eigen"])
 @pytest.mark.parametrize("layer", ["conv", "seq"])
-def test_ekfac_over_positions_matches_dense_reference(layer):
+def test_ekfac_over_positions_matches_dense_reference(layer, basis):
     torch.manual_seed(0)
     model = ConvSeq().double().eval()
     g = torch.Generator().manual_seed(1)
@@ -83,8 +84,9 @@ def test_ekfac_over_positions_matches_dense_reference(layer):
     train = [(x[:7], y[:7]), (x[7:], y[7:])]
     test = (x[:3], y[:3])
     task = AttributionTask(_loss(model), model, model.state_dict())
-    att = IFAttributorEKFAC(task, module_name=layer, damping=1e-3).cache(train)
-    got = att.attribute(train, [test])
+    att = IFAttributorEKFAC(task, module_name=layer, damping=1e-3)
+    att.scoring_basis = basis  # the scores of either basis are the reference's
+    got = att.cache(train).attribute(train, [test])
     want = _reference(model, train, test, layer, 1e-3)
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
@@ -120,3 +122,55 @@ def test_ihvp_in_row_chunks_equals_one_block(monkeypatch):
         assert got.data_ptr() == owned.data_ptr()
         torch.testing.assert_close(got, whole, rtol=1e-9, atol=1e-11)
         monkeypatch.undo()
+
+
+class DeepAndWide(nn.Module):
+    """An early convolution (1 -> 16 channels at 9 positions, a 10-wide input factor:
+    forming its gradients is cheaper than rotating them) and a deep one (16 -> 16
+    channels at one position, a 145-wide input factor: rotating the test side there
+    and back costs the most), the shapes between which the scoring basis changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.early = nn.Conv2d(1, 16, 3, stride=10)  # (B, 16, 3, 3)
+        self.deep = nn.Conv2d(16, 16, 3)  # one position
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.deep(torch.tanh(self.early(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+def test_scores_are_the_same_in_every_scoring_basis(damping):
+    # the eigenbasis is an orthogonal change of coordinates: scores, self-influence
+    # and RelatIF are unchanged; "auto" takes the deep layer there, not the early one
+    torch.manual_seed(0)
+    model = DeepAndWide().double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(26, 1, 23, 23, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (26,), generator=g)
+    train, test = [(x[:8], y[:8]), (x[8:20], y[8:20])], [(x[20:], y[20:])]
+    task = AttributionTask(_loss(model), model, model.state_dict())
+    out = {}
+    for basis in ("standard", "eigen", "auto"):
+        att = IFAttributorEKFAC(task, damping=damping)
+        att.scoring_basis = basis
+        att.cache(train)
+        out[basis] = (att.attribute(train, test), att.self_attribute(train),
+                      att.attribute(train, test, relatif_method="theta"))
+        if basis == "auto":
+            assert att._choose_basis(20, 6) == {"early": False, "deep": True, "head": True}
+            assert att._positions == {"early": 9.0, "deep": 1.0, "head": 1.0}
+    for basis in ("eigen", "auto"):
+        for got, want in zip(out[basis], out["standard"]):
+            scale = want.abs().max()
+            torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-10)
+
+
+def test_an_unknown_scoring_basis_is_refused():
+    model = ConvSeq().double()
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    att = IFAttributorEKFAC(AttributionTask(_loss(model), model, model.state_dict()))
+    att.scoring_basis = "diagonal"
+    with pytest.raises(ValueError, match="scoring_basis='diagonal' must be"):
+        att.cache([(x, y)]).attribute([(x, y)], [(x, y)])

@@ -7,6 +7,7 @@ from dattri.errors import DattriValueError
 from dattri.func.fisher import (
     ekfac_corrected_eigenvalues,
     ekfac_corrected_eigenvalues_from_activations,
+    ekfac_rotated_grads,
     empirical_fisher,
     ifvp_at_x_explicit,
     ifvp_explicit,
@@ -199,6 +200,8 @@ def test_ekfac_from_activations_matches_grads(order):
     out_sum = ekfac_corrected_eigenvalues_from_activations(a, s, qa, qs, mask=mask,
                                                            reduction="sum", order=order)
     torch.testing.assert_close(out_sum, ref * 9)
+    rotated = ekfac_rotated_grads(a, s, qa, qs, mask=mask, order=order)
+    torch.testing.assert_close(rotated, qs.T @ G @ qa)
 
 
 def test_kfac_errors():

@@ -78,6 +78,15 @@ def test_kronecker_eigen_equals_the_dense_kronecker_inverse(damping):
     res = op.solve_owned(owned)
     assert res.data_ptr() == owned.data_ptr()
     torch.testing.assert_close(res[:, 1:], v[:, 1:] @ block)
+    # in the eigenbasis: coordinates X = Q_S^T V Q_A (vec: V @ q), solved by the
+    # division alone, are the coordinates of the standard solve
+    rot = op.in_eigenbasis([True])
+    coords = v.clone()
+    coords[:, 1:] = v[:, 1:] @ q
+    torch.testing.assert_close(rot.solve(coords)[:, 1:], (v[:, 1:] @ block) @ q)
+    assert "1 in their eigenbasis" in repr(rot)
+    with pytest.raises(ValueError, match="rotated has 2 flags for 1 layers"):
+        op.in_eigenbasis([True, False])
 
 
 @pytest.fixture(scope="module")

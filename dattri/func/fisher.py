@@ -55,6 +55,7 @@ __all__ = [
     "IFVPUsageError",
     "ekfac_corrected_eigenvalues",
     "ekfac_corrected_eigenvalues_from_activations",
+    "ekfac_rotated_grads",
     "empirical_fisher",
     "estimate_covariance",
     "estimate_eigenvector",
@@ -66,6 +67,7 @@ __all__ = [
     "kfac_eigenvalues",
     "kfac_ifvp",
     "linear_per_example_grads",
+    "rotation_costs",
 ]
 
 
@@ -335,15 +337,9 @@ def ekfac_corrected_eigenvalues_from_activations(
     Returns:
         ``(d_out, d_a)``, as :func:`ekfac_corrected_eigenvalues`.
     """
-    if order not in ("auto", "factors", "gradients"):
-        msg = f"order={order!r} must be 'auto', 'factors' or 'gradients'."
-        raise DattriValueError(msg)
     a, s = _seq(activations, grad_outputs, bias, mask)
-    t, d_o, d_a = a.shape[1], s.shape[-1], a.shape[-1]
-    if order == "auto":
-        by_factors = t * (d_o * d_o + d_a * d_a) + t * d_o * d_a
-        by_grads = t * d_o * d_a + d_o * d_a * (d_o + d_a)
-        order = "factors" if by_factors <= by_grads else "gradients"
+    order = _rotation_order(order, a.shape[1], s.shape[-1], a.shape[-1])
+    d_o, d_a = s.shape[-1], a.shape[-1]
     if order == "factors":
         a, s = a @ Q_A, s @ Q_S
     out = torch.zeros(d_o, d_a, dtype=a.dtype, device=a.device)
@@ -354,6 +350,45 @@ def ekfac_corrected_eigenvalues_from_activations(
             g = Q_S.T @ g @ Q_A
         out += g.square().sum(dim=0)
     return out / a.shape[0] if reduction == "mean" else out
+
+
+def rotation_costs(positions: float, d_out: int, d_a: int) -> tuple[float, float]:
+    r"""Multiply-adds per example of :math:`Q_S^\top G Q_A` from the factors (rotate
+    ``a`` and ``s``, then the sum over ``positions``) and from the formed gradient
+    (form it, then rotate it)."""
+    by_factors = positions * (d_out * d_out + d_a * d_a) + positions * d_out * d_a
+    by_grads = positions * d_out * d_a + d_out * d_a * (d_out + d_a)
+    return by_factors, by_grads
+
+
+def _rotation_order(order: str, positions: int, d_out: int, d_a: int) -> str:
+    if order not in ("auto", "factors", "gradients"):
+        msg = f"order={order!r} must be 'auto', 'factors' or 'gradients'."
+        raise DattriValueError(msg)
+    if order != "auto":
+        return order
+    by_factors, by_grads = rotation_costs(positions, d_out, d_a)
+    return "factors" if by_factors <= by_grads else "gradients"
+
+
+def ekfac_rotated_grads(
+    activations: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    Q_A: torch.Tensor,
+    Q_S: torch.Tensor,
+    bias: bool = True,
+    mask: torch.Tensor | None = None,
+    order: str = "auto",
+) -> torch.Tensor:
+    r"""Per-example gradients in the Kronecker eigenbasis, :math:`Q_S^\top G_n Q_A`
+    ``(N, d_out, d_a)``, in the cheaper order (as
+    :func:`ekfac_corrected_eigenvalues_from_activations`): an orthogonal change of
+    coordinates of :func:`linear_per_example_grads`, in which the EK-FAC inverse is a
+    division by the eigenvalues."""
+    a, s = _seq(activations, grad_outputs, bias, mask)
+    if _rotation_order(order, a.shape[1], s.shape[-1], a.shape[-1]) == "factors":
+        return torch.einsum("nto,nti->noi", s @ Q_S, a @ Q_A)
+    return Q_S.T @ torch.einsum("nto,nti->noi", s, a) @ Q_A
 
 
 def kfac_ifvp(

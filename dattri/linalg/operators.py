@@ -129,16 +129,34 @@ class KroneckerEigenPreconditioner(Preconditioner):
     Rows are taken in chunks of at most ``chunk_bytes`` per temporary (a rotation of
     500 gradients of a 512 x 4,608 convolution is 4.7 GB).
 
+    With ``rotated`` (one flag per layer), the flagged layers' columns hold
+    coordinates in the eigenbasis, ``Q_S^T V Q_A``, and their solve is the division
+    by ``Lambda + delta`` alone: the same operator after an orthogonal change of
+    coordinates (:meth:`in_eigenbasis`), for features computed in that basis.
+
     Args:
         blocks: ``[(slice, Q_A (d_a, d_a), Q_S (d_out, d_out), Lambda (d_out, d_a))]``.
         damping: ``delta >= 0``.
+        rotated: per layer, whether its columns are eigenbasis coordinates.
     """
 
     def __init__(self, blocks: Sequence[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]],
-                 damping: float = 0.0, chunk_bytes: int = 256 << 20) -> None:
+                 damping: float = 0.0, chunk_bytes: int = 256 << 20,
+                 rotated: Sequence[bool] | None = None) -> None:
         self.blocks, self.damping, self.chunk_bytes = list(blocks), float(damping), int(chunk_bytes)
+        self.rotated = [False] * len(self.blocks) if rotated is None else [bool(r) for r in rotated]
+        if len(self.rotated) != len(self.blocks):
+            msg = f"rotated has {len(self.rotated)} flags for {len(self.blocks)} layers."
+            raise DattriValueError(msg)
         dim = self.blocks[-1][0].stop if self.blocks else 0
-        super().__init__(self._apply, dim, f"EK-FAC, {len(self.blocks)} layers")
+        where = f", {sum(self.rotated)} in their eigenbasis" if any(self.rotated) else ""
+        super().__init__(self._apply, dim, f"EK-FAC, {len(self.blocks)} layers{where}")
+
+    def in_eigenbasis(self, rotated: Sequence[bool]) -> KroneckerEigenPreconditioner:
+        """The same inverse for features whose ``rotated`` layers are eigenbasis
+        coordinates ``Q_S^T G Q_A`` (an orthogonal change of coordinates: inner
+        products, hence scores, are unchanged)."""
+        return KroneckerEigenPreconditioner(self.blocks, self.damping, self.chunk_bytes, rotated)
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
         return self._into(v, torch.empty_like(v))
@@ -149,17 +167,20 @@ class KroneckerEigenPreconditioner(Preconditioner):
     def _into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         from dattri.func.fisher import kfac_ifvp
 
-        for sl, qa, qs, lam in self.blocks:
+        for (sl, qa, qs, lam), rotated in zip(self.blocks, self.rotated):
             qa, qs, lam = qa.to(v.dtype), qs.to(v.dtype), lam.to(v.dtype)
-            inv = None
             if self.damping == 0:  # pseudo-inverse: eigenvalues at rounding level dropped
                 cut = lam.abs().max() * lam.numel() * torch.finfo(lam.dtype).eps
                 inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, 1.0), 0.0)
+            else:
+                inv = None if not rotated else 1.0 / (lam + self.damping)
             rows = max(1, self.chunk_bytes // (lam.numel() * v.element_size()))
             for r0 in range(0, v.shape[0], rows):
                 r1 = min(v.shape[0], r0 + rows)
                 vl = v[r0:r1, sl].reshape(r1 - r0, *lam.shape)
-                if inv is None:
+                if rotated:
+                    r = vl * inv
+                elif inv is None:
                     r = kfac_ifvp(vl, qa, qs, lam, self.damping)
                 else:
                     r = qs @ ((qs.T @ vl @ qa) * inv) @ qa.T
