@@ -258,3 +258,48 @@ def chain_rows(task: AttributionTask, names: list[str], data: DataCache, ckpt: i
     terms = [torch.cat(col).to(theta.dtype) for col in zip(*parts)]
     return ChainRows(data, layers, terms, theta.numel())
 
+
+
+class DatasetChain:
+    """``V -> V H`` of the mean loss over a set of local rows (the CG / Arnoldi
+    products over the whole training set), summed over the ranks: the R-operator of
+    :class:`_ChainMatmat`, ``ROWS`` examples and ``ChainRows.chunk`` directions at a
+    time (the temporaries are ``chunk x ROWS x width``). ``shift`` as
+    :func:`~dattri.algorithm._linear_hessian.calibrated` sets it."""
+
+    #: examples per product (with 64 directions and a 128-wide layer: 16 MB temporaries)
+    ROWS = 512
+
+    def __init__(self, rows_of: ChainRows, rows: torch.Tensor, n: int) -> None:
+        self.c, self.shift = rows_of, 0.0
+        self.parts = [_ChainMatmat(rows_of, rows[i:i + self.ROWS], 1.0 / n)
+                      for i in range(0, rows.numel(), self.ROWS)]
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        vv = v.unsqueeze(0) if v.dim() == 1 else v
+        out = vv.new_zeros(vv.shape[0], self.c.p)
+        step = self.c.chunk
+        for k0 in range(0, vv.shape[0], step):
+            block = vv[k0:k0 + step]
+            for part in self.parts:
+                out[k0:k0 + step] += part._local(block)
+        out = self.c.data.reduce(out)
+        if self.shift:
+            out.add_(vv, alpha=self.shift)
+        return out.reshape(v.shape)
+
+
+def dataset_chain(task: AttributionTask, names: list[str], data: DataCache, ckpt: int,
+                  theta: torch.Tensor, batches: list[int], n: int) -> DatasetChain | None:
+    """:class:`DatasetChain` of this rank's ``batches`` (local indices; ``n`` examples
+    over every rank), or None when the model is not a chain (:func:`chain_rows`). The
+    caller checks it against autograd (``calibrated``) before using it."""
+    rows_of = chain_rows(task, names, data, ckpt, theta)
+    if rows_of is None:
+        return None
+    starts = [0]
+    for size in data.sizes:
+        starts.append(starts[-1] + size)
+    rows = [torch.arange(starts[i], starts[i + 1]) for i in batches]
+    rows = torch.cat(rows).to(theta.device) if rows else torch.zeros(0, dtype=torch.long)
+    return DatasetChain(rows_of, rows, n)
