@@ -203,3 +203,25 @@ def test_cg_on_an_mlp_takes_the_chain_and_equals_the_dense_inverse(monkeypatch):
     g_te = g_tr[:5]
     want = g_tr @ torch.linalg.solve(h + 0.1 * torch.eye(h.shape[0], dtype=torch.float64), g_te.T)
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def test_a_checkpoints_products_keep_its_weights_when_another_is_loaded():
+    """The chain holds copies of the layer weights: loading another checkpoint (in
+    place, as the attributors alternate them per batch in blocked scoring) must not
+    change checkpoint 0's products (it did: the top-k RelatIF of CG / LiSSA over two
+    checkpoints then ranked with checkpoint 1's weights)."""
+    from dattri.task import AttributionTask
+
+    task, loader = _task(_mlp("tanh"))
+    other = {k: v + 0.3 * torch.randn_like(v) for k, v in task.model.state_dict().items()}
+    two = AttributionTask(task.original_loss_func, task.model,
+                          [task.model.state_dict(), other])
+    two.load_checkpoint(0)
+    theta, _ = two.get_param(0, None)
+    data = DataCache(loader, torch.device("cpu"))
+    rows = chain_rows(two, two._resolve_layer_name(None), data, 0, theta)
+    want = _minibatch_hessian(two, loader, None, torch.tensor([1, 2, 3]))
+    two.load_checkpoint(1)
+    v = torch.randn(2, theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(rows.matmat(torch.tensor([1, 2, 3]), 1 / 3)(v), v @ want,
+                               rtol=1e-10, atol=1e-13)

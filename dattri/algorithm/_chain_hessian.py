@@ -253,8 +253,10 @@ def chain_rows(task: AttributionTask, names: list[str], data: DataCache, ckpt: i
     layers = []
     for name in order:
         w = params.get(f"{name}.weight", linear[name].weight)
-        layers.append(_Layer(name, w.detach().to(theta.dtype), offsets.get(f"{name}.weight"),
-                             offsets.get(f"{name}.bias")))
+        # a copy: the model's parameters are overwritten in place when another
+        # checkpoint is loaded, and this checkpoint's products must keep its weights
+        layers.append(_Layer(name, w.detach().to(theta.dtype, copy=True),
+                             offsets.get(f"{name}.weight"), offsets.get(f"{name}.bias")))
     terms = [torch.cat(col).to(theta.dtype) for col in zip(*parts)]
     return ChainRows(data, layers, terms, theta.numel())
 
