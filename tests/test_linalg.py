@@ -155,6 +155,14 @@ def test_lissa_row_blocks_equal_the_whole_block(chunk):
     per_step = -(-7 // chunk)
     assert [s for s, _ in calls] == [s for s in range(1, 121) for _ in range(per_step)]
     assert sum(r for _, r in calls) == 7 * 120
+    # every step of one block before the next block: the same iterates
+    calls.clear()
+    first = lissa_solve(sample, B, recursion_depth=60, scaling=10.0, damping=0.01, num_repeat=2,
+                        chunk=chunk, rows_first=True)
+    torch.testing.assert_close(first, whole, rtol=1e-13, atol=1e-13)
+    blocks = [min(chunk, 7 - s) for s in range(0, 7, chunk)]
+    assert calls == [(s, r) for rep in range(2) for r in blocks
+                     for s in range(rep * 60 + 1, rep * 60 + 61)]
     with pytest.raises(DattriValueError, match="chunk"):
         lissa_solve(sample, B, recursion_depth=3, chunk=0)
 

@@ -724,9 +724,13 @@ class IFAttributorLiSSA(_IFBase):
         from dattri.linalg.solvers import lissa_solve
 
         op = self._state[ckpt]
+        # the R-operator / Kronecker products of a step are set up again per block
+        # cheaply (index_select of the step's rows): each block's recursion then runs
+        # whole while it is in cache; autograd products record a graph per step
         return lissa_solve(op, v, self.recursion_depth, damping=self.damping,
                            scaling=self.scaling, num_repeat=self.num_repeat,
-                           chunk=getattr(op, "chunk", LISSA_CHUNK))
+                           chunk=getattr(op, "chunk", LISSA_CHUNK),
+                           rows_first=hasattr(op, "chunk"))
 
 
 #: test vectors per LiSSA product (blocks updated in place)
