@@ -169,27 +169,10 @@ def dataset_matmat(
         fast = linear_layer_matmat(task, names, data, ckpt, matmat, theta, idx, n)
         if fast is not None:
             return fast  # the check's recorded gradient graphs go with ``matmat``
-        fast = _chain_matmat(task, names, data, ckpt, matmat, theta, idx, n)
-        if fast is not None:
-            return fast
+    # an MLP's products over the whole training set stay with autograd: the chain's
+    # R-operator (LiSSA's minibatches) was slower there at 500 directions (MNIST MLP
+    # 5,000 x 500, CG: 90 s autograd, 103 s chain), faster only at 100
     return matmat
-
-
-def _chain_matmat(task: AttributionTask, names: list[str], data: DataCache, ckpt: int,
-                  matmat: Callable, theta: torch.Tensor, idx: list[int], n: int,
-                  ) -> Callable | None:
-    """The R-operator products of an MLP (:mod:`dattri.algorithm._chain_hessian`) over
-    the rows of ``idx``, when the model is a chain and they equal ``matmat`` on two
-    random vectors; else None. A block of ``k`` directions over ``n`` examples costs
-    ``~4 k n P`` flops in GEMMs, where the Hessian-vector products replay a
-    double-backward graph per direction."""
-    from dattri.algorithm._chain_hessian import dataset_chain
-    from dattri.algorithm._linear_hessian import calibrated
-
-    fast = dataset_chain(task, names, data, ckpt, theta, idx, n)
-    if fast is None:
-        return None
-    return fast if calibrated(fast, matmat, ckpt, theta) else None
 
 
 class _IFBase(BaseAttributor):
