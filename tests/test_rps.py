@@ -141,6 +141,38 @@ def test_dense_hessian_and_hvp_match_autograd():
     torch.testing.assert_close(prob.hvp(lam_j, v) + 0.6 * v, v @ ref)
 
 
+@pytest.mark.parametrize("tol", [1e-1, 1e-4, 1e-10])
+def test_a_newton_direction_meets_its_forcing_tolerance_and_no_more_is_claimed(tol):
+    """Inexact Newton: the system ``H s = -g`` is solved to ``|H s + g| <= tol |g|``
+    (checked with the autograd Hessian), by PCG preconditioned with the Cholesky
+    factor of another point's Hessian."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (60,), generator=g)
+    prob = rps_module._L2Problem(F.cross_entropy, h, y, 0.01)
+    w0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    prob.newton_direction(w0, torch.randn(4, 6, generator=g, dtype=torch.float64))  # factor at w0
+    w = w0 + 0.5 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    grad = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    calls = []
+    real_pcg = rps_module._pcg
+
+    def counting_pcg(apply_a, b, apply_m, tol_):
+        calls.append(tol_)
+        return real_pcg(apply_a, b, apply_m, tol_)
+
+    rps_module._pcg = counting_pcg
+    try:
+        step = prob.newton_direction(w, grad, tol)
+    finally:
+        rps_module._pcg = real_pcg
+    ref = torch.autograd.functional.hessian(
+        lambda v: F.cross_entropy(h @ v.reshape(4, 6).T, y) + 0.01 * (v * v).sum(), w.reshape(-1))
+    residual = float((ref @ step.reshape(-1) + grad.reshape(-1)).norm() / grad.norm())
+    assert calls == [tol] and prob.factorizations == 1  # by PCG, not a new factor
+    assert residual <= tol * (1 + 1e-6)
+
+
 def test_epoch_caps_the_newton_iterations_with_a_warning():
     model, train, _, _, _ = _case(seed=4)
     task = AttributionTask(loss_func=F.cross_entropy, model=model, checkpoints=model.state_dict())
