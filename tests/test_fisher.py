@@ -204,6 +204,35 @@ def test_ekfac_from_activations_matches_grads(order):
     torch.testing.assert_close(rotated, qs.T @ G @ qa)
 
 
+@pytest.mark.parametrize("order", ["factors", "gradients"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+def test_per_example_grads_write_into_a_strided_view_of_a_flat_buffer(order, bias, masked):
+    """``out=``: the products land in the columns of a ``(N, P)`` buffer (a strided
+    view, other columns untouched), equal to the float64 definition
+    ``sum_t (m_t s_t) (m_t [a_t, 1])^T`` (a non-binary mask weighs both factors)."""
+    g = _gen(9)
+    a = torch.randn(6, 5, 4, generator=g, dtype=D)
+    s = torch.randn(6, 5, 3, generator=g, dtype=D)
+    mask = torch.rand(6, 5, generator=g, dtype=D) if masked else None
+    m = mask if masked else torch.ones(6, 5, dtype=D)
+    a_aug = torch.cat([a, torch.ones(6, 5, 1, dtype=D)], -1) if bias else a
+    ref = torch.einsum("nto,nti->noi", s * m[..., None], a_aug * m[..., None])
+    d_a = 5 if bias else 4
+    qa = torch.linalg.qr(torch.randn(d_a, d_a, generator=g, dtype=D))[0]
+    qs = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=D))[0]
+    flat = torch.full((6, 2 + 2 * 3 * d_a), 7.0, dtype=D)
+    first = flat[:, 2:2 + 3 * d_a].view(6, 3, d_a)
+    second = flat[:, 2 + 3 * d_a:].view(6, 3, d_a)
+    got = linear_per_example_grads(a, s, bias, mask=mask, out=first)
+    rot = ekfac_rotated_grads(a, s, qa, qs, bias, mask=mask, order=order, out=second)
+    assert got.data_ptr() == first.data_ptr() and rot.data_ptr() == second.data_ptr()
+    torch.testing.assert_close(first, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(second, qs.T @ ref @ qa, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(linear_per_example_grads(a, s, bias, mask=mask), ref, rtol=1e-12, atol=1e-12)
+    assert bool((flat[:, :2] == 7.0).all())
+
+
 def test_kfac_errors():
     z = torch.zeros
     with pytest.raises(DattriValueError, match="`activations` and `grad_outputs`"):

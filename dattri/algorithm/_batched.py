@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from dattri._loader import batch_size_of
+from dattri.algorithm._loop import BufferLender
 from dattri.errors import InvalidLossError
 from dattri.func.per_example import WRITES_INTO, ParamUses, _batch_dim, generic_grads, rule_for, traced_grads
 from dattri.task import AttributionTask
@@ -124,8 +125,7 @@ class BatchedGrads:
         self._b = 1  # examples of the batch being run
         #: the previous result, lent back by a caller that no longer needs it
         #: (:meth:`release`): the next result of the same shape is written into it
-        self._spare: torch.Tensor | None = None
-        self._last: tuple[int, tuple] | None = None  # (data_ptr, shape) of the last result
+        self._lender = BufferLender()
 
     @staticmethod
     def _tap(t: torch.Tensor, leaves: list[torch.Tensor], tapped: dict[int, torch.Tensor]
@@ -192,18 +192,11 @@ class BatchedGrads:
 
     def release(self, grads: torch.Tensor) -> None:
         """Lend back a result of :meth:`run` that nobody will read again (e.g. projected
-        already): the next result of its shape is written into it instead of a fresh
-        buffer, whose page faults cost more than a product (ResNet-9, batch 16: 309 MB,
-        ~75 ms a batch on 2 cores). Anything but the last result is ignored."""
-        if self._last == (grads.data_ptr(), tuple(grads.shape)):
-            self._spare, self._last = grads, None
+        already): see :class:`~dattri.algorithm._loop.BufferLender`."""
+        self._lender.release(grads)
 
     def _buffer(self, b: int, ref: torch.Tensor) -> torch.Tensor:
-        spare, self._spare = self._spare, None
-        if (spare is not None and spare.shape == (b, self.spec.numel) and spare.dtype == ref.dtype
-                and spare.device == ref.device):
-            return spare
-        return torch.empty(b, self.spec.numel, dtype=ref.dtype, device=ref.device)
+        return self._lender.take((b, self.spec.numel), ref.dtype, ref.device)
 
     def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``(B, P)`` gradients of ``func(params, batch)`` (a batch mean) per example,
@@ -259,7 +252,7 @@ class BatchedGrads:
                     total[name] = g if name not in total else total[name] + g
             u.calls, u.traces = [], []
         out = self._flat(total, b, flat, slices)
-        self._last = (out.data_ptr(), tuple(out.shape))
+        self._lender.mark(out)
         return out
 
     def _unit_grads(self, u: _Unit, args: tuple, kwargs: dict, out: Any, gs: list, b: int,

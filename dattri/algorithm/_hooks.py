@@ -6,7 +6,7 @@ fast path of TracIn / Grad-Dot / Grad-Cos.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -172,13 +172,25 @@ class HookFeaturizer(LoaderFeatures):
         capture: the :class:`LinearCapture`.
         which: ``"loss"`` or ``"target"``.
         transform: ``f(captured dict, ckpt) -> (B, K)``.
+        release: optional; called with a batch's features once a :meth:`stream`
+            consumer asks for the next batch (the transform may then reuse them).
     """
 
     def __init__(self, capture: LinearCapture, which: str,
-                 transform: Callable[[dict, int], torch.Tensor]) -> None:
+                 transform: Callable[[dict, int], torch.Tensor],
+                 release: Callable[[torch.Tensor], None] | None = None) -> None:
         self.capture, self.which, self.transform = capture, which, transform
+        self.release = release
         self.device = capture.device
         self.show_progress: bool | None = None
+
+    def stream(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[torch.Tensor]:
+        """:meth:`iterate`, each batch's features handed to ``release`` when the next
+        is asked for (the consumer keeps nothing of them)."""
+        for f in self.iterate(loader, ckpt_idx, desc):
+            yield f
+            if self.release is not None:
+                self.release(f)
 
     def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Features ``(B, K)`` of one batch already on the device."""

@@ -29,6 +29,7 @@ from dattri.func.utils import all_finite
 
 __all__ = [
     "ENSEMBLE_SEED",
+    "BufferLender",
     "LoaderFeatures",
     "close_per_example",
     "ensemble_rng",
@@ -87,6 +88,37 @@ def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
 
         raise NonFiniteError(msg + nonfinite_hint(t))
     return t
+
+
+class BufferLender:
+    """One result buffer that a featurizer's consumer may lend back: a featurizer
+    :meth:`take` s its ``(B, P)`` result; a caller that will not read it again (it
+    projected or scored the batch already) :meth:`release` s it, and the next result
+    of the same shape is written into it instead of a fresh buffer, whose page faults
+    cost more than a product (ResNet-9, batch 16: 309 MB, ~75 ms a batch on 2 cores).
+    Anything but the last buffer taken is ignored."""
+
+    def __init__(self) -> None:
+        self._spare: torch.Tensor | None = None
+        self._last: tuple[int, tuple] | None = None  # (data_ptr, shape) of the last taken
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The lent-back buffer when it fits, else a new one (contents undefined)."""
+        spare, self._spare = self._spare, None
+        if (spare is None or tuple(spare.shape) != tuple(shape) or spare.dtype != dtype
+                or spare.device != device):
+            spare = torch.empty(shape, dtype=dtype, device=device)
+        self.mark(spare)
+        return spare
+
+    def mark(self, t: torch.Tensor) -> None:
+        """``t`` is the result just handed out (it may be released)."""
+        self._last = (t.data_ptr(), tuple(t.shape))
+
+    def release(self, t: torch.Tensor) -> None:
+        """Lend back ``t`` (ignored unless it is the last buffer taken)."""
+        if self._last == (t.data_ptr(), tuple(t.shape)):
+            self._spare, self._last = t, None
 
 
 class LoaderFeatures:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from dattri._convention import model_style_task
 from dattri._loader import count_examples
 from dattri.algorithm._hooks import HookFeaturizer, LinearCapture, resolve_linear_modules
+from dattri.algorithm._loop import BufferLender
 from dattri.algorithm.influence_function import _check_nonneg, _IFBase
 from dattri.errors import DattriValueError
 from dattri.func.fisher import (
@@ -102,23 +103,31 @@ class IFAttributorEKFAC(_IFBase):
         self.module_name, self.bias = names, bias
         self.damping, self.fisher_loss_func = float(damping), fisher_loss_func
         self.capture = LinearCapture(task, names, self.device)
-        self.train_features = HookFeaturizer(self.capture, "loss", self._grads)
-        self.test_features = HookFeaturizer(self.capture, "target", self._grads)
+        self._lender = BufferLender()  # _grads' result, lent back by streaming consumers
+        self.train_features = HookFeaturizer(self.capture, "loss", self._grads, self._lender.release)
+        self.test_features = HookFeaturizer(self.capture, "target", self._grads, self._lender.release)
         self._positions: dict[str, float] = {}
         self._rotated: dict[str, bool] = {}  # layers scored in their eigenbasis, this call
 
     def _grads(self, cap: dict, ckpt: int) -> torch.Tensor:
         """Per-example ``[dW | db]`` of every layer, flattened and concatenated (in the
-        layer's eigenbasis, ``Q_S^T [dW | db] Q_A``, for the layers scored there)."""
-        out = []
-        for n, (a, s) in cap.items():
+        layer's eigenbasis, ``Q_S^T [dW | db] Q_A``, for the layers scored there): each
+        layer's product is written into its columns of one ``(B, P)`` buffer, which a
+        consumer that keeps nothing of it lends back (:meth:`HookFeaturizer.stream`)."""
+        sizes = [(s.shape[-1], a.shape[-1] + bool(self.bias[n])) for n, (a, s) in cap.items()]
+        a0 = next(iter(cap.values()))[0]
+        b = a0.shape[0]
+        flat = self._lender.take((b, sum(o * i for o, i in sizes)), a0.dtype, a0.device)
+        start = 0
+        for (n, (a, s)), (d_o, d_a) in zip(cap.items(), sizes):
+            dest = flat[:, start:start + d_o * d_a].view(b, d_o, d_a)
+            start += d_o * d_a
             if self._rotated.get(n):
                 _, qa, qs, _ = self._state[ckpt][self.module_name.index(n)]
-                out.append(ekfac_rotated_grads(a, s, qa.to(a.dtype), qs.to(a.dtype),
-                                               self.bias[n]).flatten(1))
+                ekfac_rotated_grads(a, s, qa.to(a.dtype), qs.to(a.dtype), self.bias[n], out=dest)
             else:
-                out.append(linear_per_example_grads(a, s, self.bias[n]).flatten(1))
-        return torch.cat(out, dim=1)
+                linear_per_example_grads(a, s, self.bias[n], out=dest)
+        return flat
 
     # -- where the scores are taken: the standard basis or each layer's eigenbasis --
     def _choose_basis(self, n_train: int, n_test: int) -> dict[str, bool]:

@@ -307,7 +307,9 @@ class _IFBase(BaseAttributor):
     def _checkpoint_scores(self, train_loader: Iterable, c: int, pair: Callable) -> torch.Tensor:
         """Checkpoint ``c``'s scores of this rank's rows, from one pass over the loader."""
         mine = len(train_loader) if self._collective() else 0
-        grads = self._lockstep(self.train_features.iterate(train_loader, c), mine)
+        # pair() keeps nothing of a batch's gradients: the featurizer may write the
+        # next batch into the same buffer (stream)
+        grads = self._lockstep(self.train_features.stream(train_loader, c), mine)
         return torch.cat([p for p in (pair(g, c) for g in grads) if p is not None])
 
     # -- torch.distributed: solvers whose inverse reads the training data ---------

@@ -269,14 +269,30 @@ def linear_per_example_grads(
     grad_outputs: torch.Tensor,
     bias: bool = True,
     mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-example gradients :math:`G_n = \sum_t s_{n,t} a_{n,t}^\top` of a linear layer.
+
+    Args:
+        out: optional destination ``(N, d_out, d_in[+1])`` of the activations' dtype,
+            which may be a strided view (e.g. of a flat ``(N, P)`` buffer): the
+            product is written into it, with no temporary of its size.
 
     Returns:
         ``(N, d_out, d_in[+1])``: ``[dW | db]`` (bias last) for ``y = W a + b``.
     """
-    a, s = _seq(activations, grad_outputs, bias, mask)
-    return torch.einsum("nto,nti->noi", s, a)
+    a, s = _seq(activations, grad_outputs, False, mask)
+    s = s.to(a.dtype)
+    n, d_in, d_out = a.shape[0], a.shape[-1], s.shape[-1]
+    if out is None:
+        out = torch.empty(n, d_out, d_in + bool(bias), dtype=a.dtype, device=a.device)
+    torch.matmul(s.transpose(1, 2), a, out=out[..., :d_in])
+    if bias:  # the column of the constant input 1 (times the mask, as the input's)
+        if mask is None:
+            torch.sum(s, 1, out=out[..., d_in])
+        else:
+            out[..., d_in] = torch.einsum("nto,nt->no", s, mask.to(s))
+    return out
 
 
 def ekfac_corrected_eigenvalues(
@@ -379,16 +395,32 @@ def ekfac_rotated_grads(
     bias: bool = True,
     mask: torch.Tensor | None = None,
     order: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-example gradients in the Kronecker eigenbasis, :math:`Q_S^\top G_n Q_A`
     ``(N, d_out, d_a)``, in the cheaper order (as
     :func:`ekfac_corrected_eigenvalues_from_activations`): an orthogonal change of
     coordinates of :func:`linear_per_example_grads`, in which the EK-FAC inverse is a
-    division by the eigenvalues."""
-    a, s = _seq(activations, grad_outputs, bias, mask)
-    if _rotation_order(order, a.shape[1], s.shape[-1], a.shape[-1]) == "factors":
-        return torch.einsum("nto,nti->noi", s @ Q_S, a @ Q_A)
-    return Q_S.T @ torch.einsum("nto,nti->noi", s, a) @ Q_A
+    division by the eigenvalues. ``out``: an optional destination, as for
+    :func:`linear_per_example_grads`."""
+    a, s = _seq(activations, grad_outputs, False, mask)
+    s = s.to(a.dtype)
+    n, d_in, d_out = a.shape[0], a.shape[-1], s.shape[-1]
+    d_a = d_in + bool(bias)
+    if out is None:
+        out = torch.empty(n, d_out, d_a, dtype=a.dtype, device=a.device)
+    if _rotation_order(order, a.shape[1], d_out, d_a) == "factors":
+        ar = torch.matmul(a, Q_A[:d_in])
+        if bias:  # the constant input's row of Q_A (times the mask, as the input's)
+            ar += Q_A[d_in] if mask is None else mask.to(a)[..., None] * Q_A[d_in]
+        return torch.matmul((s @ Q_S).transpose(1, 2), ar, out=out)
+    g = linear_per_example_grads(a, s, False)
+    if bias:
+        g = torch.cat([g, (s.sum(1) if mask is None else torch.einsum("nto,nt->no", s, mask.to(s)))
+                       [..., None]], dim=-1)
+    # a batched product (Q_A expanded, not copied): a 3-D times 2-D product is folded
+    # into one matrix product, which cannot write into a strided view
+    return torch.bmm(Q_S.T @ g, Q_A.expand(n, d_a, d_a), out=out)
 
 
 def kfac_ifvp(
