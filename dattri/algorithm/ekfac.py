@@ -78,13 +78,21 @@ class IFAttributorEKFAC(_IFBase):
     and the test gradients into the eigenbasis (from the layer's inputs and output
     gradients where that is cheaper) and divides there; the scores are the same
     (the rotation is orthogonal). ``"auto"`` picks per layer the cheaper for the
-    numbers of training and test examples: the eigenbasis for a deep convolution
-    with few positions (ResNet-9's 512 x 4,608 convolution at 64 positions, 5,000
-    training and 500 test examples: 12.9 T multiply-adds in the standard basis, 8.4 in
-    the eigenbasis), the standard basis for an early one.
+    numbers of training and test examples, counting the eigenbasis's multiply-adds
+    twice (``ROTATION_SLOWDOWN``): its per-example products run at about half the
+    rate of the standard basis's square products with the test gradients. ResNet-9's
+    deep convolutions (512 x 2,305 and 512 x 4,609 at 64 positions) then go to the
+    eigenbasis when test examples are many against training ones (640 x 500: 2.2 T
+    multiply-adds against 15.7 T; the attribution took 152 s instead of 252 s), not at
+    5,000 x 500 (10.8 T against 16.7 T, which measured slower: 54.4 s against 51.2 s
+    at 640 x 64, the same ratio).
     """
 
     scoring_basis = "auto"
+    #: how much slower a multiply-add of the eigenbasis's per-example products runs
+    #: than one of the standard basis's products with the test gradients (measured
+    #: on ResNet-9, 2 CPU threads); ``"auto"`` weighs the eigenbasis's count by it
+    ROTATION_SLOWDOWN = 2.0
 
     def __init__(
         self, task: AttributionTask, module_name: str | Sequence[str] | None = None,
@@ -132,8 +140,9 @@ class IFAttributorEKFAC(_IFBase):
     # -- where the scores are taken: the standard basis or each layer's eigenbasis --
     def _choose_basis(self, n_train: int, n_test: int) -> dict[str, bool]:
         """Per layer, whether scoring in the eigenbasis costs less: rotating all
-        ``n_train + n_test`` gradients (from factors or formed, the cheaper) against
-        forming the training gradients and rotating the test gradients there and back."""
+        ``n_train + n_test`` gradients (from factors or formed, the cheaper; weighed by
+        ``ROTATION_SLOWDOWN``) against forming the training gradients and rotating the
+        test gradients there and back."""
         if self.scoring_basis not in ("auto", "eigen", "standard"):
             msg = f"scoring_basis={self.scoring_basis!r} must be 'auto', 'eigen' or 'standard'."
             raise DattriValueError(msg)
@@ -145,7 +154,7 @@ class IFAttributorEKFAC(_IFBase):
             rotate = min(rotation_costs(t, d_o, d_a))
             form = t * d_o * d_a
             standard = n_train * form + n_test * (form + 2 * d_o * d_a * (d_o + d_a))
-            chosen[name] = (n_train + n_test) * rotate < standard
+            chosen[name] = (n_train + n_test) * rotate * self.ROTATION_SLOWDOWN < standard
         return chosen
 
     def _in_basis(self, n_train: int, n_test: int, run: Callable):
