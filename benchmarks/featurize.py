@@ -18,6 +18,11 @@ the same batch of examples, in one process, it times:
   scores do through ``Featurizer.stream``): one buffer for every batch;
 - ``trak``: TRAK's training features, the ``sjlt`` projection to k = 2,048 of the
   per-example gradients;
+- ``trak_ts``: the same with ``proj_type="tensorsketch"`` (k = 2,048): the layers
+  whose factors are cheaper (``dattri.func.sketch.FactoredSketchSink``'s cost model:
+  deep convolutions with few positions) sketched from their inputs and output
+  gradients without forming their per-example gradients, the others formed and
+  scattered (``trak_ts_factored_layers`` lists the former);
 
 and prints one JSON line per model with the seconds per batch (median of
 ``--reps`` after one warm-up call, which pays the one-time checks: they are
@@ -150,9 +155,21 @@ def worker(name: str, batch: int | None, reps: int, skip_vmap: bool) -> dict:
     tz.use_factored = False
     first, out["trak_seconds"] = _timed(lambda: tz.batch(data, 0), reps)
     out["trak_first_call_seconds"] = round(first, 3)
+    ts = make_projection({"proj_dim": 2048, "proj_type": "tensorsketch", "proj_seed": 0},
+                         torch.device("cpu"))
+    sz = Featurizer(task, "loss", None, torch.device("cpu"), transform=ts)
+    from dattri.func.sketch import FactoredSketchSink
+
+    seen: set[str] = set()
+    real_add = FactoredSketchSink.add
+    FactoredSketchSink.add = lambda self, n, a, d: (seen.add(n), real_add(self, n, a, d))[1]
+    first, out["trak_ts_seconds"] = _timed(lambda: sz.batch(data, 0), reps)
+    FactoredSketchSink.add = real_add
+    out["trak_ts_first_call_seconds"] = round(first, 3)
+    out["trak_ts_factored_layers"] = sorted(seen)
     if not skip_vmap:
         _, out["vmap_seconds"] = _timed(lambda: fz.vmapped(data, 0), max(1, reps // 2))
-    for k in ("dense", "dense_reused", "trak", "vmap"):
+    for k in ("dense", "dense_reused", "trak", "trak_ts", "vmap"):
         if f"{k}_seconds" in out:
             out[f"{k}_over_step"] = round(out[f"{k}_seconds"] / out["step_seconds"], 3)
     out["step_gflops_per_s"] = round(flops / out["step_seconds"] / 1e9, 1)

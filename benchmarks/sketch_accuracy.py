@@ -8,7 +8,14 @@ error of the squared norms, and the seconds to project 5,000 examples (the
 factored TensorSketch needs no gradients; the others project dense ones, whose
 formation time is reported apart). One JSON object per line.
 
-Usage: python benchmarks/sketch_accuracy.py [--models lr mlp] [--k 512 2048]
+``resnet9``: the CIFAR-2 ResNet-9 of ``benchmarks/table4_cifar2.py`` (seed 0, its
+CIFAR-2 images, 64 training examples, the cross-entropy loss), where the TensorSketch
+follows the model's layout (``dattri.func.sketch.SketchLayout``: the deep
+convolutions sketched from their unfolded inputs and output gradients, the other
+layers formed and hashed) against SJLT of the formed gradients; each over
+``--seeds`` seeds (the error of one draw is itself random), mean and spread.
+
+Usage: python benchmarks/sketch_accuracy.py [--models lr mlp resnet9] [--k 512 2048]
 """
 
 from __future__ import annotations
@@ -84,15 +91,56 @@ def run(model_name: str, k: int, cache: Path) -> list[dict]:
     return out
 
 
+def run_resnet9(k: int, seeds: int) -> list[dict]:
+    import statistics
+
+    import table4_cifar2 as t4
+    from torch import nn
+
+    from dattri.algorithm._engine import Featurizer
+    from dattri.algorithm.base import make_projection
+    from dattri.task import AttributionTask
+
+    data = torch.load(t4.prepare(HERE.parent / "bench_out" / "cifar2", 640, 64, 1), weights_only=False)
+    model = t4._model(0)
+
+    def loss(params, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    task = AttributionTask(loss, model, model.state_dict())
+    batch = (data["x_train"][:64], data["y_train"][:64])
+    g = Featurizer(task, "loss", None, torch.device("cpu")).raw(batch, 0).double()
+    exact = g @ g.T
+    out = []
+    for proj_type in ("tensorsketch", "sjlt"):
+        errs, norms = [], []
+        for seed in range(seeds):
+            kw = {"proj_dim": k, "proj_type": proj_type, "proj_seed": seed, "proj_max_batch_size": 64}
+            fz = Featurizer(task, "loss", None, torch.device("cpu"), make_projection(kw, torch.device("cpu")))
+            e, n = _errors(fz.batch(batch, 0), exact)
+            errs.append(e)
+            norms.append(n)
+        out.append({"model": "resnet9", "k": k, "proj_type": proj_type, "seeds": seeds,
+                    "gram_rel_error_mean": round(statistics.mean(errs), 4),
+                    "gram_rel_error_sd": round(statistics.stdev(errs), 4) if seeds > 1 else None,
+                    "sq_norm_rel_error_mean": round(statistics.mean(norms), 4),
+                    "examples": len(g), "num_parameters": g.shape[1]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["lr", "mlp"], choices=["lr", "mlp"])
+    ap.add_argument("--models", nargs="+", default=["lr", "mlp"], choices=["lr", "mlp", "resnet9"])
+    ap.add_argument("--seeds", type=int, default=5, help="resnet9: draws per projection")
     ap.add_argument("--k", nargs="+", type=int, default=[512, 2048])
     ap.add_argument("--cache", default=str(HERE.parent / "bench_out" / "ckpt"))
     args = ap.parse_args()
     for model_name in args.models:
         for k in args.k:
-            for line in run(model_name, k, Path(args.cache)):
+            lines = (run_resnet9(k, args.seeds) if model_name == "resnet9"
+                     else run(model_name, k, Path(args.cache)))
+            for line in lines:
                 print(json.dumps(line), flush=True)
 
 

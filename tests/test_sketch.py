@@ -122,28 +122,45 @@ def test_trak_tensorsketch_dense_fallback_is_the_same_sketch():
     assert slow.train_features.factored._verified == {}  # the dense path ran
 
 
-def test_trak_tensorsketch_refuses_non_linear_parameters():
-    class Scale(nn.Module):
+def test_trak_tensorsketch_of_a_model_with_other_parameters_is_the_layout_sketch():
+    """A parameter outside nn.Linear / convolutions is hashed coordinate by coordinate
+    (dattri.func.sketch.SketchLayout): TRAK's scores are its formula on the features
+    ``G M`` (M: the layout's dense matrix, G: autograd's per-example gradients)."""
+    from dattri.func.sketch import SketchLayout
+
+    class ScaledLinear(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+            self.w = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+            self.fc = nn.Linear(4, 3).double()
 
         def forward(self, x):
-            return x * self.w
+            return self.fc(torch.tanh(x * self.w))
 
-    model = Scale()
-    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
+    torch.manual_seed(0)
+    model = ScaledLinear()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
 
-    def loss(params, data):
+    def margin(params, data):
         out = torch.func.functional_call(model, params, (data[0],))
-        return nn.functional.cross_entropy(out, data[1])
+        logp = torch.log_softmax(out, -1).gather(1, data[1][:, None]).squeeze(1)
+        return (logp - torch.log(-torch.expm1(logp))).mean()
 
     def prob(params, data):
         out = torch.func.functional_call(model, params, (data[0],))
         return torch.softmax(out, -1).gather(1, data[1][:, None]).squeeze(1)
 
-    task = AttributionTask(loss, model, model.state_dict())
-    tr, _ = loaders((x, y), (x, y))
-    att = TRAKAttributor(task, prob, proj_params={"proj_dim": 8, "proj_type": "tensorsketch"})
-    with pytest.raises(DattriValueError, match="tensorsketch"):
-        att.cache(tr)
+    lam = 1e-3
+    task = AttributionTask(margin, model, model.state_dict())
+    tr, te = loaders((x[:8], y[:8]), (x[8:], y[8:]), bs_train=3, bs_test=2)
+    att = TRAKAttributor(task, prob, regularization=lam,
+                         proj_params={"proj_dim": 16, "proj_type": "tensorsketch", "proj_seed": 4})
+    got = att.cache(tr).attribute(tr, te)
+    m = SketchLayout(model, ["w", "fc.weight", "fc.bias"]).matrix(TensorSketch(16, seed=4), 0)
+    phi = per_example_grads(model, margin, x[:8], y[:8]) @ m
+    phi_t = per_example_grads(model, margin, x[8:], y[8:]) @ m
+    q = 1 - prob({k: v.detach() for k, v in model.named_parameters()}, (x[:8], y[:8]))
+    expect = q[:, None] * (phi @ torch.linalg.solve(phi.T @ phi + lam * torch.eye(16, dtype=phi.dtype),
+                                                    phi_t.T))
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-9)

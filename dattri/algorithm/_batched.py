@@ -38,7 +38,17 @@ from torch.utils._pytree import tree_flatten, tree_map
 from dattri._loader import batch_size_of
 from dattri.algorithm._loop import BufferLender
 from dattri.errors import InvalidLossError
-from dattri.func.per_example import WRITES_INTO, ParamUses, _batch_dim, generic_grads, rule_for, traced_grads
+from dattri.func.per_example import (
+    WRITES_INTO,
+    ParamUses,
+    _batch_dim,
+    _conv_patches,
+    conv_grads,
+    generic_grads,
+    linear_grads,
+    rule_for,
+    traced_grads,
+)
 from dattri.task import AttributionTask
 
 __all__ = ["BatchedGrads", "reference_grads"]
@@ -198,9 +208,15 @@ class BatchedGrads:
     def _buffer(self, b: int, ref: torch.Tensor) -> torch.Tensor:
         return self._lender.take((b, self.spec.numel), ref.dtype, ref.device)
 
-    def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor],
+            sink: Any = None) -> torch.Tensor | None:
         """``(B, P)`` gradients of ``func(params, batch)`` (a batch mean) per example,
-        or ``None`` when a module's configuration is outside the batched rules."""
+        or ``None`` when a module's configuration is outside the batched rules.
+
+        With a ``sink`` (:class:`~dattri.func.sketch.FactoredSketchSink`): their
+        ``(B, k)`` TensorSketch instead, the layers it prefers sketched from their
+        inputs and output gradients (never formed), the others formed into a buffer
+        of their own parameters only and sketched from it."""
         model = self.task.get_model()
         if any(isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.module.training
                for u in self.units):
@@ -230,11 +246,28 @@ class BatchedGrads:
         b = self._b
         total: dict[str, torch.Tensor] = {}
         ref = next(iter(params.values()))
-        # the result; the closed-form rules of the large layers write into it
-        flat = self._buffer(b, ref)
-        slices = self.spec.slices()
         slot = lambda kind, i: grads[i] if kind == "leaf" else tapped[i]  # noqa: E731
+        sketched = self._sketched_units(sink, slot) if sink is not None else set()
+        if sketched:  # only the other units' parameters are formed
+            formed = {g for u in self.units if u.name not in sketched for g in u.params.values()}
+            names = [n for n in self.spec.names if n in formed]
+            slices, start = {}, 0
+            for n, numel in zip(self.spec.names, self.spec.numels):
+                if n in formed:
+                    slices[n], start = slice(start, start + numel), start + numel
+            flat = self._lender.take((b, start), ref.dtype, ref.device)
+        else:
+            names = self.spec.names
+            # the result; the closed-form rules of the large layers write into it
+            flat = self._buffer(b, ref)
+            slices = self.spec.slices()
         for u in self.units:
+            if u.name in sketched:
+                for args, _, _, slots in u.calls:
+                    a, d = _factors(u.module, args[0], slot(*slots[0]), b)
+                    sink.add(u.name, a, d)
+                u.calls, u.traces = [], []
+                continue
             for c, (args, kwargs, out, slots) in enumerate(u.calls):
                 gs = [slot(*s) for s in slots]
                 trace = u.traces[c] if len(u.traces) == len(u.calls) else None
@@ -252,8 +285,36 @@ class BatchedGrads:
                     total[name] = g if name not in total else total[name] + g
             u.calls, u.traces = [], []
         out = self._flat(total, b, flat, slices)
+        if sink is not None:
+            sketch = sink.finish(out if names else None, names, b, ref)
+            self._lender.release(out)  # sketched: the buffer takes the next batch
+            return sketch
         self._lender.mark(out)
         return out
+
+    def _sketched_units(self, sink: Any, slot: Callable) -> set[str]:
+        """The units whose calls ``sink`` sketches from their factors: the owners of a
+        structured layer of its layout (all of that layer's selected parameters,
+        nothing else), called on one tensor with closed-form factors, where its
+        cost model prefers the factors (positions of the calls as run)."""
+        chosen = set()
+        for u in self.units:
+            layer = sink.layout.layers.get(u.name)
+            if (layer is None or u.rule not in (linear_grads, conv_grads) or not u.calls
+                    or set(u.params) != {leaf for leaf, sel in zip(("weight", "bias"), layer[3:]) if sel}
+                    or any(u.params[leaf] != f"{u.name}.{leaf}" for leaf in u.params)):
+                continue
+            ok, positions = True, 0
+            for args, kwargs, _, slots in u.calls:
+                if (kwargs or len(slots) != 1 or not args or not isinstance(args[0], torch.Tensor)
+                        or slot(*slots[0]) is None):
+                    ok = False
+                    break
+                g = slot(*slots[0])
+                positions += g[0].numel() // layer[2]  # output positions of one example
+            if ok and sink.prefers_factors(u.name, positions):
+                chosen.add(u.name)
+        return chosen
 
     def _unit_grads(self, u: _Unit, args: tuple, kwargs: dict, out: Any, gs: list, b: int,
                     params: dict[str, torch.Tensor], dest: dict[str, torch.Tensor] | None = None,
@@ -287,6 +348,17 @@ class BatchedGrads:
             elif out is not flat or total[name].data_ptr() != target.data_ptr() or b == 0:
                 target.copy_(total[name].reshape(b, -1))
         return out
+
+
+def _factors(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, b: int,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, L, d_in)`` inputs and ``(B, L, d_out)`` output gradients of one call of
+    an ``nn.Linear`` (positions: every axis between the batch and the features) or of
+    an ungrouped convolution (positions: output pixels; inputs: unfolded patches)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(b, -1, x.shape[-1]), delta.reshape(b, -1, delta.shape[-1])
+    cols, _, _ = _conv_patches(module, x)
+    return cols.transpose(1, 2), delta.reshape(b, module.out_channels, -1).transpose(1, 2)
 
 
 def reference_grads(func: Callable, batch: Any, params: dict[str, torch.Tensor],

@@ -79,6 +79,8 @@ class Featurizer(LoaderFeatures):
         self._warned = False
         self._vmap_fails = False
         self._fn: dict[int, tuple[Callable, torch.Tensor]] = {}
+        self._layout: Any = None  # the TensorSketch layout of the selected parameters
+        self._sink: Any = None  # the current checkpoint's FactoredSketchSink
 
     def _grad_fn(self, ckpt_idx: int) -> tuple[Callable, torch.Tensor]:
         if ckpt_idx not in self._fn:
@@ -215,11 +217,13 @@ class Featurizer(LoaderFeatures):
             fg = self.factored.batch(batch, ckpt_idx)  # validates the loss on the batch
             return _check_finite(sketch(fg, ckpt_idx),
                                  f"{self.which} gradient sketches (checkpoint {ckpt_idx})")
-        if sketch is not None and self.factored is not None:
-            # linear layers whose factors failed the numerical check on this
-            # checkpoint: the same sketch from dense gradients
-            return self.transform.project_dense(self.vmapped(batch, ckpt_idx),
-                                                self.factored.layer_sizes(), ckpt_idx)
+        ts = getattr(self.transform, "sketch", None)
+        if ts is not None:
+            # any other model (or linear layers whose factors failed the numerical
+            # check on this checkpoint): the same sketch, from the batched path with
+            # the layers' factors where cheaper, else from dense gradients
+            return _check_finite(self._tensor_sketch(ts, batch, ckpt_idx),
+                                 f"{self.which} gradient sketches (checkpoint {ckpt_idx})")
         g = self.grads(batch, ckpt_idx)
         if self.transform is not None:
             f = self.transform(g, ckpt_idx)
@@ -228,6 +232,31 @@ class Featurizer(LoaderFeatures):
                 bg.release(g)  # only projected: its buffer takes the next batch's gradients
             return f
         return g
+
+
+    def _tensor_sketch(self, ts: Any, batch: Any, ckpt_idx: int) -> torch.Tensor:
+        """``(B, k)`` TensorSketch of the per-example gradients under the task's
+        :class:`~dattri.func.sketch.SketchLayout`: from the batched path, the layers
+        whose factors are cheaper sketched without forming their gradients; else the
+        same sketch of ``vmap(grad)``'s dense gradients."""
+        from dattri.func.sketch import FactoredSketchSink, SketchLayout
+
+        self._grad_fn(ckpt_idx)  # loads the checkpoint on the device
+        self.task.validate_batch(batch, self.which, ckpt_idx)
+        if self._layout is None:
+            self._layout = SketchLayout(self.task.get_model(),
+                                        self.task._resolve_layer_name(self.layer_name))
+        if self._sink is None or self._sink.ensemble_id != ckpt_idx or self._sink.sketch is not ts:
+            self._sink = FactoredSketchSink(ts, self._layout, ckpt_idx)
+        if self.batched_ok(batch, ckpt_idx):
+            task = self.task
+            task.load_checkpoint(ckpt_idx, self.device)
+            with ensemble_rng(ckpt_idx, self.device):
+                out = self.batched.run(self._func(), batch, dict(task.named_parameters), sink=self._sink)
+            if out is not None:
+                return out
+        g = self.vmapped(batch, ckpt_idx)
+        return self._sink.finish(g, self._layout.names, g.shape[0], g)
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

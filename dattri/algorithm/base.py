@@ -249,37 +249,24 @@ def make_projection(kw: dict[str, Any] | None, device: torch.device):
 
 
 def _tensor_sketch_transform(kw: dict[str, Any]):
-    """``proj_type="tensorsketch"``: a transform that sketches the factors of
-    ``nn.Linear`` gradients (``project_factored``) and refuses dense gradients."""
+    """``proj_type="tensorsketch"``: the featurizer sketches the gradients under the
+    model's :class:`~dattri.func.sketch.SketchLayout` (``sketch``; the factors of
+    ``nn.Linear`` layers on 2-D inputs through ``project_factored``); flat gradients
+    handed to the transform itself, without that layout, are refused."""
     from dattri.func.sketch import TensorSketch
 
     sketch = TensorSketch(int(kw["proj_dim"]), int(kw.get("proj_seed", 0)))
 
     def transform(g: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
         msg = (
-            "proj_type='tensorsketch' sketches per-example gradients of nn.Linear layers "
-            "from their factors, but this task's selected parameters are not all nn.Linear "
-            "layers applied once to 2-D inputs (or the factored check failed); use "
-            "proj_type='sjlt' or 'normal', or restrict layer_name to linear layers."
+            "proj_type='tensorsketch' is computed by the featurizer from the model's layer "
+            "layout (TRAKAttributor: any model; TracInAttributor: models of nn.Linear layers "
+            "on 2-D inputs), but this call got flat per-example gradients without it; use "
+            "proj_type='sjlt' or 'normal' here, or restrict layer_name to linear layers."
         )
         raise DattriValueError(msg)
 
-    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def dense(g: torch.Tensor, layers: list[tuple[int, int, bool, bool]], ckpt_idx: int) -> torch.Tensor:
-        # the same sketch from dense gradients (factors failed their numerical check)
-        from dattri.func.sketch import dense_buckets
-
-        key = (ckpt_idx, tuple(layers))
-        if key not in cache:
-            cache.clear()
-            cache[key] = dense_buckets(sketch, layers, ckpt_idx)
-        bucket, sign = (t.to(g.device) for t in cache[key])
-        out = g.new_zeros(g.shape[0], sketch.proj_dim)
-        return out.index_add_(1, bucket, g * sign.to(g.dtype))
-
     transform.project_factored = lambda fg, ckpt_idx: sketch.project(fg.factors, ckpt_idx)
-    transform.project_dense = dense
     transform.sketch = sketch
     return transform
 

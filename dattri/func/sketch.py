@@ -28,11 +28,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import math
+
 import torch
+from torch import nn
 
 from dattri.errors import DattriValueError
 
-__all__ = ["TensorSketch", "dense_buckets", "tensor_sketch_matrix"]
+__all__ = ["FactoredSketchSink", "SketchLayout", "TensorSketch", "dense_buckets", "tensor_sketch_matrix"]
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -134,3 +137,199 @@ def tensor_sketch_matrix(sketch: TensorSketch, layer_sizes: Sequence[tuple[int, 
     m = torch.zeros(bucket.numel(), sketch.proj_dim, dtype=dtype)
     m[torch.arange(bucket.numel()), bucket] = sign.to(dtype)
     return m
+
+
+#: layer index of the first parameter hashed coordinate by coordinate (see SketchLayout)
+_PLAIN_LAYER = 1_000_000
+
+
+def _structured(module: nn.Module | None) -> bool:
+    """A layer whose weight is a matrix ``(d_out, d_in)`` applied at every position:
+    ``nn.Linear`` (any input rank) and ungrouped convolutions (``d_in = C_in * K``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+
+
+class SketchLayout:
+    """Where every coordinate of a model's flat per-example gradient goes in a
+    :class:`TensorSketch`: the generalisation of :func:`dense_buckets` to any model.
+
+    The weight (and bias) of each ``nn.Linear`` and ungrouped ``nn.Conv1d`` /
+    ``nn.Conv2d`` is one structured layer, numbered in the order of the selected
+    parameters, with rows ``d_out`` and columns ``d_in`` (``C_in * prod(kernel)``
+    for a convolution, the unfolded patch) plus the bias as a column of ones: its
+    gradient ``sum_t d_t [a_t, 1]^T`` can be sketched from the factors
+    (:class:`FactoredSketchSink`). Every other parameter is hashed coordinate by
+    coordinate (a plain count sketch). For a model made of ``nn.Linear`` layers
+    the buckets are those of :func:`dense_buckets`, so the two paths agree.
+
+    Args:
+        model: the model (module names resolve the parameter names).
+        names: the selected parameter names, in the flat layout's order.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self.names = list(names)
+        self.numels = [int(params[n].numel()) for n in self.names]
+        #: module name -> (layer index, d_in, d_out, weight selected, bias selected)
+        self.layers: dict[str, tuple[int, int, int, bool, bool]] = {}
+        chosen: dict[str, list[bool]] = {}
+        for n in self.names:
+            mod_name, _, leaf = n.rpartition(".")
+            if _structured(modules.get(mod_name)) and leaf in ("weight", "bias"):
+                chosen.setdefault(mod_name, [False, False])[leaf == "bias"] = True
+        for i, (mod_name, (w, b)) in enumerate(chosen.items()):
+            m = modules[mod_name]
+            d_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels * math.prod(m.kernel_size)
+            d_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            self.layers[mod_name] = (i, d_in, d_out, w, b)
+
+    def buckets(self, sketch: TensorSketch, ensemble_id: int,
+                names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket and sign ``(P,)`` of every coordinate of the parameters ``names``
+        (default all), in the layout's order, so that
+        ``zeros(B, k).index_add_(1, bucket, g * sign)`` sketches formed gradients."""
+        k, cpu, out_b, out_s = sketch.proj_dim, torch.device("cpu"), [], []
+        keep = set(self.names if names is None else names)
+        for pos, (n, numel) in enumerate(zip(self.names, self.numels)):
+            if n not in keep:
+                continue
+            mod_name, _, leaf = n.rpartition(".")
+            if mod_name in self.layers and leaf in ("weight", "bias"):
+                layer, d_in, d_out, w, b = self.layers[mod_name]
+                ha, sa = sketch.hashes(ensemble_id, layer, 0, (d_in if w else 0) + b, cpu)
+                hd, sd = sketch.hashes(ensemble_id, layer, 1, d_out, cpu)
+                if leaf == "weight":
+                    out_b.append((hd[:, None] + ha[None, :d_in]).remainder(k).reshape(-1))
+                    out_s.append((sd[:, None] * sa[None, :d_in]).reshape(-1))
+                else:
+                    out_b.append((hd + ha[-1]).remainder(k))
+                    out_s.append(sd * sa[-1])
+            else:
+                ha, sa = sketch.hashes(ensemble_id, _PLAIN_LAYER + pos, 0, numel, cpu)
+                hd, sd = sketch.hashes(ensemble_id, _PLAIN_LAYER + pos, 1, 1, cpu)
+                out_b.append((hd + ha).remainder(k))
+                out_s.append(sd * sa)
+        if not out_b:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat(out_b), torch.cat(out_s)
+
+    def matrix(self, sketch: TensorSketch, ensemble_id: int = 0,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense ``(P, k)`` matrix of the sketch (for checks)."""
+        bucket, sign = self.buckets(sketch, ensemble_id)
+        m = torch.zeros(bucket.numel(), sketch.proj_dim, dtype=dtype)
+        m[torch.arange(bucket.numel()), bucket] = sign.to(dtype)
+        return m
+
+
+def _count_sketch_rows(x: torch.Tensor, bucket2: torch.Tensor, k: int,
+                       work: torch.Tensor | None = None) -> torch.Tensor:
+    """``(R, k)`` count sketch of each row of ``x`` ``(R, d)``: one ``index_add_`` into
+    ``2k`` columns (``bucket2 = bucket + k [sign < 0]``: positive and negative signs
+    apart, no signed copy of ``x``), then the difference (contiguous rows: the FFT
+    along them is 10x faster than along a strided axis). ``work``: an ``(R, 2k)``
+    buffer to reuse (zeroed here; a fresh one costs its page faults every call)."""
+    out = x.new_zeros(x.shape[0], 2 * k) if work is None else work.zero_()
+    out.index_add_(1, bucket2, x)
+    return out[:, :k] - out[:, k:]
+
+
+class FactoredSketchSink:
+    """One batch's :class:`TensorSketch` under a :class:`SketchLayout`, accumulated
+    from the layers' factors where that is cheaper than forming their gradients.
+
+    A structured layer's per-example gradient ``sum_t d_t [a_t, 1]^T`` is sketched as
+    ``IFFT(sum_t FFT(CS_d(d_t)) * FFT(CS_a([a_t, 1])))``: two count sketches and two
+    FFTs per position instead of ``d_out * d_in`` products per position and a scatter
+    of ``d_out * d_in`` values per example. :meth:`prefers_factors` compares the two by
+    a cost model; the parameters left to the formed path are sketched by
+    :meth:`finish` with the layout's buckets, so the result does not depend on the
+    choice (up to rounding).
+
+    Args:
+        sketch: the :class:`TensorSketch` (``k``, seed).
+        layout: the :class:`SketchLayout` of the selected parameters.
+        ensemble_id: the sketch's ensemble id (TRAK: the checkpoint).
+    """
+
+    #: per-position cost of the factored path in multiply-adds of a matrix product,
+    #: measured on this library's CPU (2 threads): one real FFT of length k costs about
+    #: ``FFT_COST * k log2 k``, a scattered addition ``SCATTER_COST``
+    FFT_COST = 15.0
+    SCATTER_COST = 50.0
+
+    def __init__(self, sketch: TensorSketch, layout: SketchLayout, ensemble_id: int) -> None:
+        self.sketch, self.layout, self.ensemble_id = sketch, layout, ensemble_id
+        self._spec: torch.Tensor | None = None
+        self._work: torch.Tensor | None = None  # the count sketches' (R, 2k) scratch
+        self._hash2: dict[tuple[int, int], torch.Tensor] = {}
+        self._dense: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def prefers_factors(self, module_name: str, positions: int) -> bool:
+        """Whether sketching layer ``module_name`` from factors at ``positions``
+        positions per example costs less than forming and scattering its gradient."""
+        if module_name not in self.layout.layers:
+            return False
+        _, d_in, d_out, _, _ = self.layout.layers[module_name]
+        k = self.sketch.proj_dim
+        per_position = (2 * self.FFT_COST * k * math.log2(max(k, 2))
+                        + self.SCATTER_COST * (d_in + d_out) + 4 * k)
+        formed = positions * d_in * d_out + self.SCATTER_COST * d_in * d_out
+        return positions * per_position < formed
+
+    def _buckets2(self, layer: int, side: int, size: int, device: torch.device) -> torch.Tensor:
+        key = (layer, side, size)
+        if key not in self._hash2:
+            b, s = self.sketch.hashes(self.ensemble_id, layer, side, size, torch.device("cpu"))
+            self._hash2[key] = (b + self.sketch.proj_dim * (s < 0)).to(device)
+        return self._hash2[key]
+
+    def add(self, module_name: str, a: torch.Tensor, d: torch.Tensor) -> None:
+        """Add one call of layer ``module_name``: inputs ``a`` ``(B, L, d_in)`` and
+        output gradients ``d`` ``(B, L, d_out)`` at ``L`` positions (each example's
+        own, e.g. ``B`` times the gradient of a batch mean)."""
+        layer, d_in, d_out, w, b = self.layout.layers[module_name]
+        k, n, length = self.sketch.proj_dim, a.shape[0], a.shape[1]
+        width = (d_in if w else 0) + b
+        rows = n * length
+        work = self._work
+        if work is None or work.shape != (rows, 2 * k) or work.dtype != a.dtype or work.device != a.device:
+            work = self._work = torch.empty(rows, 2 * k, dtype=a.dtype, device=a.device)
+        cs_d = _count_sketch_rows(d.to(a.dtype).reshape(rows, d_out),
+                                  self._buckets2(layer, 1, d_out, a.device), k, work)
+        b_a = self._buckets2(layer, 0, width, a.device)
+        if w:
+            cs_a = _count_sketch_rows(a.reshape(rows, d_in), b_a[:d_in], k, work)
+        else:
+            cs_a = a.new_zeros(rows, k)
+        if b:  # the column of ones: its bucket gets its sign at every position
+            last = int(b_a[-1])
+            cs_a[:, last % k] += 1.0 if last < k else -1.0
+        fa = torch.fft.rfft(cs_a, n=k, dim=1)
+        fd = torch.fft.rfft(cs_d, n=k, dim=1)
+        spec = (fa.mul_(fd)).reshape(n, length, -1).sum(1)  # (B, k // 2 + 1)
+        self._spec = spec if self._spec is None else self._spec.add_(spec)
+
+    def finish(self, formed: torch.Tensor | None, names: Sequence[str], batch: int,
+               like: torch.Tensor) -> torch.Tensor:
+        """``(B, k)``: the factored layers' sketch plus that of ``formed`` (``(B, P_f)``,
+        the flat gradients of the parameters ``names`` in the layout's order)."""
+        k = self.sketch.proj_dim
+        if self._spec is not None:
+            out = torch.fft.irfft(self._spec, n=k, dim=1)
+        else:
+            out = like.new_zeros(batch, k)
+        self._spec = None
+        if formed is not None and formed.shape[1]:
+            key = tuple(names)
+            if key not in self._dense:
+                bucket, sign = self.layout.buckets(self.sketch, self.ensemble_id, names)
+                self._dense = {key: ((bucket + k * (sign < 0)).to(formed.device), sign)}
+            bucket2 = self._dense[key][0]
+            two = formed.new_zeros(batch, 2 * k).index_add_(1, bucket2, formed)
+            out += (two[:, :k] - two[:, k:]).to(out.dtype)
+        return out

@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 ProjType = Literal["identity", "normal", "rademacher", "sjlt", "random_mask", "grass"]
-#: ``tensorsketch`` acts on factored nn.Linear gradients (dattri.func.sketch)
+#: ``tensorsketch``: a count sketch hashed per layer (dattri.func.sketch.SketchLayout),
+#: linear and convolution layers sketched from their factors where cheaper
 _PROJ_TYPES = (*get_args(ProjType), "tensorsketch")
 
 

@@ -1,0 +1,128 @@
+"""TensorSketch of any model's per-example gradients (SketchLayout, FactoredSketchSink):
+the structured layers sketched from their inputs and output gradients, the others
+formed and scattered, equal to the layout's dense (P, k) matrix applied to the
+formed gradients (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_batched_grads import ConvNet, SeqNet, _ce, _data_conv, _data_seq, _task
+from torch import nn
+
+from dattri.algorithm._engine import Featurizer
+from dattri.algorithm.base import make_projection
+from dattri.func.sketch import FactoredSketchSink, SketchLayout, TensorSketch, dense_buckets
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _featurizer(task, k=64, seed=3, layer_name=None):
+    transform = make_projection({"proj_dim": k, "proj_type": "tensorsketch", "proj_seed": seed},
+                                torch.device("cpu"))
+    return Featurizer(task, "loss", layer_name, torch.device("cpu"), transform), transform.sketch
+
+
+def _model(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    if isinstance(model, ConvNet):
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("choice", ["factors", "formed", "cost model"])
+@pytest.mark.parametrize(("make", "data"), [(ConvNet, _data_conv), (SeqNet, _data_seq)])
+def test_sketch_equals_the_layout_matrix_times_the_formed_gradients(make, data, choice, monkeypatch):
+    """ConvNet: strided / dilated-grouped (not structured: coordinate-wise) / 1-D
+    convolutions, BatchNorm, GroupNorm; SeqNet: nn.Linear on sequences, a module called
+    twice, attention, a weight tied to an embedding (coordinate-wise)."""
+    sketched: list[str] = []
+    real_add = FactoredSketchSink.add
+
+    def spy(self, name, a, d):
+        sketched.append(name)
+        return real_add(self, name, a, d)
+
+    monkeypatch.setattr(FactoredSketchSink, "add", spy)
+    if choice != "cost model":
+        monkeypatch.setattr(FactoredSketchSink, "prefers_factors",
+                            lambda self, name, positions: choice == "factors"
+                            and name in self.layout.layers)
+    model = _model(make)
+    task = _task(model, _ce(model))
+    batch = data()
+    fz, ts = _featurizer(task)
+    got = fz.batch(batch, 0)
+    assert fz.batched_ok(batch, 0)  # the batched path ran (not the vmap fallback)
+    layout = SketchLayout(model, task._resolve_layer_name(None))
+    dense = fz.vmapped(batch, 0)
+    want = dense @ layout.matrix(ts, 0)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if choice == "factors":
+        assert sketched, "no layer was sketched from its factors"
+        # a layer owning a weight tied to another module is never sketched from factors
+        assert "head" not in sketched
+    if choice == "formed":
+        assert not sketched
+    # batch-split invariance, and another checkpoint id draws another sketch
+    halves = [tuple(t[s] for t in batch) for s in (slice(0, 2), slice(2, None))]
+    torch.testing.assert_close(torch.cat([fz.batch(h, 0) for h in halves]), got,
+                               rtol=1e-10, atol=1e-12)
+    other = dense @ layout.matrix(ts, 1)
+    assert not torch.allclose(other, want)
+
+
+def test_structured_layers_get_the_buckets_of_the_linear_tensor_sketch():
+    """On nn.Linear layers the layout is dense_buckets (the factored path of MNIST)."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False), nn.Linear(3, 2))
+    names = ["0.weight", "0.bias", "2.weight", "3.bias"]  # a selection: 3.weight left out
+    layout = SketchLayout(model, names)
+    ts = TensorSketch(32, seed=5)
+    for ens in (0, 2):
+        got = layout.buckets(ts, ens)
+        want = dense_buckets(ts, [(5, 4, True, True), (4, 3, True, False), (3, 2, False, True)], ens)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_conv_layer_sketched_from_patches_is_the_count_sketch_of_its_gradient():
+    """The sink alone on a strided, padded convolution with bias (several positions),
+    against the layout's matrix times per-example gradients formed by autograd."""
+    g = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    x = torch.randn(4, 3, 7, 7, generator=g)
+    delta = torch.randn(4, 5, 4, 4, generator=g)
+    layout = SketchLayout(conv, ["weight", "bias"])
+    ts = TensorSketch(16, seed=9)
+    sink = FactoredSketchSink(ts, layout, ensemble_id=1)
+    cols = nn.functional.unfold(nn.functional.pad(x, (1, 1, 1, 1)), 3, stride=2)
+    sink.add("", cols.transpose(1, 2), delta.reshape(4, 5, -1).transpose(1, 2))
+    got = sink.finish(None, [], 4, x)
+    rows = []
+    for i in range(4):
+        w = conv.weight.detach().requires_grad_(True)
+        b = conv.bias.detach().requires_grad_(True)
+        out = nn.functional.conv2d(x[i:i + 1], w, b, stride=2, padding=1)
+        gw, gb = torch.autograd.grad((out * delta[i:i + 1]).sum(), (w, b))
+        rows.append(torch.cat([gw.reshape(-1), gb]))
+    torch.testing.assert_close(got, torch.stack(rows) @ layout.matrix(ts, 1), rtol=1e-10, atol=1e-12)
+
+
+def test_the_cost_model_sketches_deep_layers_with_few_positions():
+    """ResNet-9's shapes: the 512 x 4,608 convolution at 64 positions from its
+    factors, the 64 x 576 one at 1,024 positions formed."""
+    deep, early = nn.Conv2d(512, 512, 3), nn.Conv2d(64, 128, 3)
+    model = nn.ModuleDict({"deep": deep, "early": early})
+    layout = SketchLayout(model, ["deep.weight", "early.weight"])
+    sink = FactoredSketchSink(TensorSketch(2048), layout, 0)
+    assert sink.prefers_factors("deep", 64)
+    assert not sink.prefers_factors("early", 1024)
+    assert not sink.prefers_factors("not a layer", 1)
