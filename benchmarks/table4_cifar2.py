@@ -202,7 +202,7 @@ def floors(method: str, prof: dict, n: int, m: int, rate: float, rate64: float) 
 
 
 # ----------------------------------------------------------------------------- worker
-def build(method: str, ckpts: list[str]):
+def build(method: str, ckpts: list[str], trak_proj: str = "sjlt"):
     """The attributor of ``method`` through the public API (paper's settings)."""
     from dattri import algorithm as A
     from dattri.task import AttributionTask
@@ -226,7 +226,7 @@ def build(method: str, ckpts: list[str]):
 
     if method.startswith("trak"):
         task = AttributionTask(margin, model, ckpts)
-        return A.TRAKAttributor(task, prob, proj_params={"proj_dim": TRAK_K, "proj_type": "sjlt",
+        return A.TRAKAttributor(task, prob, proj_params={"proj_dim": TRAK_K, "proj_type": trak_proj,
                                                          "proj_seed": 0})
     if method in ("tracin_cp_10", "grad_dot", "grad_cos"):
         task = AttributionTask(loss, model, ckpts)
@@ -245,12 +245,12 @@ def build(method: str, ckpts: list[str]):
     raise ValueError(method)
 
 
-def worker(method: str, data_file: str, n_ckpt: int) -> dict:
+def worker(method: str, data_file: str, n_ckpt: int, trak_proj: str = "sjlt") -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     data = torch.load(data_file, weights_only=False)
     n, m = len(data["y_train"]), len(data["y_test"])
-    att = build(method, data["ckpts"][:n_ckpt])
+    att = build(method, data["ckpts"][:n_ckpt], trak_proj)
     tr = DataLoader(TensorDataset(data["x_train"], data["y_train"]), batch_size=BATCH)
     te = DataLoader(TensorDataset(data["x_test"], data["y_test"]), batch_size=BATCH)
     t0 = time.perf_counter()
@@ -279,11 +279,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per method's process")
     ap.add_argument("--cache", default=str(HERE.parent / "bench_out" / "cifar2"))
     ap.add_argument("--out", default=None, help="append JSON lines to this file too")
+    ap.add_argument("--trak-proj", default="sjlt", choices=["sjlt", "tensorsketch"],
+                    help="TRAK's projection (k = 2,048): sjlt of the formed gradients, or the "
+                         "TensorSketch with the deep convolutions sketched from their factors")
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "DATA", "CKPTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         method, data_file, n_ckpt = args.worker
-        print(json.dumps(worker(method, data_file, int(n_ckpt))), flush=True)
+        print(json.dumps(worker(method, data_file, int(n_ckpt), args.trak_proj)), flush=True)
         return
     rate, rate64 = matmul_gflops(), matmul_gflops(dtype=torch.float64)
     prof = step_profile()
@@ -297,7 +300,8 @@ def main() -> None:
     for method in args.methods:
         total = CHECKPOINTS.get(method, 1)
         run = min(total, args.checkpoints)
-        cmd = [sys.executable, __file__, "--worker", method, str(data_file), str(run)]
+        cmd = [sys.executable, __file__, "--worker", method, str(data_file), str(run),
+               "--trak-proj", args.trak_proj]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.timeout)
             lines = res.stdout.strip().splitlines()
@@ -319,6 +323,8 @@ def main() -> None:
             "over_step_floor": round(per_ckpt / fl["step_floor_seconds_per_checkpoint"], 2),
             "paper_a40_seconds": PAPER_A40_SECONDS[method],
         })
+        if method.startswith("trak"):
+            row["trak_proj"] = args.trak_proj
         emit(json.dumps(row), args.out)
 
 
