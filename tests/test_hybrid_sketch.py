@@ -126,3 +126,62 @@ def test_the_cost_model_sketches_deep_layers_with_few_positions():
     assert sink.prefers_factors("deep", 64)
     assert not sink.prefers_factors("early", 1024)
     assert not sink.prefers_factors("not a layer", 1)
+
+
+class _SmallConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("make", ["mlp", "conv"])
+def test_tracin_with_tensorsketch_is_the_sketched_formula(make, normalized):
+    """TracInCP (two checkpoints, weights 0.3 / 0.7) and Grad-Cos with
+    proj_type="tensorsketch": sum_c w_c <G_i M_c, G_j M_c> (rows of G M_c unit-normalised
+    for Grad-Cos), M_c the layout's matrix for checkpoint c; on an MLP (the factored
+    nn.Linear path) and on a convolution with a GroupNorm (the layout's path)."""
+    from cases import per_example_grads
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dattri.algorithm import TracInAttributor
+    from dattri.task import AttributionTask
+
+    torch.manual_seed(1)
+    if make == "mlp":
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        x = torch.randn(14, 5)
+    else:
+        model = _SmallConv()
+        x = torch.randn(14, 2, 4, 4)
+    y = torch.randint(0, 3, (14,))
+
+    def loss(params, data):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (data[0],)), data[1])
+
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpts = [sd, {k: v * 0.9 for k, v in sd.items()}]
+    w = torch.tensor([0.3, 0.7])
+    att = TracInAttributor(AttributionTask(loss, model, ckpts), weight_list=w, normalized_grad=normalized,
+                           proj_params={"proj_dim": 32, "proj_type": "tensorsketch", "proj_seed": 6})
+    tr = DataLoader(TensorDataset(x[:9], y[:9]), batch_size=4)
+    te = DataLoader(TensorDataset(x[9:], y[9:]), batch_size=3)
+    got = att.cache(tr).attribute(tr, te)
+    names = [n for n, _ in model.named_parameters()]
+    layout = SketchLayout(model, names)
+    ts = TensorSketch(32, seed=6)
+    want = torch.zeros(9, 5)
+    for c, state in enumerate(ckpts):
+        model.load_state_dict(state)
+        m = layout.matrix(ts, c)
+        a = per_example_grads(model, loss, x[:9], y[:9]) @ m
+        b = per_example_grads(model, loss, x[9:], y[9:]) @ m
+        if normalized:
+            a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+        want += w[c] * a @ b.T
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

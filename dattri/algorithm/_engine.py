@@ -213,17 +213,15 @@ class Featurizer(LoaderFeatures):
     def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Features ``(B, d)`` of one batch (already on the device)."""
         sketch = getattr(self.transform, "project_factored", None)
+        ts = getattr(self.transform, "sketch", None)
         if sketch is not None and self.factored_ok(batch, ckpt_idx):
             fg = self.factored.batch(batch, ckpt_idx)  # validates the loss on the batch
-            return _check_finite(sketch(fg, ckpt_idx),
-                                 f"{self.which} gradient sketches (checkpoint {ckpt_idx})")
-        ts = getattr(self.transform, "sketch", None)
+            return self._after_sketch(sketch(fg, ckpt_idx), ckpt_idx)
         if ts is not None:
             # any other model (or linear layers whose factors failed the numerical
             # check on this checkpoint): the same sketch, from the batched path with
             # the layers' factors where cheaper, else from dense gradients
-            return _check_finite(self._tensor_sketch(ts, batch, ckpt_idx),
-                                 f"{self.which} gradient sketches (checkpoint {ckpt_idx})")
+            return self._after_sketch(self._tensor_sketch(ts, batch, ckpt_idx), ckpt_idx)
         g = self.grads(batch, ckpt_idx)
         if self.transform is not None:
             f = self.transform(g, ckpt_idx)
@@ -233,6 +231,13 @@ class Featurizer(LoaderFeatures):
             return f
         return g
 
+
+    def _after_sketch(self, f: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
+        """A sketch checked for finiteness, then the transform's ``after`` (e.g. the
+        row normalisation of Grad-Cos), if it has one."""
+        f = _check_finite(f, f"{self.which} gradient sketches (checkpoint {ckpt_idx})")
+        after = getattr(self.transform, "after", None)
+        return f if after is None else after(f, ckpt_idx)
 
     def _tensor_sketch(self, ts: Any, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """``(B, k)`` TensorSketch of the per-example gradients under the task's

@@ -259,10 +259,10 @@ def _tensor_sketch_transform(kw: dict[str, Any]):
 
     def transform(g: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
         msg = (
-            "proj_type='tensorsketch' is computed by the featurizer from the model's layer "
-            "layout (TRAKAttributor: any model; TracInAttributor: models of nn.Linear layers "
-            "on 2-D inputs), but this call got flat per-example gradients without it; use "
-            "proj_type='sjlt' or 'normal' here, or restrict layer_name to linear layers."
+            "proj_type='tensorsketch' is computed by the attributor's featurizer from the "
+            "model's layer layout (TRAKAttributor and TracInAttributor, any model), but this "
+            "call got flat per-example gradients without it; use proj_type='sjlt' or "
+            "'normal' here."
         )
         raise DattriValueError(msg)
 

@@ -142,6 +142,12 @@ class TracInAttributor(BaseAttributor):
 
         #: set while the dense exact Grad-Cos scores stream raw training gradients
         self._raw_train = False
+        if getattr(transform, "sketch", None) is not None:
+            # proj_type="tensorsketch": the featurizer sketches (from the layer factors
+            # or its layout), then applies the row normalisation of Grad-Cos
+            feature.sketch = transform.sketch
+            feature.project_factored = transform.project_factored
+            feature.after = lambda f, c: post(f) if post is not None else f
 
         self.train_features.transform = feature
         self.test_features.transform = feature
