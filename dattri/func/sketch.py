@@ -256,11 +256,17 @@ class FactoredSketchSink:
         ensemble_id: the sketch's ensemble id (TRAK: the checkpoint).
     """
 
-    #: per-position cost of the factored path in multiply-adds of a matrix product,
-    #: measured on this library's CPU (2 threads): one real FFT of length k costs about
-    #: ``FFT_COST * k log2 k``, a scattered addition ``SCATTER_COST``
-    FFT_COST = 15.0
-    SCATTER_COST = 50.0
+    #: costs in multiply-adds of a matrix product (~86 G a second on this library's
+    #: 2-core CPU), fitted to ResNet-9's layers at batch 16 (dattri's session 13): a
+    #: real FFT of length k costs ``FFT_COST * k log2 k``; each factor value at each
+    #: position ``FACTOR_COST`` (unfolding, the transposed copy and the count sketch:
+    #: ~4.7 ns); each formed gradient value ``SCATTER_COST`` (its scattered addition:
+    #: ~0.65 ns). Measured against the model: the 512 x 4,608 convolution at 64
+    #: positions 26 ms from factors against 61 ms formed, the 256 x 2,304 one at 256
+    #: positions 155 ms against 51 ms
+    FFT_COST = 4.0
+    FACTOR_COST = 400.0
+    SCATTER_COST = 56.0
 
     def __init__(self, sketch: TensorSketch, layout: SketchLayout, ensemble_id: int) -> None:
         self.sketch, self.layout, self.ensemble_id = sketch, layout, ensemble_id
@@ -277,7 +283,7 @@ class FactoredSketchSink:
         _, d_in, d_out, _, _ = self.layout.layers[module_name]
         k = self.sketch.proj_dim
         per_position = (2 * self.FFT_COST * k * math.log2(max(k, 2))
-                        + self.SCATTER_COST * (d_in + d_out) + 4 * k)
+                        + self.FACTOR_COST * (d_in + d_out) + 4 * k)
         formed = positions * d_in * d_out + self.SCATTER_COST * d_in * d_out
         return positions * per_position < formed
 
