@@ -201,14 +201,11 @@ class Featurizer(LoaderFeatures):
                 return fg.dense()
         return self.raw(batch, ckpt_idx)
 
-    def stream(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[torch.Tensor]:
-        """:meth:`iterate`, each batch's dense gradients lent back to the batched path
-        when the next is asked for (the consumer keeps nothing of them, see
-        :meth:`LoaderFeatures.stream`): one buffer for every batch."""
-        for f in self.iterate(loader, ckpt_idx, desc):
-            yield f
-            if self._batched:
-                self._batched.release(f)  # ignored unless f is its last result itself
+    def release(self, features: torch.Tensor) -> None:
+        """Lend a batch's dense gradients back to the batched path (ignored unless they
+        are its last result itself): one buffer for every batch of a stream."""
+        if self._batched:
+            self._batched.release(features)
 
     def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Features ``(B, d)`` of one batch (already on the device)."""

@@ -6,7 +6,7 @@ fast path of TracIn / Grad-Dot / Grad-Cos.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -180,17 +180,15 @@ class HookFeaturizer(LoaderFeatures):
                  transform: Callable[[dict, int], torch.Tensor],
                  release: Callable[[torch.Tensor], None] | None = None) -> None:
         self.capture, self.which, self.transform = capture, which, transform
-        self.release = release
+        self._release = release
         self.device = capture.device
         self.show_progress: bool | None = None
 
-    def stream(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[torch.Tensor]:
-        """:meth:`iterate`, each batch's features handed to ``release`` when the next
-        is asked for (the consumer keeps nothing of them)."""
-        for f in self.iterate(loader, ckpt_idx, desc):
-            yield f
-            if self.release is not None:
-                self.release(f)
+    def release(self, features: torch.Tensor) -> None:
+        """Hand a batch's features to the ``release`` given (the transform may reuse
+        their memory for a later batch)."""
+        if self._release is not None:
+            self._release(features)
 
     def batch(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Features ``(B, K)`` of one batch already on the device."""

@@ -147,11 +147,17 @@ class LoaderFeatures:
                 f = self.batch(b, ckpt_idx)
             yield (b, f) if with_batch else f
 
+    def release(self, features: Any) -> None:
+        """``features`` (a batch's, returned by :meth:`batch`) will not be read again:
+        a featurizer may write a later batch into their memory (default: ignored)."""
+
     def stream(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> Iterator[Any]:
         """:meth:`iterate` for a consumer that keeps nothing of a batch's features
-        (no reference, no view) once it asks for the next batch: a featurizer may
-        then write the next batch into the same memory."""
-        return self.iterate(loader, ckpt_idx, desc)
+        (no reference, no view) once it asks for the next batch: each batch is
+        :meth:`release` d then, so the next may be written into the same memory."""
+        for f in self.iterate(loader, ckpt_idx, desc):
+            yield f
+            self.release(f)
 
     def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
         """Features ``(n, d)`` of the whole loader."""

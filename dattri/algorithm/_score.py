@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from dattri._loader import batch_context, to_device
+from dattri._loader import batch_context, batches, to_device
 from dattri.algorithm._loop import _disable
 
 __all__ = ["Ensemble", "checkpoint_batches", "diagonal", "score_blocks", "started"]
@@ -76,18 +76,26 @@ class Ensemble:
 def checkpoint_batches(featurize: Callable[[Any, int], torch.Tensor], loader: Iterable[Any],
                        ensemble: Ensemble, device: torch.device, desc: str = "train grads",
                        show_progress: bool | None = None, name: str = "train_loader",
-                       total: int | None = None) -> Iterator[list[torch.Tensor] | None]:
+                       total: int | None = None,
+                       release: Callable[[torch.Tensor], None] | None = None,
+                       ) -> Iterator[list[torch.Tensor] | None]:
     """Every checkpoint's features of each batch of ``loader``, one batch at a time
     (the loader is read once; ``featurize(batch, c)``); a ``None`` batch (a lockstep
-    step of a rank without rows) yields ``None``."""
-    bar = tqdm(loader, desc=desc, leave=False, total=total, disable=_disable(show_progress))
+    step of a rank without rows) yields ``None``. With ``release``, each batch's
+    features are released when the next batch is asked for (the consumer keeps
+    nothing of them: a featurizer may reuse their memory)."""
+    bar = tqdm(batches(loader), desc=desc, leave=False, total=total, disable=_disable(show_progress))
     for i, b in enumerate(bar):
         if b is None:
             yield None
             continue
         b = to_device(b, device)
         with batch_context(name, i):
-            yield ensemble.each(lambda c, b=b: featurize(b, c))
+            parts = ensemble.each(lambda c, b=b: featurize(b, c))
+        yield parts
+        if release is not None:
+            for f in parts:
+                release(f)
 
 
 def started(blocks: Iterable[Sequence[torch.Tensor] | None], start: int,
