@@ -306,11 +306,10 @@ class BatchedGrads:
                 continue
             ok, positions = True, 0
             for args, kwargs, _, slots in u.calls:
-                if (kwargs or len(slots) != 1 or not args or not isinstance(args[0], torch.Tensor)
-                        or slot(*slots[0]) is None):
+                g = slot(*slots[0]) if len(slots) == 1 else None
+                if kwargs or g is None or not args or not isinstance(args[0], torch.Tensor):
                     ok = False
                     break
-                g = slot(*slots[0])
                 positions += g[0].numel() // layer[2]  # output positions of one example
             if ok and sink.prefers_factors(u.name, positions):
                 chosen.add(u.name)

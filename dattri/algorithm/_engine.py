@@ -96,20 +96,24 @@ class Featurizer(LoaderFeatures):
         t = self.task
         return t.original_loss_func if self.which == "loss" else t.original_target_func
 
-    def raw(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
+    def raw(self, batch: Any, ckpt_idx: int, sink: Any = None) -> torch.Tensor:
         """Dense per-example gradients ``(B, P)``: from one batched forward and
         backward when verified for this checkpoint, else ``vmap(grad)`` on batches
-        of one."""
+        of one. With a ``sink`` (:class:`~dattri.func.sketch.FactoredSketchSink`):
+        their ``(B, k)`` sketch instead (the batched path never forms the layers the
+        sink takes from their factors)."""
         self._grad_fn(ckpt_idx)  # loads the checkpoint on the device
         self.task.validate_batch(batch, self.which, ckpt_idx)
         if self.batched_ok(batch, ckpt_idx):
             task = self.task
             task.load_checkpoint(ckpt_idx, self.device)
             with ensemble_rng(ckpt_idx, self.device):
-                g = self.batched.run(self._func(), batch, dict(task.named_parameters))
+                g = self.batched.run(self._func(), batch, dict(task.named_parameters), sink=sink)
             if g is not None:
-                return _check_finite(g, f"{self.which} gradients (checkpoint {ckpt_idx})")
-        return self.vmapped(batch, ckpt_idx)
+                return g if sink is not None else _check_finite(
+                    g, f"{self.which} gradients (checkpoint {ckpt_idx})")
+        g = self.vmapped(batch, ckpt_idx)
+        return g if sink is None else sink.finish(g, sink.layout.names, g.shape[0], g)
 
     def vmapped(self, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """Dense per-example gradients ``(B, P)`` by ``vmap(grad)`` on batches of one
@@ -228,7 +232,6 @@ class Featurizer(LoaderFeatures):
             return f
         return g
 
-
     def _after_sketch(self, f: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
         """A sketch checked for finiteness, then the transform's ``after`` (e.g. the
         row normalisation of Grad-Cos), if it has one."""
@@ -238,27 +241,16 @@ class Featurizer(LoaderFeatures):
 
     def _tensor_sketch(self, ts: Any, batch: Any, ckpt_idx: int) -> torch.Tensor:
         """``(B, k)`` TensorSketch of the per-example gradients under the task's
-        :class:`~dattri.func.sketch.SketchLayout`: from the batched path, the layers
-        whose factors are cheaper sketched without forming their gradients; else the
-        same sketch of ``vmap(grad)``'s dense gradients."""
+        :class:`~dattri.func.sketch.SketchLayout` (:meth:`raw` with this checkpoint's
+        :class:`~dattri.func.sketch.FactoredSketchSink`)."""
         from dattri.func.sketch import FactoredSketchSink, SketchLayout
 
-        self._grad_fn(ckpt_idx)  # loads the checkpoint on the device
-        self.task.validate_batch(batch, self.which, ckpt_idx)
         if self._layout is None:
             self._layout = SketchLayout(self.task.get_model(),
                                         self.task._resolve_layer_name(self.layer_name))
         if self._sink is None or self._sink.ensemble_id != ckpt_idx or self._sink.sketch is not ts:
             self._sink = FactoredSketchSink(ts, self._layout, ckpt_idx)
-        if self.batched_ok(batch, ckpt_idx):
-            task = self.task
-            task.load_checkpoint(ckpt_idx, self.device)
-            with ensemble_rng(ckpt_idx, self.device):
-                out = self.batched.run(self._func(), batch, dict(task.named_parameters), sink=self._sink)
-            if out is not None:
-                return out
-        g = self.vmapped(batch, ckpt_idx)
-        return self._sink.finish(g, self._layout.names, g.shape[0], g)
+        return self.raw(batch, ckpt_idx, self._sink)
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

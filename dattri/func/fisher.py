@@ -414,10 +414,7 @@ def ekfac_rotated_grads(
         if bias:  # the constant input's row of Q_A (times the mask, as the input's)
             ar += Q_A[d_in] if mask is None else mask.to(a)[..., None] * Q_A[d_in]
         return torch.matmul((s @ Q_S).transpose(1, 2), ar, out=out)
-    g = linear_per_example_grads(a, s, False)
-    if bias:
-        g = torch.cat([g, (s.sum(1) if mask is None else torch.einsum("nto,nt->no", s, mask.to(s)))
-                       [..., None]], dim=-1)
+    g = linear_per_example_grads(activations, grad_outputs, bias, mask)
     # a batched product (Q_A expanded, not copied): a 3-D times 2-D product is folded
     # into one matrix product, which cannot write into a strided view
     return torch.bmm(Q_S.T @ g, Q_A.expand(n, d_a, d_a), out=out)

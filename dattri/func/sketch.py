@@ -26,9 +26,8 @@ builds the equivalent dense ``(P, k)`` matrix for checks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -101,6 +100,30 @@ class TensorSketch:
         return torch.fft.irfft(spec, n=k)
 
 
+def _structured_buckets(sketch: TensorSketch, ensemble_id: int, layer: int, d_in: int, d_out: int,
+                        w_sel: bool, b_sel: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(bucket, sign)]`` of a structured layer's selected weight (``d_out x d_in``,
+    row-major) and bias (the ones column appended to the input), in that order:
+    ``h(o, j) = h_d(o) + h_a(j) mod k``, ``s(o, j) = s_d(o) s_a(j)``."""
+    k, cpu = sketch.proj_dim, torch.device("cpu")
+    ha, sa = sketch.hashes(ensemble_id, layer, 0, (d_in if w_sel else 0) + (1 if b_sel else 0), cpu)
+    hd, sd = sketch.hashes(ensemble_id, layer, 1, d_out, cpu)
+    out = []
+    if w_sel:
+        out.append(((hd[:, None] + ha[None, :d_in]).remainder(k).reshape(-1),
+                    (sd[:, None] * sa[None, :d_in]).reshape(-1)))
+    if b_sel:
+        out.append(((hd + ha[-1]).remainder(k), sd * sa[-1]))
+    return out
+
+
+def _count_matrix(bucket: torch.Tensor, sign: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``(P, k)`` matrix of a count sketch (one ``+-1`` per row)."""
+    m = torch.zeros(bucket.numel(), k, dtype=dtype)
+    m[torch.arange(bucket.numel()), bucket] = sign.to(dtype)
+    return m
+
+
 def dense_buckets(sketch: TensorSketch, layers: Sequence[tuple[int, int, bool, bool]],
                   ensemble_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucket and sign of every coordinate of a dense flat gradient, so that
@@ -111,18 +134,9 @@ def dense_buckets(sketch: TensorSketch, layers: Sequence[tuple[int, int, bool, b
     layer, in the flat layout ``[W (d_out x d_in) row-major, b]`` layer after layer;
     the bias is the ones column appended to the layer input.
     """
-    k, buckets, signs = sketch.proj_dim, [], []
-    for layer, (d_in, d_out, w_sel, b_sel) in enumerate(layers):
-        width = (d_in if w_sel else 0) + (1 if b_sel else 0)
-        ha, sa = sketch.hashes(ensemble_id, layer, 0, width, torch.device("cpu"))
-        hd, sd = sketch.hashes(ensemble_id, layer, 1, d_out, torch.device("cpu"))
-        if w_sel:
-            buckets.append((hd[:, None] + ha[None, :d_in]).remainder(k).reshape(-1))
-            signs.append((sd[:, None] * sa[None, :d_in]).reshape(-1))
-        if b_sel:
-            buckets.append((hd + ha[-1]).remainder(k))
-            signs.append(sd * sa[-1])
-    return torch.cat(buckets), torch.cat(signs)
+    parts = [bs for layer, (d_in, d_out, w_sel, b_sel) in enumerate(layers)
+             for bs in _structured_buckets(sketch, ensemble_id, layer, d_in, d_out, w_sel, b_sel)]
+    return torch.cat([b for b, _ in parts]), torch.cat([s for _, s in parts])
 
 
 def tensor_sketch_matrix(sketch: TensorSketch, layer_sizes: Sequence[tuple[int, int]],
@@ -134,9 +148,7 @@ def tensor_sketch_matrix(sketch: TensorSketch, layer_sizes: Sequence[tuple[int, 
     """
     bucket, sign = dense_buckets(sketch, [(i, o, True, False) for i, o in layer_sizes],
                                  ensemble_id)
-    m = torch.zeros(bucket.numel(), sketch.proj_dim, dtype=dtype)
-    m[torch.arange(bucket.numel()), bucket] = sign.to(dtype)
-    return m
+    return _count_matrix(bucket, sign, sketch.proj_dim, dtype)
 
 
 #: layer index of the first parameter hashed coordinate by coordinate (see SketchLayout)
@@ -193,21 +205,19 @@ class SketchLayout:
         (default all), in the layout's order, so that
         ``zeros(B, k).index_add_(1, bucket, g * sign)`` sketches formed gradients."""
         k, cpu, out_b, out_s = sketch.proj_dim, torch.device("cpu"), [], []
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         keep = set(self.names if names is None else names)
         for pos, (n, numel) in enumerate(zip(self.names, self.numels)):
             if n not in keep:
                 continue
             mod_name, _, leaf = n.rpartition(".")
             if mod_name in self.layers and leaf in ("weight", "bias"):
-                layer, d_in, d_out, w, b = self.layers[mod_name]
-                ha, sa = sketch.hashes(ensemble_id, layer, 0, (d_in if w else 0) + b, cpu)
-                hd, sd = sketch.hashes(ensemble_id, layer, 1, d_out, cpu)
-                if leaf == "weight":
-                    out_b.append((hd[:, None] + ha[None, :d_in]).remainder(k).reshape(-1))
-                    out_s.append((sd[:, None] * sa[None, :d_in]).reshape(-1))
-                else:
-                    out_b.append((hd + ha[-1]).remainder(k))
-                    out_s.append(sd * sa[-1])
+                if mod_name not in parts:  # the layer's weight and bias parts, once
+                    layer, d_in, d_out, w, b = self.layers[mod_name]
+                    parts[mod_name] = _structured_buckets(sketch, ensemble_id, layer, d_in, d_out, w, b)
+                bucket, sign = parts[mod_name][0 if leaf == "weight" else -1]
+                out_b.append(bucket)
+                out_s.append(sign)
             else:
                 ha, sa = sketch.hashes(ensemble_id, _PLAIN_LAYER + pos, 0, numel, cpu)
                 hd, sd = sketch.hashes(ensemble_id, _PLAIN_LAYER + pos, 1, 1, cpu)
@@ -220,10 +230,13 @@ class SketchLayout:
     def matrix(self, sketch: TensorSketch, ensemble_id: int = 0,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense ``(P, k)`` matrix of the sketch (for checks)."""
-        bucket, sign = self.buckets(sketch, ensemble_id)
-        m = torch.zeros(bucket.numel(), sketch.proj_dim, dtype=dtype)
-        m[torch.arange(bucket.numel()), bucket] = sign.to(dtype)
-        return m
+        return _count_matrix(*self.buckets(sketch, ensemble_id), sketch.proj_dim, dtype)
+
+
+def _signed(bucket: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:
+    """``bucket + k [sign < 0]``: the column of a count sketch taken into ``2k``
+    columns, positive and negative signs apart (see :func:`_count_sketch_rows`)."""
+    return bucket + k * (sign < 0)
 
 
 def _count_sketch_rows(x: torch.Tensor, bucket2: torch.Tensor, k: int,
@@ -273,7 +286,8 @@ class FactoredSketchSink:
         self._spec: torch.Tensor | None = None
         self._work: torch.Tensor | None = None  # the count sketches' (R, 2k) scratch
         self._hash2: dict[tuple[int, int], torch.Tensor] = {}
-        self._dense: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: (names, signed buckets) of the formed parameters of the last batch
+        self._dense: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     def prefers_factors(self, module_name: str, positions: int) -> bool:
         """Whether sketching layer ``module_name`` from factors at ``positions``
@@ -291,7 +305,7 @@ class FactoredSketchSink:
         key = (layer, side, size)
         if key not in self._hash2:
             b, s = self.sketch.hashes(self.ensemble_id, layer, side, size, torch.device("cpu"))
-            self._hash2[key] = (b + self.sketch.proj_dim * (s < 0)).to(device)
+            self._hash2[key] = _signed(b, s, self.sketch.proj_dim).to(device)
         return self._hash2[key]
 
     def add(self, module_name: str, a: torch.Tensor, d: torch.Tensor) -> None:
@@ -332,10 +346,8 @@ class FactoredSketchSink:
         self._spec = None
         if formed is not None and formed.shape[1]:
             key = tuple(names)
-            if key not in self._dense:
+            if self._dense is None or self._dense[0] != key:  # the formed set of the last batch
                 bucket, sign = self.layout.buckets(self.sketch, self.ensemble_id, names)
-                self._dense = {key: ((bucket + k * (sign < 0)).to(formed.device), sign)}
-            bucket2 = self._dense[key][0]
-            two = formed.new_zeros(batch, 2 * k).index_add_(1, bucket2, formed)
-            out += (two[:, :k] - two[:, k:]).to(out.dtype)
+                self._dense = (key, _signed(bucket, sign, k).to(formed.device))
+            out += _count_sketch_rows(formed, self._dense[1], k).to(out.dtype)
         return out
