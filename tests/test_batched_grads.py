@@ -484,3 +484,26 @@ def test_grad_cos_rows_normalised_in_place_are_unit_and_exact():
     out = _unit_rows(g)
     assert out.data_ptr() == g.data_ptr()
     torch.testing.assert_close(out, torch.tensor([[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]]))
+
+
+def test_factored_gradients_reuse_a_released_buffer_and_only_then():
+    """The nn.Linear factored path writes a batch's formed gradients into the buffer
+    its consumer released (no fresh allocation), never into one still held."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    task = _task(model, _ce(model))
+    g = torch.Generator().manual_seed(2)
+    b1 = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+    b2 = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    g1 = fz.grads(b1, 0)
+    assert fz.factored_ok(b1, 0)
+    kept = g1.clone()
+    g2 = fz.grads(b2, 0)  # g1 not released: a new buffer, g1 untouched
+    assert g2.data_ptr() != g1.data_ptr()
+    torch.testing.assert_close(g1, kept, rtol=0, atol=0)
+    fz.release(g2)
+    g3 = fz.grads(b1, 0)  # released: written into g2's memory
+    assert g3.data_ptr() == g2.data_ptr()
+    for got, batch in ((g3, b1), (kept, b1)):
+        torch.testing.assert_close(got, fz.reference(batch, 0), rtol=1e-10, atol=1e-12)

@@ -19,6 +19,7 @@ from dattri.algorithm._batched import BatchedGrads, reference_grads
 from dattri.algorithm._factored import FactoredLinearFeaturizer
 from dattri.algorithm._loop import (  # noqa: F401 - re-exported for the attributors
     ENSEMBLE_SEED,
+    BufferLender,
     LoaderFeatures,
     _check_finite,
     _disable,
@@ -81,6 +82,7 @@ class Featurizer(LoaderFeatures):
         self._fn: dict[int, tuple[Callable, torch.Tensor]] = {}
         self._layout: Any = None  # the TensorSketch layout of the selected parameters
         self._sink: Any = None  # the current checkpoint's FactoredSketchSink
+        self._lender = BufferLender()  # the factored path's formed gradients, lent back
 
     def _grad_fn(self, ckpt_idx: int) -> tuple[Callable, torch.Tensor]:
         if ckpt_idx not in self._fn:
@@ -202,12 +204,14 @@ class Featurizer(LoaderFeatures):
         if self.factored_ok(batch, ckpt_idx):
             fg = self.factored.try_batch(batch, ckpt_idx)
             if fg is not None:
-                return fg.dense()
+                return fg.dense(self._lender)
         return self.raw(batch, ckpt_idx)
 
     def release(self, features: torch.Tensor) -> None:
-        """Lend a batch's dense gradients back to the batched path (ignored unless they
-        are its last result itself): one buffer for every batch of a stream."""
+        """Lend a batch's dense gradients back to the path that formed them (ignored
+        unless they are its last result itself): one buffer for every batch of a
+        stream."""
+        self._lender.release(features)
         if self._batched:
             self._batched.release(features)
 
@@ -226,9 +230,8 @@ class Featurizer(LoaderFeatures):
         g = self.grads(batch, ckpt_idx)
         if self.transform is not None:
             f = self.transform(g, ckpt_idx)
-            bg = self._batched
-            if bg and not _shares_memory(f, g):
-                bg.release(g)  # only projected: its buffer takes the next batch's gradients
+            if not _shares_memory(f, g):
+                self.release(g)  # only projected: its buffer takes the next batch's gradients
             return f
         return g
 

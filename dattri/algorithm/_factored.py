@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dattri.algorithm._loop import LoaderFeatures, _head, close_per_example
+from dattri.algorithm._loop import BufferLender, LoaderFeatures, _head, close_per_example
 from dattri.algorithm._hooks import LinearCapture
 from dattri.errors import DattriValueError
 from dattri.task import AttributionTask
@@ -66,13 +66,16 @@ class FactoredGrads:
         """``(B,)`` squared gradient norms."""
         return sum((d * d).sum(1) * (a * a).sum(1) for a, d in self.factors)
 
-    def dense(self) -> torch.Tensor:
-        """``(B, P)`` flat gradients in the task's parameter order (for checks)."""
+    def dense(self, lender: BufferLender | None = None) -> torch.Tensor:
+        """``(B, P)`` flat gradients in the task's parameter order, written into a
+        buffer from ``lender`` when given (a lent-back one saves its page faults)."""
         b = self.factors[0][1].shape[0]
         widths = [(a.shape[1] - (1 if bs else 0)) * d.shape[1] * ws + d.shape[1] * bs
                   for (a, d), (ws, bs) in zip(self.factors, self.layout)]
         d0 = self.factors[0][1]
-        out = torch.empty(b, sum(widths), dtype=d0.dtype, device=d0.device)
+        shape = (b, sum(widths))
+        out = (torch.empty(shape, dtype=d0.dtype, device=d0.device) if lender is None
+               else lender.take(shape, d0.dtype, d0.device))
         start = 0
         for (a, d), (w_sel, b_sel) in zip(self.factors, self.layout):
             o = d.shape[1]
