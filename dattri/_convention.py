@@ -22,6 +22,8 @@ per-example gradient is taken on batches of one, which become the bare example).
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,13 +68,24 @@ class BatchedFunction:
         unbatched: ``None`` until detected, then whether ``func`` takes one example.
     """
 
-    def __init__(self, func: Callable, name: str, batched_args: Sequence[int] = (1,)) -> None:
+    def __init__(self, func: Callable, name: str, batched_args: Sequence[int] = (1,),
+                 owner: Any = None) -> None:
         self.func, self.name = func, name
+        #: an object whose ``.model`` the function runs (the task): its modules'
+        #: parameters are put back after every call (:func:`_keeping_parameters`)
+        self.owner = owner
         self.batched_args = tuple(batched_args)
         self.unbatched: bool | None = None
         self.__wrapped__ = func
         self.__name__ = getattr(func, "__name__", name)
         self.__doc__ = getattr(func, "__doc__", None)
+
+    def _run(self, *args: Any) -> Any:
+        model = getattr(self.owner, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            return self.func(*args)
+        with _keeping_parameters(model):
+            return self.func(*args)
 
     def _split(self, args: tuple) -> tuple[list[Any], list[Any]]:
         return [args[i] for i in self.batched_args], list(args)
@@ -91,12 +104,12 @@ class BatchedFunction:
         unbatched = False
         with torch.no_grad():
             try:
-                out = self.func(*self._with(args, [_first(b, True) for b in batched]))
+                out = self._run(*self._with(args, [_first(b, True) for b in batched]))
             except Exception:  # noqa: BLE001 - the other convention is tried next
                 out = None
             if not _is_scalar(out):
                 try:
-                    single = self.func(*self._with(args, [_first(b, False) for b in batched]))
+                    single = self._run(*self._with(args, [_first(b, False) for b in batched]))
                 except Exception:  # noqa: BLE001 - the batched error is the one reported
                     single = None
                 unbatched = _is_scalar(single)
@@ -117,7 +130,7 @@ class BatchedFunction:
             return t[:k] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
 
         try:
-            return _is_scalar(self.func(*self._with(args, [tree_map(head, b) for b in batched])))
+            return _is_scalar(self._run(*self._with(args, [tree_map(head, b) for b in batched])))
         except Exception:  # noqa: BLE001 - expected of a single-example function
             return False
 
@@ -125,13 +138,13 @@ class BatchedFunction:
         if self.unbatched is None:
             self.resolve(*args)
         if not self.unbatched:
-            return self.func(*args)
+            return self._run(*args)
         batched, _ = self._split(args)
         n = _size(batched)
         if n == 1:  # a batch of one is the example itself (hooks see one call)
-            return self.func(*self._with(args, [_first(b, False) for b in batched]))
+            return self._run(*self._with(args, [_first(b, False) for b in batched]))
         in_dims = tuple(0 if i in self.batched_args else None for i in range(len(args)))
-        per = vmap(self.func, in_dims=in_dims, randomness="same")(*args)
+        per = vmap(self._run, in_dims=in_dims, randomness="same")(*args)
         return per.mean()
 
 
@@ -144,7 +157,23 @@ def as_batched(func: Callable | None, name: str, batched_args: Sequence[int] = (
         return func
     if owner is not None and _positional_count(func) == 3:  # noqa: PLR2004
         func = _params_style(func, owner)
-    return BatchedFunction(func, name, batched_args)
+    return BatchedFunction(func, name, batched_args, owner)
+
+
+@contextlib.contextmanager
+def _keeping_parameters(model: torch.nn.Module):
+    """Put every module's own parameter objects back on exit, whatever the body did:
+    ``torch.func.functional_call`` (PyTorch 2.13, ``tie_weights=True``) leaves the
+    tensors it was given in a module registered under two names (``Sequential(lin,
+    act, lin)``), so the user's model would lose those parameters (plain tensors
+    without gradients) and every later attribution would silently drop them."""
+    saved = [(m, dict(m._parameters)) for m in model.modules() if m._parameters]
+    try:
+        yield
+    finally:
+        for m, params in saved:
+            if any(m._parameters.get(k) is not v for k, v in params.items()):
+                m._parameters.update(params)
 
 
 def _params_style(func: Callable, owner: Any) -> Callable:

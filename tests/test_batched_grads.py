@@ -507,3 +507,62 @@ def test_factored_gradients_reuse_a_released_buffer_and_only_then():
     assert g3.data_ptr() == g2.data_ptr()
     for got, batch in ((g3, b1), (kept, b1)):
         torch.testing.assert_close(got, fz.reference(batch, 0), rtol=1e-10, atol=1e-12)
+
+
+class HeadFirst(nn.Module):
+    """A tied read-out registered before its embedding (so the linear rule writes the
+    weight's first part and the embedding adds to it), a layer called three times,
+    a padding index and a GroupNorm over the sequence's channels."""
+
+    def __init__(self, v: int = 7, d: int = 6) -> None:
+        super().__init__()
+        self.head = nn.Linear(d, v, bias=False)
+        self.mix = nn.Linear(d, d)
+        self.gn = nn.GroupNorm(2, d)
+        self.emb = nn.Embedding(v, d, padding_idx=3)
+        self.emb.weight = self.head.weight
+
+    def forward(self, tok: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tok)
+        for _ in range(3):
+            h = torch.tanh(self.mix(h))
+        h = self.gn(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h)
+
+
+def test_tied_weight_and_repeated_layer_add_into_the_result_in_any_order():
+    torch.manual_seed(0)
+    model = HeadFirst().eval()
+    task = _task(model, _ce(model))
+    tok, y = _data_seq()
+    tok[1, :2] = 3  # padding positions
+    ref = _vmap_reference(task, (tok, y))
+    got = _batched(task, (tok, y))
+    assert got is not None and ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_linear_layer_called_twice_on_single_vectors_adds_into_the_result():
+    """Also: the layer is registered under two names, where torch.func.functional_call
+    (PyTorch 2.13) leaves its tensors in the model; the task puts the user's
+    parameters back after every call, so the model and the selection stay whole."""
+    from dattri.algorithm import TracInAttributor
+
+    torch.manual_seed(0)
+    lin, out = nn.Linear(5, 5), nn.Linear(5, 3)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), out).eval()
+    before = [(n, p) for n, p in model.named_parameters()]
+    task = _task(model, _ce(model))
+    g = torch.Generator().manual_seed(3)
+    batch = torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
+    got = _batched(task, batch)
+    ref = _vmap_reference(task, batch)
+    auto = Featurizer(task, "loss", None, torch.device("cpu")).reference(batch, 0)
+    assert got is not None and got.shape == ref.shape == auto.shape == (4, 48)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(auto, ref, rtol=1e-10, atol=1e-12)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=3)
+    scores = TracInAttributor(task, [1.0], normalized_grad=False).attribute(loader, loader)
+    torch.testing.assert_close(scores, auto @ auto.T, rtol=1e-9, atol=1e-12)
+    assert [(n, p) for n, p in model.named_parameters()] == before  # the same objects
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for _, p in before)
