@@ -39,11 +39,13 @@ from dattri._loader import batch_size_of
 from dattri.algorithm._loop import BufferLender
 from dattri.errors import InvalidLossError
 from dattri.func.per_example import (
+    ACCUMULATES,
     WRITES_INTO,
     ParamUses,
     _batch_dim,
     _conv_patches,
     conv_grads,
+    embedding_grads,
     generic_grads,
     linear_grads,
     rule_for,
@@ -261,7 +263,8 @@ class BatchedGrads:
             # the result; the closed-form rules of the large layers write into it
             flat = self._buffer(b, ref)
             slices = self.spec.slices()
-        for u in self.units:
+        last = self._last_use()
+        for i, u in enumerate(self.units):
             if u.name in sketched:
                 for args, _, _, slots in u.calls:
                     a, d = _factors(u.module, args[0], slot(*slots[0]), b)
@@ -274,21 +277,30 @@ class BatchedGrads:
                 if trace is not None and trace.failed is None:
                     part = traced_grads(trace, [slot(*use[-1]) for use in trace.uses])
                 else:
-                    # a parameter's first contribution may go straight into the result
-                    dest = {local: flat[:, slices[glob]].view(b, *params[glob].shape)
-                            for local, glob in u.params.items() if glob not in total}
-                    part = self._unit_grads(u, args, kwargs, out, gs, b, params, dest)
+                    dest, acc = self._destinations(u, total, flat, slices, b, params)
+                    part = self._unit_grads(u, args, kwargs, out, gs, b, params, dest, acc)
                 if part is None:
                     return None
                 for local, g in part.items():
                     name = u.params[local]
-                    total[name] = g if name not in total else total[name] + g
+                    if name not in total:
+                        total[name] = g
+                    elif g.data_ptr() == total[name].data_ptr() and b:
+                        pass  # the rule added its part into the result itself
+                    elif self._in_flat(total[name], flat, slices[name], b):
+                        total[name].add_(g.reshape(total[name].shape))
+                    else:
+                        total[name] = total[name] + g
             u.calls, u.traces = [], []
-        out = self._flat(total, b, flat, slices)
+            if sink is not None:  # the parameters complete here, sketched while in cache
+                for glob in u.params.values():
+                    if last[glob] == i and glob in total:
+                        self._stream(sink, total, glob, flat, slices[glob], b, names)
         if sink is not None:
-            sketch = sink.finish(out if names else None, names, b, ref)
-            self._lender.release(out)  # sketched: the buffer takes the next batch
+            sketch = sink.finish(None, names, b, ref)
+            self._lender.release(flat)  # sketched: the buffer takes the next batch
             return sketch
+        out = self._flat(total, b, flat, slices)
         self._lender.mark(out)
         return out
 
@@ -315,9 +327,44 @@ class BatchedGrads:
                 chosen.add(u.name)
         return chosen
 
+    def _last_use(self) -> dict[str, int]:
+        """The index of the last unit that owns each parameter (a tied one: several)."""
+        return {glob: i for i, u in enumerate(self.units) for glob in u.params.values()}
+
+    def _stream(self, sink: Any, total: dict[str, torch.Tensor], glob: str, flat: torch.Tensor,
+                sl: slice, b: int, names: list[str]) -> None:
+        """Parameter ``glob``'s whole gradient into its slice of ``flat`` (if a rule did
+        not write it there) and into ``sink``'s count sketch."""
+        view = flat[:, sl]
+        if not self._in_flat(total[glob], flat, sl, b):
+            view.copy_(total[glob].reshape(b, -1))
+            total[glob] = view
+        sink.add_formed(view, sl.start, names)
+
+    @staticmethod
+    def _in_flat(t: torch.Tensor, flat: torch.Tensor, sl: slice | None, b: int) -> bool:
+        """Whether ``t`` is the result buffer's own slice ``sl`` (a partial sum there)."""
+        return bool(b) and sl is not None and t.data_ptr() == flat[:, sl].data_ptr()
+
+    def _destinations(self, u: _Unit, total: dict[str, torch.Tensor], flat: torch.Tensor,
+                      slices: dict[str, slice], b: int, params: dict[str, torch.Tensor],
+                      ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+        """Where ``u``'s rule may write: a parameter's first contribution straight into
+        the result, a later one (a tied weight) added to the partial sum there when the
+        rule can (``ACCUMULATES``); and the local names of the latter."""
+        dest, acc = {}, set()
+        for local, glob in u.params.items():
+            view = lambda g=glob: flat[:, slices[g]].view(b, *params[g].shape)  # noqa: E731
+            if glob not in total:
+                dest[local] = view()
+            elif u.rule in ACCUMULATES and self._in_flat(total[glob], flat, slices.get(glob), b):
+                dest[local] = total[glob]
+                acc.add(local)
+        return dest, frozenset(acc)
+
     def _unit_grads(self, u: _Unit, args: tuple, kwargs: dict, out: Any, gs: list, b: int,
                     params: dict[str, torch.Tensor], dest: dict[str, torch.Tensor] | None = None,
-                    ) -> dict[str, torch.Tensor] | None:
+                    acc: frozenset[str] = frozenset()) -> dict[str, torch.Tensor] | None:
         if all(g is None for g in gs):
             return {}
         if u.rule is not None:
@@ -325,8 +372,10 @@ class BatchedGrads:
                 return None
             delta, x = gs[0], args[0]
             some = next(iter(dest.values()), None) if dest else None
-            if u.rule in WRITES_INTO and some is not None and (x.dtype, x.device) == (some.dtype, some.device):
-                return u.rule(u.module, x, delta, list(u.params), out=dest)
+            like = delta if u.rule is embedding_grads else x  # the dtype the rule writes
+            if u.rule in WRITES_INTO and some is not None and (like.dtype, like.device) == (some.dtype, some.device):
+                kw = {"accumulate": acc} if acc else {}
+                return u.rule(u.module, x, delta, list(u.params), out=dest, **kw)
             return u.rule(u.module, x, delta, list(u.params))
         it = iter(gs)
         g_tree = tree_map(

@@ -65,20 +65,33 @@ def _into(op: Callable[..., torch.Tensor], dest: torch.Tensor | None, *args: Any
 
 
 def linear_grads(m: nn.Linear, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str],
-                 out: Grads | None = None) -> Grads:
+                 out: Grads | None = None, accumulate: frozenset[str] = frozenset()) -> Grads:
     """``nn.Linear`` on inputs of any rank: sums over positions. ``out``: optional
-    destinations ``{name: (B, *param.shape)}`` of ``x``'s dtype (see :func:`_into`)."""
+    destinations ``{name: (B, *param.shape)}`` of ``x``'s dtype (see :func:`_into`);
+    the names in ``accumulate`` are added to what their destination holds (a
+    parameter used twice, e.g. a tied embedding and output head)."""
     a, d = _seq(x), _seq(delta).to(x.dtype)
     dest = out or {}
     res: Grads = {}
     if "weight" in names:
-        if a.shape[1] == 1:
-            res["weight"] = _into(torch.mul, dest.get("weight"), d[:, 0, :, None], a[:, 0, None, :])
+        w = dest.get("weight")
+        if w is not None and "weight" in accumulate:
+            res["weight"] = (w.addcmul_(d[:, 0, :, None], a[:, 0, None, :]) if a.shape[1] == 1
+                             else w.baddbmm_(d.transpose(1, 2), a))
+        elif a.shape[1] == 1:
+            res["weight"] = _into(torch.mul, w, d[:, 0, :, None], a[:, 0, None, :])
         else:
-            res["weight"] = _into(torch.matmul, dest.get("weight"), d.transpose(1, 2), a)
+            res["weight"] = _into(torch.matmul, w, d.transpose(1, 2), a)
     if "bias" in names:
-        res["bias"] = d.sum(1) if dest.get("bias") is None else torch.sum(d, 1, out=dest["bias"])
+        res["bias"] = _bias_sum(d, dest.get("bias"), "bias" in accumulate)
     return res
+
+
+def _bias_sum(d: torch.Tensor, dest: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+    """``d.sum(1)`` ``(B, d_out)``: into ``dest``, or added to it (``accumulate``)."""
+    if dest is None:
+        return d.sum(1)
+    return dest.add_(d.sum(1)) if accumulate else torch.sum(d, 1, out=dest)
 
 
 def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
@@ -149,20 +162,33 @@ def conv_grads(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, n
     return res
 
 
-def embedding_grads(m: nn.Embedding, idx: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads | None:
-    """``nn.Embedding``: scatter-add of each example's output gradients by token."""
+def embedding_grads(m: nn.Embedding, idx: torch.Tensor, delta: torch.Tensor, names: Sequence[str],
+                    out: Grads | None = None, accumulate: frozenset[str] = frozenset()) -> Grads | None:
+    """``nn.Embedding``: scatter-add of each example's output gradients by token;
+    into ``out["weight"]`` ``(B, V, D)`` when given (zeroed first unless ``"weight"``
+    is in ``accumulate``: a weight tied to an output head)."""
     if m.scale_grad_by_freq or m.max_norm is not None or "weight" not in names:
         return None if m.scale_grad_by_freq or m.max_norm is not None else {}
     b, v, dim = idx.shape[0], m.num_embeddings, m.embedding_dim
     tok = idx.reshape(b, -1)
     vals = delta.reshape(b, -1, dim)
+    dest = (out or {}).get("weight")
+    if dest is not None:
+        if "weight" not in accumulate:
+            dest.zero_()
+        if m.padding_idx is not None:  # the padding positions add nothing
+            vals = torch.where((tok != m.padding_idx)[..., None], vals, 0)
+        vals = vals.to(dest.dtype)
+        for i in range(b):  # one example's rows: (V, D) of unit stride within a row
+            dest[i].index_add_(0, tok[i], vals[i])
+        return {"weight": dest}
     flat = (tok + torch.arange(b, device=tok.device)[:, None] * v).reshape(-1)
     vals = vals.reshape(-1, dim)
     if m.padding_idx is not None:
         keep = tok.reshape(-1) != m.padding_idx
         flat, vals = flat[keep], vals[keep]
-    out = vals.new_zeros(b * v, dim).index_add_(0, flat, vals)
-    return {"weight": out.reshape(b, v, dim)}
+    res = vals.new_zeros(b * v, dim).index_add_(0, flat, vals)
+    return {"weight": res.reshape(b, v, dim)}
 
 
 def _affine_grads(xhat: torch.Tensor, delta: torch.Tensor, shape: tuple, names: Sequence[str],
@@ -184,18 +210,14 @@ def _affine_grads(xhat: torch.Tensor, delta: torch.Tensor, shape: tuple, names: 
 
 def layer_norm_grads(m: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads:
     """``nn.LayerNorm``: statistics per example and position, no coupling."""
-    dims = tuple(range(-len(m.normalized_shape), 0))
-    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-    xhat = (x - mean) * torch.rsqrt(var + m.eps)
+    # the normalised input by the library's own kernel (as the forward computed it)
+    xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
     return _affine_grads(xhat, delta, tuple(m.normalized_shape), names, channel_dim=False)
 
 
 def group_norm_grads(m: nn.GroupNorm, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str]) -> Grads:
     """``nn.GroupNorm``: statistics per example and group."""
-    b = x.shape[0]
-    xg = x.reshape(b, m.num_groups, -1)
-    var, mean = torch.var_mean(xg, -1, correction=0, keepdim=True)
-    xhat = ((xg - mean) * torch.rsqrt(var + m.eps)).reshape(x.shape)
+    xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
     return _affine_grads(xhat, delta, (m.num_channels,), names, channel_dim=True)
 
 
@@ -224,21 +246,25 @@ GRAD_RULES: dict[type, Callable[..., Grads | None]] = {
 
 
 def hf_conv1d_grads(m: nn.Module, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str],
-                    out: Grads | None = None) -> Grads:
+                    out: Grads | None = None, accumulate: frozenset[str] = frozenset()) -> Grads:
     """Hugging Face ``transformers`` ``Conv1D`` (GPT-2's linear layer, ``y = x W + b``
     with ``W`` of shape ``(d_in, d_out)``): ``dW_b = sum_t a_bt delta_bt^T``."""
     a, d = _seq(x), _seq(delta).to(x.dtype)
     dest = out or {}
     res: Grads = {}
     if "weight" in names:
-        res["weight"] = _into(torch.matmul, dest.get("weight"), a.transpose(1, 2), d)
+        w = dest.get("weight")
+        res["weight"] = (w.baddbmm_(a.transpose(1, 2), d) if w is not None and "weight" in accumulate
+                         else _into(torch.matmul, w, a.transpose(1, 2), d))
     if "bias" in names:
-        res["bias"] = d.sum(1) if dest.get("bias") is None else torch.sum(d, 1, out=dest["bias"])
+        res["bias"] = _bias_sum(d, dest.get("bias"), "bias" in accumulate)
     return res
 
 
 #: the rules that take ``out=`` destinations (:func:`_into`)
-WRITES_INTO = (linear_grads, conv_grads, hf_conv1d_grads)
+WRITES_INTO = (linear_grads, conv_grads, hf_conv1d_grads, embedding_grads)
+#: those of them that also add into a destination holding a partial sum (``accumulate``)
+ACCUMULATES = (linear_grads, hf_conv1d_grads, embedding_grads)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:

@@ -288,6 +288,7 @@ class FactoredSketchSink:
         self._hash2: dict[tuple[int, int], torch.Tensor] = {}
         #: (names, signed buckets) of the formed parameters of the last batch
         self._dense: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._acc: torch.Tensor | None = None  # (B, 2k): add_formed's sum of this batch
 
     def prefers_factors(self, module_name: str, positions: int) -> bool:
         """Whether sketching layer ``module_name`` from factors at ``positions``
@@ -334,10 +335,32 @@ class FactoredSketchSink:
         spec = (fa.mul_(fd)).reshape(n, length, -1).sum(1)  # (B, k // 2 + 1)
         self._spec = spec if self._spec is None else self._spec.add_(spec)
 
+    def _formed_buckets(self, names: Sequence[str], device: torch.device) -> torch.Tensor:
+        """The signed ``2k`` buckets of the formed parameters ``names`` (concatenated in
+        the layout's order); those of the last batch are kept."""
+        key = tuple(names)
+        if self._dense is None or self._dense[0] != key:  # the formed set of the last batch
+            bucket, sign = self.layout.buckets(self.sketch, self.ensemble_id, names)
+            self._dense = (key, _signed(bucket, sign, self.sketch.proj_dim).to(device))
+        return self._dense[1]
+
+    def add_formed(self, part: torch.Tensor, start: int, names: Sequence[str]) -> None:
+        """Add columns ``start:start + n`` of the formed gradients ``(B, P_f)`` of the
+        parameters ``names``, given as ``part`` ``(B, n)``: a layer's part scattered as
+        soon as it is written (still in cache), instead of the whole ``(B, P_f)`` after
+        the last layer. :meth:`finish` (with ``formed=None``) adds the sum."""
+        k = self.sketch.proj_dim
+        work = self._acc
+        if work is None:
+            work = self._acc = part.new_zeros(part.shape[0], 2 * k)
+        buckets = self._formed_buckets(names, part.device)
+        work.index_add_(1, buckets[start:start + part.shape[1]], part.to(work.dtype))
+
     def finish(self, formed: torch.Tensor | None, names: Sequence[str], batch: int,
                like: torch.Tensor) -> torch.Tensor:
         """``(B, k)``: the factored layers' sketch plus that of ``formed`` (``(B, P_f)``,
-        the flat gradients of the parameters ``names`` in the layout's order)."""
+        the flat gradients of the parameters ``names`` in the layout's order), or of
+        the parts given to :meth:`add_formed`."""
         k = self.sketch.proj_dim
         if self._spec is not None:
             out = torch.fft.irfft(self._spec, n=k, dim=1)
@@ -345,9 +368,8 @@ class FactoredSketchSink:
             out = like.new_zeros(batch, k)
         self._spec = None
         if formed is not None and formed.shape[1]:
-            key = tuple(names)
-            if self._dense is None or self._dense[0] != key:  # the formed set of the last batch
-                bucket, sign = self.layout.buckets(self.sketch, self.ensemble_id, names)
-                self._dense = (key, _signed(bucket, sign, k).to(formed.device))
-            out += _count_sketch_rows(formed, self._dense[1], k).to(out.dtype)
+            out += _count_sketch_rows(formed, self._formed_buckets(names, formed.device), k).to(out.dtype)
+        if self._acc is not None:
+            acc, self._acc = self._acc, None
+            out += (acc[:, :k] - acc[:, k:]).to(out.dtype)
         return out
