@@ -189,3 +189,27 @@ def test_tracin_with_tensorsketch_is_the_sketched_formula(make, normalized):
             a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
         want += w[c] * a @ b.T
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_a_coupled_loss_sketches_the_vmap_gradients_with_the_same_buckets():
+    """When the batched path is refused (the loss couples the examples), the sketch
+    comes from vmap(grad)'s formed gradients (FactoredSketchSink.finish(formed)) and
+    is the same linear map: the layout matrix times those gradients."""
+    model = _model(SeqNet)
+
+    def coupled(params, data):
+        tok, y = data
+        out = torch.func.functional_call(model, params, tok)
+        out = out / out.abs().amax()  # the batch's largest logit couples the examples
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    task = _task(model, coupled)
+    batch = _data_seq()
+    fz, ts = _featurizer(task)
+    with pytest.warns(UserWarning, match="fall"):
+        got = fz.batch(batch, 0)
+    assert not fz.batched_ok(batch, 0)
+    layout = SketchLayout(model, task._resolve_layer_name(None))
+    want = fz.vmapped(batch, 0) @ layout.matrix(ts, 0)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
