@@ -188,6 +188,7 @@ class AttributionTask:
         self.current_checkpoint_idx: int | None = None
         self.named_parameters: dict[str, torch.Tensor] = {}
         self._validated: set[str] = set()
+        self._reduction: dict[str, str | None] = {}
         # the last checkpoint file read, keyed by (path, mtime, size): a forced
         # reload (the model may be shared) copies from memory instead of re-reading
         self._last_file: tuple[tuple, dict[str, torch.Tensor]] | None = None
@@ -441,4 +442,37 @@ class AttributionTask:
                 "reduction='mean')."
             )
             raise InvalidLossError(msg)
+        self._reduction[which] = self._detect_reduction(func, batch)
         self._validated.add(key)
+
+    def batch_scale(self, which: str, batch_size: int) -> int:
+        """What the batched paths multiply the function's value by so that each
+        example's output gradient is its own loss's: ``batch_size`` for a batch mean,
+        1 for a function found to sum over the batch (:meth:`reduction`)."""
+        return 1 if self._reduction.get(which) == "sum" else batch_size
+
+    def reduction(self, which: str = "loss") -> str | None:
+        """``"mean"`` or ``"sum"``: how ``loss_func`` / ``target_func`` reduces over the
+        batch, as found on the first batch validated (``f`` of two examples against
+        ``f`` of each); ``None`` when neither fits (a loss that couples the examples,
+        a random layer) or before validation."""
+        return self._reduction.get(which)
+
+    def _detect_reduction(self, func: Callable, batch: Any) -> str | None:
+        if batch_size_of(batch) < 2:  # noqa: PLR2004
+            return None
+        params = dict(self.named_parameters)
+        pick = lambda sl: tree_map(  # noqa: E731
+            lambda t: t[sl] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
+        try:
+            with torch.no_grad():
+                both, first, second = (func(params, pick(sl)) for sl in
+                                       (slice(0, 2), slice(0, 1), slice(1, 2)))
+                both, total = float(both), float(first) + float(second)
+        except Exception:  # noqa: BLE001 - validated above; anything else: unknown
+            return None
+        tol = 1e-4 * (abs(total) + abs(both)) + 1e-30
+        is_mean, is_sum = abs(both - total / 2) <= tol, abs(both - total) <= tol
+        if is_sum and not is_mean:
+            return "sum"
+        return "mean" if is_mean and not is_sum else None

@@ -211,9 +211,11 @@ class BatchedGrads:
         return self._lender.take((b, self.spec.numel), ref.dtype, ref.device)
 
     def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor],
-            sink: Any = None) -> torch.Tensor | None:
-        """``(B, P)`` gradients of ``func(params, batch)`` (a batch mean) per example,
-        or ``None`` when a module's configuration is outside the batched rules.
+            sink: Any = None, scale: int | None = None) -> torch.Tensor | None:
+        """``(B, P)`` gradients of ``func(params, batch)`` (a batch mean; ``scale``: what
+        its value is multiplied by before differentiating, the batch size by default,
+        1 for a function that sums over the batch) per example, or ``None`` when a
+        module's configuration is outside the batched rules.
 
         With a ``sink`` (:class:`~dattri.func.sketch.FactoredSketchSink`): their
         ``(B, k)`` TensorSketch instead, the layers it prefers sketched from their
@@ -241,7 +243,8 @@ class BatchedGrads:
                     return None
                 # the mean times B: every tapped output gradient is then its example's
                 # own d loss_b / d y_b, with no product per layer afterwards
-                grads = torch.autograd.grad(loss.reshape(()) * self._b, leaves, allow_unused=True)
+                grads = torch.autograd.grad(loss.reshape(()) * (self._b if scale is None else scale),
+                                            leaves, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()

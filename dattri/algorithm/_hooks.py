@@ -112,6 +112,7 @@ class LinearCapture:
         """Captured ``{module: (a, s)}`` for one batch already on the device."""
         task = self.task
         self._prepare(ckpt)
+        own = func is None  # the task's function: its batch reduction is known
         if func is None:
             task.validate_batch(batch, which, ckpt)
             func = task.original_loss_func if which == "loss" else task.original_target_func
@@ -150,7 +151,8 @@ class LinearCapture:
                     raise DattriValueError(msg)
                 leaves = [store[n][0][1] for n in self.modules]
                 b = batch_size_of(batch)
-                grads = torch.autograd.grad(loss.reshape(()) * b, leaves, allow_unused=True)
+                scale = task.batch_scale(which, b) if own else b
+                grads = torch.autograd.grad(loss.reshape(()) * scale, leaves, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()

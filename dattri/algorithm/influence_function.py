@@ -36,7 +36,7 @@ from dattri.algorithm._scored import (
 )
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, broadcast, row_range
-from dattri.errors import DattriValueError, MemoryBudgetError
+from dattri.errors import DattriValueError, InvalidLossError, MemoryBudgetError
 from dattri.func.hessian import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa
 from dattri.linalg.operators import EigenbasisPreconditioner, Preconditioner
 from dattri.task import AttributionTask
@@ -214,6 +214,13 @@ class _IFBase(BaseAttributor):
         task.load_checkpoint(ckpt, self.device, force=True)
         theta, _ = task.get_param(ckpt, self.layer_name)
         self.task.validate_batch(self.data.batches[0], "loss", ckpt)
+        if task.reduction("loss") == "sum":
+            msg = (f"loss_func sums over the batch (reduction='sum': on two training examples "
+                   f"it returns the sum of their losses); {type(self).__name__}'s curvature is "
+                   "the Hessian of the mean training loss, which a sum would scale by each "
+                   "batch's size. Return the batch mean (reduction='mean', or divide the sum "
+                   "by the batch size).")
+            raise InvalidLossError(msg)
         return task.get_loss_func(self.layer_name, ckpt), theta.to(self.device)
 
     def _fit(self, ckpt: int) -> Any:
