@@ -15,14 +15,7 @@ from dattri.task import AttributionTask
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """Every tensor of these tests in float64 (restored afterwards: other modules
-    run in the same session)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Scale(nn.Module):

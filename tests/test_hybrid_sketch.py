@@ -15,12 +15,7 @@ from dattri.algorithm.base import make_projection
 from dattri.func.sketch import FactoredSketchSink, SketchLayout, TensorSketch, dense_buckets
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _featurizer(task, k=64, seed=3, layer_name=None):

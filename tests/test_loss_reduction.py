@@ -25,12 +25,7 @@ from dattri.errors import InvalidLossError
 from dattri.task import AttributionTask
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _setup(model_kind: str = "mlp"):
