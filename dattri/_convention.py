@@ -76,6 +76,9 @@ class BatchedFunction:
         self.owner = owner
         self.batched_args = tuple(batched_args)
         self.unbatched: bool | None = None
+        #: ``"mean"`` or ``"sum"`` over the batch once found (``None``: not known, or
+        #: neither): see ``AttributionTask.reduction``
+        self.reduction: str | None = None
         self.__wrapped__ = func
         self.__name__ = getattr(func, "__name__", name)
         self.__doc__ = getattr(func, "__doc__", None)
@@ -158,6 +161,13 @@ def as_batched(func: Callable | None, name: str, batched_args: Sequence[int] = (
     if owner is not None and _positional_count(func) == 3:  # noqa: PLR2004
         func = _params_style(func, owner)
     return BatchedFunction(func, name, batched_args, owner)
+
+
+def batch_scale(func: Any, batch_size: int) -> int:
+    """What the batched paths multiply ``func``'s value by so that each example's
+    output gradient is its own loss's: ``batch_size`` for a batch mean (the
+    convention), 1 for a function found to sum over the batch."""
+    return 1 if getattr(func, "reduction", None) == "sum" else batch_size
 
 
 @contextlib.contextmanager

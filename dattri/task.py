@@ -13,7 +13,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
 from dattri._convention import BatchedFunction, as_batched
-from dattri._loader import batch_size_of
+from dattri._loader import batch_size_of, slice_batch
 from dattri.errors import (
     CheckpointError,
     DattriValueError,
@@ -188,7 +188,6 @@ class AttributionTask:
         self.current_checkpoint_idx: int | None = None
         self.named_parameters: dict[str, torch.Tensor] = {}
         self._validated: set[str] = set()
-        self._reduction: dict[str, str | None] = {}
         # the last checkpoint file read, keyed by (path, mtime, size): a forced
         # reload (the model may be shared) copies from memory instead of re-reading
         self._last_file: tuple[tuple, dict[str, torch.Tensor]] | None = None
@@ -442,33 +441,29 @@ class AttributionTask:
                 "reduction='mean')."
             )
             raise InvalidLossError(msg)
-        self._reduction[which] = self._detect_reduction(func, batch)
+        if isinstance(func, BatchedFunction):
+            func.reduction = self._detect_reduction(func, batch, out)
         self._validated.add(key)
-
-    def batch_scale(self, which: str, batch_size: int) -> int:
-        """What the batched paths multiply the function's value by so that each
-        example's output gradient is its own loss's: ``batch_size`` for a batch mean,
-        1 for a function found to sum over the batch (:meth:`reduction`)."""
-        return 1 if self._reduction.get(which) == "sum" else batch_size
 
     def reduction(self, which: str = "loss") -> str | None:
         """``"mean"`` or ``"sum"``: how ``loss_func`` / ``target_func`` reduces over the
         batch, as found on the first batch validated (``f`` of two examples against
         ``f`` of each); ``None`` when neither fits (a loss that couples the examples,
-        a random layer) or before validation."""
-        return self._reduction.get(which)
+        a random layer) or before validation. The batched paths read it from the
+        function (:func:`dattri._convention.batch_scale`)."""
+        func = self.original_loss_func if which == "loss" else self.original_target_func
+        return getattr(func, "reduction", None)
 
-    def _detect_reduction(self, func: Callable, batch: Any) -> str | None:
+    def _detect_reduction(self, func: Callable, batch: Any, first: torch.Tensor) -> str | None:
+        """:meth:`reduction` of ``func`` from its value on the first two examples of
+        ``batch`` and on each (``first``: on the first, computed by the caller)."""
         if batch_size_of(batch) < 2:  # noqa: PLR2004
             return None
         params = dict(self.named_parameters)
-        pick = lambda sl: tree_map(  # noqa: E731
-            lambda t: t[sl] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
         try:
             with torch.no_grad():
-                both, first, second = (func(params, pick(sl)) for sl in
-                                       (slice(0, 2), slice(0, 1), slice(1, 2)))
-                both, total = float(both), float(first) + float(second)
+                both = float(func(params, slice_batch(batch, slice(0, 2))))
+                total = float(first) + float(func(params, slice_batch(batch, slice(1, 2))))
         except Exception:  # noqa: BLE001 - validated above; anything else: unknown
             return None
         tol = 1e-4 * (abs(total) + abs(both)) + 1e-30

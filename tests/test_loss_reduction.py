@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dattri._convention import batch_scale
 from dattri.algorithm import (
     IFAttributorArnoldi,
     IFAttributorCG,
@@ -56,7 +57,7 @@ def test_the_reduction_is_found_on_two_examples():
         task = _task(model, reduction)
         task.validate_batch(batch, "loss", 0)
         assert task.reduction("loss") == reduction
-        assert task.batch_scale("loss", 8) == (8 if reduction == "mean" else 1)
+        assert batch_scale(task.original_loss_func, 8) == (8 if reduction == "mean" else 1)
 
     def coupled(params, data):  # neither: the batch's largest logit scales every example
         x, y = data

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from dattri._convention import batch_scale
 from dattri._loader import batch_size_of
 from dattri.algorithm._loop import BufferLender
 from dattri.errors import InvalidLossError
@@ -211,11 +212,10 @@ class BatchedGrads:
         return self._lender.take((b, self.spec.numel), ref.dtype, ref.device)
 
     def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor],
-            sink: Any = None, scale: int | None = None) -> torch.Tensor | None:
-        """``(B, P)`` gradients of ``func(params, batch)`` (a batch mean; ``scale``: what
-        its value is multiplied by before differentiating, the batch size by default,
-        1 for a function that sums over the batch) per example, or ``None`` when a
-        module's configuration is outside the batched rules.
+            sink: Any = None) -> torch.Tensor | None:
+        """``(B, P)`` gradients of ``func(params, batch)`` (a batch mean, or a sum when
+        found to be one: :func:`~dattri._convention.batch_scale`) per example, or
+        ``None`` when a module's configuration is outside the batched rules.
 
         With a ``sink`` (:class:`~dattri.func.sketch.FactoredSketchSink`): their
         ``(B, k)`` TensorSketch instead, the layers it prefers sketched from their
@@ -243,8 +243,8 @@ class BatchedGrads:
                     return None
                 # the mean times B: every tapped output gradient is then its example's
                 # own d loss_b / d y_b, with no product per layer afterwards
-                grads = torch.autograd.grad(loss.reshape(()) * (self._b if scale is None else scale),
-                                            leaves, allow_unused=True)
+                grads = torch.autograd.grad(loss.reshape(()) * batch_scale(func, self._b), leaves,
+                                            allow_unused=True)
         finally:
             for h in handles:
                 h.remove()

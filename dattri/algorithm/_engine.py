@@ -110,8 +110,7 @@ class Featurizer(LoaderFeatures):
             task = self.task
             task.load_checkpoint(ckpt_idx, self.device)
             with ensemble_rng(ckpt_idx, self.device):
-                g = self.batched.run(self._func(), batch, dict(task.named_parameters), sink=sink,
-                                     scale=task.batch_scale(self.which, batch_size_of(batch)))
+                g = self.batched.run(self._func(), batch, dict(task.named_parameters), sink=sink)
             if g is not None:
                 return g if sink is not None else _check_finite(
                     g, f"{self.which} gradients (checkpoint {ckpt_idx})")
@@ -170,8 +169,7 @@ class Featurizer(LoaderFeatures):
             task.load_checkpoint(ckpt_idx, self.device)
             try:
                 with ensemble_rng(ckpt_idx, self.device):
-                    got = self.batched.run(self._func(), small, dict(task.named_parameters),
-                                           scale=task.batch_scale(self.which, batch_size_of(small)))
+                    got = self.batched.run(self._func(), small, dict(task.named_parameters))
             except (RuntimeError, ValueError, TypeError, IndexError):
                 got = None  # the hooks do not fit this model (the reference path decides)
             ok = got is not None and close_per_example(got, self.reference(small, ckpt_idx))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dattri._convention import capture_per_example, is_unbatched
+from dattri._convention import batch_scale, capture_per_example, is_unbatched
 from dattri._loader import batch_size_of
 from dattri.algorithm._batched import _same_mask_dropout
 from dattri.algorithm._loop import LoaderFeatures, _check_finite, ensemble_rng
@@ -112,7 +112,6 @@ class LinearCapture:
         """Captured ``{module: (a, s)}`` for one batch already on the device."""
         task = self.task
         self._prepare(ckpt)
-        own = func is None  # the task's function: its batch reduction is known
         if func is None:
             task.validate_batch(batch, which, ckpt)
             func = task.original_loss_func if which == "loss" else task.original_target_func
@@ -151,8 +150,8 @@ class LinearCapture:
                     raise DattriValueError(msg)
                 leaves = [store[n][0][1] for n in self.modules]
                 b = batch_size_of(batch)
-                scale = task.batch_scale(which, b) if own else b
-                grads = torch.autograd.grad(loss.reshape(()) * scale, leaves, allow_unused=True)
+                grads = torch.autograd.grad(loss.reshape(()) * batch_scale(func, b), leaves,
+                                            allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
