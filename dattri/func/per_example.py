@@ -74,17 +74,23 @@ def linear_grads(m: nn.Linear, x: torch.Tensor, delta: torch.Tensor, names: Sequ
     dest = out or {}
     res: Grads = {}
     if "weight" in names:
-        w = dest.get("weight")
-        if w is not None and "weight" in accumulate:
-            res["weight"] = (w.addcmul_(d[:, 0, :, None], a[:, 0, None, :]) if a.shape[1] == 1
-                             else w.baddbmm_(d.transpose(1, 2), a))
-        elif a.shape[1] == 1:
-            res["weight"] = _into(torch.mul, w, d[:, 0, :, None], a[:, 0, None, :])
+        w, acc = dest.get("weight"), "weight" in accumulate
+        if a.shape[1] == 1:  # one position: an outer product
+            res["weight"] = (w.addcmul_(d[:, 0, :, None], a[:, 0, None, :]) if w is not None and acc
+                             else _into(torch.mul, w, d[:, 0, :, None], a[:, 0, None, :]))
         else:
-            res["weight"] = _into(torch.matmul, w, d.transpose(1, 2), a)
+            res["weight"] = _product(w, acc, d.transpose(1, 2), a)
     if "bias" in names:
         res["bias"] = _bias_sum(d, dest.get("bias"), "bias" in accumulate)
     return res
+
+
+def _product(dest: torch.Tensor | None, accumulate: bool, left: torch.Tensor,
+             right: torch.Tensor) -> torch.Tensor:
+    """``left @ right`` (batched): into ``dest`` (:func:`_into`), or added to it."""
+    if dest is not None and accumulate:
+        return dest.baddbmm_(left, right)
+    return _into(torch.matmul, dest, left, right)
 
 
 def _bias_sum(d: torch.Tensor, dest: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
@@ -253,9 +259,7 @@ def hf_conv1d_grads(m: nn.Module, x: torch.Tensor, delta: torch.Tensor, names: S
     dest = out or {}
     res: Grads = {}
     if "weight" in names:
-        w = dest.get("weight")
-        res["weight"] = (w.baddbmm_(a.transpose(1, 2), d) if w is not None and "weight" in accumulate
-                         else _into(torch.matmul, w, a.transpose(1, 2), d))
+        res["weight"] = _product(dest.get("weight"), "weight" in accumulate, a.transpose(1, 2), d)
     if "bias" in names:
         res["bias"] = _bias_sum(d, dest.get("bias"), "bias" in accumulate)
     return res
