@@ -91,6 +91,24 @@ def test_newton_fit_is_the_float64_optimum_and_alpha_satisfies_the_representer_t
     torch.testing.assert_close(scores, parts[:, torch.arange(7), y[40:]].float())
 
 
+def test_a_summed_loss_is_the_mean_loss_fit_with_lambda_over_n():
+    """``sum CE + lam ||W||^2`` has the optimum of ``mean CE + (lam / n) ||W||^2``; the
+    representer values of the summed fit still add up to its outputs."""
+    model, train, test, x, y = _case()
+    summed = AttributionTask(loss_func=lambda pre, t: F.cross_entropy(pre, t, reduction="sum"),
+                             model=model, checkpoints=model.state_dict())
+    att = RPSAttributor(summed, "fc2", l2_strength=2.0).cache(train)
+    h = _features(model, x[:40])
+    ref = _scipy_optimum(h, y[:40], 2.0 / 40)
+    torch.testing.assert_close(att.weight, ref, rtol=1e-6, atol=1e-8)
+    p = torch.softmax(h @ ref.T, 1)
+    torch.testing.assert_close(att.alpha, -(p - F.one_hot(y[:40], 3).double()) / (2 * 2.0),
+                               rtol=1e-6, atol=1e-9)
+    parts = att.decompose(test)
+    torch.testing.assert_close(parts.sum(0), _features(model, x[40:]) @ att.weight.T,
+                               rtol=1e-9, atol=1e-11)
+
+
 def test_fewer_examples_than_features_solve_in_their_row_space():
     """n = 3 < d + 1 = 5: W lies in the span of the 3 feature rows and is the optimum."""
     model, train, test, x, y = _case(n=3, n_test=2, seed=5)
@@ -197,9 +215,12 @@ def _vmap_output_hessians(loss_fn, pre, y):
 
 @pytest.mark.parametrize("loss", ["mean", "sum", "coupled"])
 def test_output_hessians_equal_the_per_example_definition(loss):
-    """The batched C-backward output Hessians equal vmap(hessian) over batches of one
-    (float64) for a mean or a sum over examples; a loss coupling the examples (a
-    batch statistic) takes the per-example definition itself."""
+    """The batched C-backward output Hessians are the blocks of the batch loss's own
+    Hessian: vmap(hessian) over batches of one (float64) times 1/n for a mean, times 1
+    for a sum over examples (session 15: it was 1/n for a sum too, so the Newton
+    fit of a summed loss used a Hessian n times too small and did not converge); a
+    loss coupling the examples (a batch statistic) takes the per-example definition
+    itself, times 1/n."""
     from dattri.algorithm.rps import _L2Problem
 
     torch.manual_seed(0)
@@ -213,8 +234,7 @@ def test_output_hessians_equal_the_per_example_definition(loss):
         "coupled": lambda p, t: torch.nn.functional.cross_entropy(p, t) * (1 + p.pow(2).mean()),
     }
     prob = _L2Problem(fns[loss], h, y, 0.1)
-    want = _vmap_output_hessians(fns[loss], (h @ w.T).detach(), y)
+    want = _vmap_output_hessians(fns[loss], (h @ w.T).detach(), y) * (40 if loss == "sum" else 1)
     torch.testing.assert_close(prob.output_hessians(w), want, rtol=1e-10, atol=1e-14)
     batched = rps_module._batch_output_hessians(fns[loss], (h @ w.T).detach(), y)
-    scale = 40 if loss == "mean" else 1
-    assert torch.allclose(batched / 40 * scale, want, rtol=1e-8) == (loss != "coupled")
+    assert torch.allclose(batched, want, rtol=1e-8) == (loss != "coupled")

@@ -133,13 +133,14 @@ class _L2Problem:
             return float(self.loss_fn(self.h @ w.T, self.y)) + self.lam * float((w * w).sum())
 
     def output_hessians(self, w: torch.Tensor) -> torch.Tensor:
-        """``(n, C, C)``: the Hessian of example j's loss in its pre-activation, times 1/n.
+        """``(n, C, C)``: block j of the Hessian of ``loss_fn(pre, y)`` in ``pre_j`` (for
+        a batch mean, the Hessian of example j's loss times 1/n; for a sum, itself).
 
         From C backward passes of the batch loss (row c of every example's Hessian
-        at once: examples are independent), scaled to the loss of one example and
-        checked against that definition (the loss of a batch of one, by autograd)
-        on the first examples; a loss that couples the examples falls back to
-        ``vmap(hessian)`` over batches of one. No torch.func on the usual path: its
+        at once: examples are independent), checked to be a multiple of the
+        Hessian of one example's loss (a batch of one, by autograd) on the first
+        examples; a loss that couples the examples falls back to ``vmap(hessian)``
+        over batches of one, times 1/n (the batch-mean convention). No torch.func on the usual path: its
         first use in a process costs ~1.4 s of imports (MNIST MLP 1,000 x 100:
         the whole RPS-L2 ``cache`` took 1.6 s, of which the fit is 0.1 s)."""
         pre = (self.h @ w.T).detach()
@@ -148,8 +149,8 @@ class _L2Problem:
             lam_j = _batch_output_hessians(loss_fn, pre, self.y)
             if self._scale is None:  # checked at the first Newton step, then known
                 self._scale = self._check_scale(pre, lam_j)
-            if self._scale:
-                return lam_j * (self._scale / n)
+            if self._scale:  # the batch loss's own blocks, whatever its reduction
+                return lam_j
 
         def one(p: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
             return loss_fn(p.unsqueeze(0), yi.unsqueeze(0))
@@ -271,6 +272,10 @@ class RPSAttributor(BaseAttributor):
     Args:
         task: its ``loss_func(pre_activation, label)`` is the loss of the final
             layer's output (e.g. ``nn.functional.cross_entropy``), mean over a batch.
+            The fit minimises ``loss_func(h W^T, y) + l2_strength ||W||^2`` as given:
+            a loss summed over the batch is the same fit as its mean with
+            ``l2_strength / n`` (n training examples), and the representer values
+            still add up to the fitted layer's outputs.
         final_linear_layer_name: module name of the final ``nn.Linear``.
         normalize_preactivate: L2-normalise the intermediate features ``h``.
         l2_strength: lambda of the L2 penalty.
