@@ -27,6 +27,7 @@ fails that check and the featurizer falls back to ``vmap(grad)``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -85,7 +86,13 @@ def _units(task: AttributionTask, names: list[str]) -> list[_Unit]:
             covered.add(mname)
         if sel and all(u.module is not mod for u in units):
             units.append(_Unit(mname, mod, sel, subtree))
-    return units
+    # a weight tied between an embedding and another layer (a language model's
+    # read-out): the other layer's dense product is written first and the embedding's
+    # rows are added to it (no zero fill of the (B, V, D) slice, and the product does
+    # not read it); sorted() keeps the order of everything else
+    owners = Counter(g for u in units for g in u.params.values())
+    return sorted(units, key=lambda u: u.rule is embedding_grads
+                  and any(owners[g] > 1 for g in u.params.values()))
 
 
 @contextmanager
