@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Union
 
 import torch
@@ -191,6 +192,10 @@ class AttributionTask:
         # the last checkpoint file read, keyed by (path, mtime, size): a forced
         # reload (the model may be shared) copies from memory instead of re-reading
         self._last_file: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        # restoring(): the depth of public calls, and the model as it was before the
+        # first checkpoint load of the outermost one (model, checkpoint index, state)
+        self._calls = 0
+        self._before: tuple[nn.Module, int | None, dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def get_checkpoints(self) -> list[Checkpoint]:
@@ -200,6 +205,55 @@ class AttributionTask:
     def get_model(self) -> nn.Module:
         """The model (with the last loaded checkpoint's weights)."""
         return self.model
+
+    @contextmanager
+    def restoring(self) -> Iterator[None]:
+        """One public call of an attributor: if it raises, the model gets back the
+        weights and buffers it had when the call began (e.g. a checkpoint loaded
+        before a later one was refused), and the task forgets the checkpoint it had
+        loaded. The state is copied once per call, just before the first load that
+        changes the model. A model with BatchNorm in training mode is refused first."""
+        self._calls += 1
+        try:
+            if self._calls == 1:
+                self._refuse_training_batchnorm()
+            yield
+        except BaseException:
+            if self._calls == 1 and self._before is not None:
+                model, idx, state = self._before
+                self.model = model
+                model.load_state_dict(state)
+                self.current_checkpoint_idx = idx
+                self.named_parameters = (
+                    {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+                    if self.named_parameters else {})
+            raise
+        finally:
+            self._calls -= 1
+            if self._calls == 0:
+                self._before = None
+
+    def _refuse_training_batchnorm(self) -> None:
+        """A BatchNorm layer in training mode with running statistics: every forward
+        pass would normalise by the batch's own statistics (coupling the examples)
+        and update the user's running statistics."""
+        bad = [n for n, m in self.model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               and m.track_running_stats]
+        if bad:
+            msg = (f"the model has BatchNorm layers in training mode ({bad[:3]}"
+                   f"{' ...' if len(bad) > 3 else ''}): each forward pass would normalise "  # noqa: PLR2004
+                   "by its batch's statistics, which couples the examples, and update the "
+                   "model's running statistics. Call model.eval() before attributing (each "
+                   "checkpoint's running statistics are then used; dropout ensembles "
+                   "re-enable only the dropout layers). The model was not changed.")
+            raise DattriValueError(msg)
+
+    def _keep_before(self) -> None:
+        """Inside :meth:`restoring`: copy the model's state before it first changes."""
+        if self._calls and self._before is None:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._before = (self.model, self.current_checkpoint_idx, state)
 
     def _load_checkpoints(self, ckpt_idx: int) -> None:
         if not isinstance(ckpt_idx, int) or not 0 <= ckpt_idx < len(self.checkpoints):
@@ -212,12 +266,14 @@ class AttributionTask:
             return
         ckpt = self.checkpoints[ckpt_idx]
         if self.checkpoints_load_func is not None:
+            self._keep_before()
             model = self.checkpoints_load_func(self.model, ckpt)
             if isinstance(model, nn.Module):
                 self.model = model
         else:
             state = self._read(ckpt) if not isinstance(ckpt, Mapping) else ckpt
             check_state_dict(self.model, state, f"checkpoints[{ckpt_idx}]")
+            self._keep_before()
             self.model.load_state_dict(state)
         self.named_parameters = {
             k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad

@@ -7,6 +7,9 @@ attributor class by ``BaseAttributor.__init_subclass__``) wraps the methods a cl
 defines so that both spellings work; passing both spellings of one argument is an
 error. Nothing else changes: the wrapped method gets dattri's names.
 
+Every wrapped call runs inside its task's ``restoring()``: if it raises, the model
+gets back the weights and buffers it had before the call.
+
 ``attribute(..., top_k=k)`` works on every attributor: a method without its own
 blocked ranking (TRAK, TracIn, the influence-function family, RPS-L2, KNN-Shapley and
 DVEmb have one) ranks its score matrix here.
@@ -32,6 +35,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "attribute": {"train_dataloader": "train_loader", "test_dataloader": "test_loader"},
     "self_attribute": {"train_dataloader": "train_loader"},
     "cache": {"full_train_dataloader": "train_loader", "train_dataloader": "train_loader"},
+    "decompose": {},
 }
 
 
@@ -53,6 +57,13 @@ def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
 
     @functools.wraps(func)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        task = getattr(self, "task", None)
+        if task is None or not hasattr(task, "restoring"):
+            return _call(self, *args, **kwargs)
+        with task.restoring():  # a failed call leaves the model as it was
+            return _call(self, *args, **kwargs)
+
+    def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if rank_here and "top_k" in kwargs:
             from dattri.algorithm._scored import check_top_k
             from dattri.topk import topk_from_blocks

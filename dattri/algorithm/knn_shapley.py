@@ -40,7 +40,8 @@ from dattri.algorithm._loop import LoaderFeatures
 from dattri.algorithm._scored import check_store_args, check_top_k, fill
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, split
-from dattri.errors import DattriValueError
+from dattri.errors import DattriValueError, NonFiniteError
+from dattri.func.utils import all_finite
 from dattri.task import AttributionTask
 from dattri.topk import TopK, concat_topk, topk_from_blocks
 
@@ -140,11 +141,11 @@ class KNNShapleyAttributor(BaseAttributor):
     def _feature(self, batch: Any) -> torch.Tensor:
         if self.feature_func is not None:
             with torch.no_grad():
-                return self.feature_func(batch)
+                return _finite_features(self.feature_func(batch), "feature_func(batch)")
         if isinstance(batch, torch.Tensor):
-            return batch
+            return _finite_features(batch, "a batch")
         if isinstance(batch, (tuple, list)) and batch:
-            return batch[0]
+            return _finite_features(batch[0], "a batch's inputs")
         msg = (f"cannot take features from a {type(batch).__name__} batch; pass "
                "feature_func=lambda batch: ... returning (B, d).")
         raise DattriValueError(msg)
@@ -286,6 +287,17 @@ class KNNShapleyAttributor(BaseAttributor):
                "test_loader) with a held-out loader.")
         raise NotImplementedError(msg)
 
+
+
+def _finite_features(x: Any, what: str) -> Any:
+    """``x``, refused with a typed error if a floating feature is NaN or inf (a NaN
+    point has no neighbours: its values would be plausible and wrong)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not all_finite(x):
+        rows = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum()) if x.dim() else 1
+        msg = (f"KNN-Shapley: {what} contain NaN or inf ({rows} example(s)); the distances "
+               "to such a point are undefined. Remove or repair those examples.")
+        raise NonFiniteError(msg)
+    return x
 
 
 class _Inputs(LoaderFeatures):

@@ -65,7 +65,8 @@ from dattri.algorithm._scored import (
 )
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, row_range
-from dattri.errors import DattriValueError, NotCachedError
+from dattri.errors import DattriValueError, NonFiniteError, NotCachedError
+from dattri.func.utils import all_finite
 from dattri.task import AttributionTask
 from dattri.topk import TopK
 
@@ -353,6 +354,12 @@ class RPSAttributor(BaseAttributor):
         finally:
             model.train(was_training)
         h = h.to(self.device, torch.float64).flatten(1)
+        if not all_finite(h):
+            rows = int((~torch.isfinite(h)).any(1).sum())
+            msg = (f"RPS-L2: the inputs of the final layer {self.final_linear_layer_name!r} "
+                   f"contain NaN or inf for {rows} example(s) (NaN/inf in the data, or an "
+                   "overflow in the model); remove or repair those examples.")
+            raise NonFiniteError(msg)
         if self.normalize_preactivate:
             h = h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
         h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], 1)
