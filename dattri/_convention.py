@@ -77,8 +77,9 @@ class BatchedFunction:
         self.batched_args = tuple(batched_args)
         self.unbatched: bool | None = None
         #: ``"mean"`` or ``"sum"`` over the batch once found (``None``: not known, or
-        #: neither): see ``AttributionTask.reduction``
+        #: neither), and whether it was found: see ``AttributionTask.reduction``
         self.reduction: str | None = None
+        self.reduction_found = False
         self.__wrapped__ = func
         self.__name__ = getattr(func, "__name__", name)
         self.__doc__ = getattr(func, "__doc__", None)

@@ -116,6 +116,20 @@ def batch_of_one(example: Any) -> Any:
     )
 
 
+def _reduction_of(whole: float, parts: list[float], sizes: list[int]) -> str | None:
+    """``"mean"`` or ``"sum"`` when ``f(whole)`` is the size-weighted mean or the sum of
+    ``f`` of its parts (not both), ``None`` when neither, ``"unknown"`` when both (the
+    parts' values are zero: every reduction of zeros agrees)."""
+    n = sum(sizes)
+    mean = sum(v * k for v, k in zip(parts, sizes)) / n
+    total = sum(parts)
+    tol = 1e-4 * (sum(abs(v) for v in parts) + abs(whole)) + 1e-30
+    is_mean, is_sum = abs(whole - mean) <= tol, abs(whole - total) <= tol
+    if is_mean and is_sum:
+        return "unknown"
+    return "mean" if is_mean else "sum" if is_sum else None
+
+
 class AttributionTask:
     """Everything an attributor needs to know about the model being explained.
 
@@ -453,9 +467,12 @@ class AttributionTask:
                 fit the model: feature size, label range).
         """
         key = f"{which}"
-        if key in self._validated:
-            return
         func = self.original_loss_func if which == "loss" else self.original_target_func
+        if key in self._validated:
+            if isinstance(func, BatchedFunction) and not func.reduction_found:
+                self._load_checkpoints(ckpt_idx)  # every example so far had zero loss
+                self._find_reduction(func, batch)
+            return
         name = "loss_func" if which == "loss" else "target_func"
         self._load_checkpoints(ckpt_idx)
         if isinstance(func, BatchedFunction):
@@ -497,33 +514,48 @@ class AttributionTask:
                 "reduction='mean')."
             )
             raise InvalidLossError(msg)
-        if isinstance(func, BatchedFunction):
-            func.reduction = self._detect_reduction(func, batch, out)
+        if isinstance(func, BatchedFunction) and not func.reduction_found:
+            self._find_reduction(func, batch, out)
         self._validated.add(key)
 
     def reduction(self, which: str = "loss") -> str | None:
         """``"mean"`` or ``"sum"``: how ``loss_func`` / ``target_func`` reduces over the
-        batch, as found on the first batch validated (``f`` of two examples against
-        ``f`` of each); ``None`` when neither fits (a loss that couples the examples,
-        a random layer) or before validation. The batched paths read it from the
-        function (:func:`dattri._convention.batch_scale`)."""
+        batch, as found on the first batch that tells them apart (``f`` of two examples
+        against ``f`` of each, else of the whole batch against its halves); ``None``
+        when neither fits (a loss that couples the examples, a random layer), or while
+        unknown (before validation, or while every batch seen had zero loss:
+        :meth:`reduction_known`). Once found it is kept. The batched paths read it
+        from the function (:func:`dattri._convention.batch_scale`)."""
         func = self.original_loss_func if which == "loss" else self.original_target_func
         return getattr(func, "reduction", None)
 
-    def _detect_reduction(self, func: Callable, batch: Any, first: torch.Tensor) -> str | None:
-        """:meth:`reduction` of ``func`` from its value on the first two examples of
-        ``batch`` and on each (``first``: on the first, computed by the caller)."""
-        if batch_size_of(batch) < 2:  # noqa: PLR2004
-            return None
+    def reduction_known(self, which: str = "loss") -> bool:
+        """Whether :meth:`reduction` has been decided (a batch with a nonzero loss
+        was seen)."""
+        func = self.original_loss_func if which == "loss" else self.original_target_func
+        return bool(getattr(func, "reduction_found", True))
+
+    def _find_reduction(self, func: BatchedFunction, batch: Any,
+                        first: torch.Tensor | None = None) -> None:
+        """Set ``func.reduction`` (and ``reduction_found``) from ``batch``: ``f`` of its
+        first two examples against ``f`` of each (``first``: ``f`` of the first, known
+        to the caller), and when these two cannot tell (both have zero loss: a mean
+        and a sum of zeros agree) ``f`` of the whole batch against its two halves
+        (a mean: the size-weighted mean of the halves; a sum: their sum). A batch of
+        zero loss everywhere decides nothing; the next batch is asked."""
+        b = batch_size_of(batch)
+        if b < 2:  # noqa: PLR2004
+            return
         params = dict(self.named_parameters)
+        part = lambda lo, hi: float(func(params, slice_batch(batch, slice(lo, hi))))  # noqa: E731
         try:
             with torch.no_grad():
-                both = float(func(params, slice_batch(batch, slice(0, 2))))
-                total = float(first) + float(func(params, slice_batch(batch, slice(1, 2))))
-        except Exception:  # noqa: BLE001 - validated above; anything else: unknown
-            return None
-        tol = 1e-4 * (abs(total) + abs(both)) + 1e-30
-        is_mean, is_sum = abs(both - total / 2) <= tol, abs(both - total) <= tol
-        if is_sum and not is_mean:
-            return "sum"
-        return "mean" if is_mean and not is_sum else None
+                one = float(first) if first is not None else part(0, 1)
+                verdict = _reduction_of(part(0, 2), [one, part(1, 2)], [1, 1])
+                if verdict == "unknown" and b > 2:  # noqa: PLR2004
+                    h = b // 2
+                    verdict = _reduction_of(part(0, b), [part(0, h), part(h, b)], [h, b - h])
+        except Exception:  # noqa: BLE001 - validated above; anything else: neither
+            verdict = None
+        if verdict != "unknown":
+            func.reduction, func.reduction_found = verdict, True

@@ -120,3 +120,54 @@ def test_hessian_methods_refuse_a_summed_loss(make):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     make(_task(model, "mean")).cache(loader)  # the mean is accepted
+
+
+def _hinge_case():
+    """A squared hinge over the classes, summed or averaged: the first 4 training
+    examples of every batch of 8 sit beyond the margin (zero loss, zero gradient)."""
+    torch.manual_seed(3)
+    model = nn.Linear(4, 3).eval()
+    x, y = torch.randn(24, 4), torch.arange(24) % 3
+    with torch.no_grad():
+        for i in range(24):
+            if i % 8 < 4:
+                x[i] = 40 * model.weight[y[i]] / model.weight[y[i]].norm()
+
+    def make(reduction):
+        def loss(params, data):
+            x, y = data
+            out = torch.func.functional_call(model, params, (x,))
+            per = torch.relu(1 - (out.gather(1, y[:, None]) - out)).pow(2).sum(1) - 1.0
+            return per.sum() if reduction == "sum" else per.mean()
+        return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    return model, x, y, make
+
+
+def test_a_reduction_hidden_by_zero_losses_is_found_on_the_batch_or_a_later_one():
+    model, x, y, make = _hinge_case()
+    for reduction in ("mean", "sum"):
+        task = make(reduction)
+        # the first two examples have zero loss: the halves of the batch decide
+        task.validate_batch((x[:8], y[:8]), "loss", 0)
+        assert task.reduction_known("loss") and task.reduction("loss") == reduction
+        # a batch of zero losses only decides nothing; the next batch does
+        task = make(reduction)
+        task.validate_batch((x[:4], y[:4]), "loss", 0)
+        assert not task.reduction_known("loss") and task.reduction("loss") is None
+        task.validate_batch((x[4:8], y[4:8]), "loss", 0)
+        assert task.reduction("loss") == reduction
+        # found once, kept: a later batch of zero losses changes nothing
+        task.validate_batch((x[:4], y[:4]), "loss", 0)
+        assert task.reduction("loss") == reduction
+
+
+def test_grad_dot_of_a_summed_loss_with_zero_losses_first_equals_the_mean():
+    model, x, y, make = _hinge_case()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    test = DataLoader(TensorDataset(x[4:10], y[4:10]), batch_size=3)
+    got = {r: TracInAttributor(make(r), [1.0], normalized_grad=False).attribute(loader, test)
+           for r in ("mean", "sum")}
+    assert got["mean"].abs().max() > 0
+    torch.testing.assert_close(got["sum"], got["mean"], rtol=1e-10, atol=1e-12)
+    with pytest.raises(InvalidLossError, match="loss_func sums over the batch"):
+        IFAttributorExplicit(make("sum"), regularization=0.1).cache(loader)

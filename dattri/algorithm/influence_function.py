@@ -213,10 +213,13 @@ class _IFBase(BaseAttributor):
         task = self.task
         task.load_checkpoint(ckpt, self.device, force=True)
         theta, _ = task.get_param(ckpt, self.layer_name)
-        self.task.validate_batch(self.data.batches[0], "loss", ckpt)
+        for batch in self.data.batches:  # the first with a nonzero loss tells the reduction
+            task.validate_batch(batch, "loss", ckpt)
+            if task.reduction_known("loss"):
+                break
         if task.reduction("loss") == "sum":
-            msg = (f"loss_func sums over the batch (reduction='sum': on two training examples "
-                   f"it returns the sum of their losses); {type(self).__name__}'s curvature is "
+            msg = (f"loss_func sums over the batch (reduction='sum': on a training batch it "
+                   f"returns the sum of its parts' losses); {type(self).__name__}'s curvature is "
                    "the Hessian of the mean training loss, which a sum would scale by each "
                    "batch's size. Return the batch mean (reduction='mean', or divide the sum "
                    "by the batch size).")
