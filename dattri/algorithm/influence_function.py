@@ -110,7 +110,22 @@ class _RevRev:
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batched: Callable | None = None
 
+    def _rerecorded(self, product: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``product()``, recording the graph again if the one kept is stale: loading
+        a checkpoint (again) copies into the model's frozen parameters and buffers in
+        place, which the recorded graph saved (autograd then refuses to replay it)."""
+        try:
+            return product()
+        except RuntimeError as e:
+            if "modified by an inplace operation" not in str(e):
+                raise
+            self._graph, self._batched = None, None
+            return product()
+
     def _one(self, v: torch.Tensor) -> torch.Tensor:
+        return self._rerecorded(lambda: self._one_recorded(v))
+
+    def _one_recorded(self, v: torch.Tensor) -> torch.Tensor:
         if self._graph is None:
             th = self.theta.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -126,10 +141,12 @@ class _RevRev:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape[0] <= FEW_VECTORS:
             return torch.stack([self._one(row) for row in v])
-        if self._batched is None:
-            _, pull = vjp(grad(lambda t: self.loss(t, self.batch)), self.theta)
-            self._batched = vmap(lambda u: pull(u)[0], chunk_size=self.chunk)
-        return self._batched(v)
+        def product() -> torch.Tensor:
+            if self._batched is None:
+                _, pull = vjp(grad(lambda t: self.loss(t, self.batch)), self.theta)
+                self._batched = vmap(lambda u: pull(u)[0], chunk_size=self.chunk)
+            return self._batched(v)
+        return self._rerecorded(product)
 
 
 def dataset_matmat(
