@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from dattri._convention import batch_scale
 from dattri._loader import batch_size_of
-from dattri.algorithm._loop import BufferLender
+from dattri.algorithm._loop import BufferLender, close_per_example
 from dattri.errors import InvalidLossError
 from dattri.func.per_example import (
     ACCUMULATES,
@@ -127,6 +127,150 @@ def _same_mask_dropout(model: nn.Module) -> Any:
         if type(mod) is nn.Dropout and mod.training and mod.p > 0])
 
 
+@contextmanager
+def replayed_rng(state: tuple[torch.Tensor, Any]) -> Iterator[None]:
+    """The random state ``state`` (from :func:`rng_state`) while inside, the current
+    one afterwards: a second forward pass draws the same dropout masks as the first."""
+    cpu, (device, acc) = state
+    gen = torch.random.default_generator
+    now = gen.get_state()
+    now_acc = _accelerator_state(device)
+    gen.set_state(cpu)
+    if acc is not None:
+        torch.get_device_module(device).set_rng_state(acc, device)
+    try:
+        yield
+    finally:
+        gen.set_state(now)
+        if now_acc is not None:
+            torch.get_device_module(device).set_rng_state(now_acc, device)
+
+
+def _accelerator_state(device: torch.device | None) -> torch.Tensor | None:
+    return None if device is None or device.type == "cpu" else \
+        torch.get_device_module(device).get_rng_state(device)
+
+
+def rng_state(device: torch.device | None) -> tuple[torch.Tensor, Any]:
+    """The CPU random state and ``device``'s (an accelerator), for :func:`replayed_rng`."""
+    return torch.random.default_generator.get_state(), (device, _accelerator_state(device))
+
+
+def example_alone(model: nn.Module, module: nn.Module, func: Callable,
+                  params: dict[str, torch.Tensor], batch: Any, i: int) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
+    """Example ``i`` of ``batch`` as a batch of one: the first input, the output and
+    the gradient of ``func`` there, at the last call of ``module`` (the one nearest the
+    loss), ``(x (1, ...) or None, y (1, ...), dfunc/dy (1, ...))``; None when that
+    call has no tensor output. The definition the batched paths are probed against
+    on every batch: a loss that couples the examples (weights normalised over the
+    batch's labels, a mean over the batch's unpadded tokens) gives each example of a
+    batch another output gradient than it has alone."""
+    from dattri._loader import slice_batch
+
+    seen: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
+
+    def hook(_m: nn.Module, args: tuple, output: Any) -> Any:
+        if not (isinstance(output, torch.Tensor) and output.is_floating_point()):
+            return output
+        leaf = torch.zeros_like(output, requires_grad=True)
+        x = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
+        seen.append((x, output.detach(), leaf))
+        return output + leaf
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with _same_mask_dropout(model), torch.enable_grad():
+            loss = func(params, slice_batch(batch, slice(i, i + 1)))
+            if not seen:
+                return None
+            x, y, leaf = seen[-1]
+            (g,) = torch.autograd.grad(loss.reshape(()), [leaf], allow_unused=True)
+    finally:
+        handle.remove()
+    return x, y, torch.zeros_like(y) if g is None else g
+
+
+def _floats(tree: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+class RootCalls:
+    """The model's outputs in one batched forward pass (a forward hook on the model
+    itself) and their gradients in the backward (tensor hooks): what
+    :func:`head_agrees` compares with one example alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.outputs: list[Any] = []  # per call: the output tree, detached
+        self.grads: list[list[torch.Tensor | None]] = []  # per call: per floating output
+
+    def hook(self) -> Any:
+        def record(_m: nn.Module, _args: tuple, output: Any) -> None:
+            ts = _floats(output)
+            grads: list[torch.Tensor | None] = [None] * len(ts)
+            for k, t in enumerate(ts):
+                if t.requires_grad:
+                    t.register_hook(lambda g, k=k: grads.__setitem__(k, g))
+            self.outputs.append(tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                         output))
+            self.grads.append(grads)
+        return self.model.register_forward_hook(record)
+
+
+def head_agrees(calls: RootCalls, func: Callable, params: dict[str, torch.Tensor], batch: Any,
+                i: int, b: int) -> bool | None:
+    """Whether example ``i`` of a batch of ``b`` gets from the loss, at the model's
+    outputs, the gradient it gets alone: the loss function run on that example with
+    the model's forward replaced by the example's rows of the batch's outputs (no
+    forward pass of the model: the loss's own arithmetic only), against the batch's
+    output gradients (times ``scale``, the batch convention) at row ``i``. A loss
+    that normalises over the batch (class weights of the batch's labels, the count of
+    its unpadded tokens) differs here. None when this cannot be decided (no output
+    recorded, outputs without the batch axis, a different number of model calls
+    alone): the caller then probes with a full forward pass (:func:`example_alone`)."""
+    from dattri._loader import slice_batch
+
+    if not calls.outputs or any(
+            not _floats(o) or any(t.dim() == 0 or t.shape[0] != b for t in _floats(o))
+            for o in calls.outputs):
+        return None
+    leaves: list[torch.Tensor] = []
+
+    def row(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            leaves.append(t[i:i + 1].clone().requires_grad_(True))
+            return leaves[-1]
+        return t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == b else t
+
+    replies = iter([tree_map(row, o) for o in calls.outputs])
+    count = [0]
+
+    def forward(*_a: Any, **_k: Any) -> Any:
+        count[0] += 1
+        return next(replies, None)
+
+    model = calls.model
+    try:
+        with _patched_forwards([(model, forward)]), torch.enable_grad():
+            loss = func(params, slice_batch(batch, slice(i, i + 1)))
+            if count[0] != len(calls.outputs):
+                return None
+            alone = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, StopIteration):
+        return None  # the loss needs more of the model than its outputs
+    # an output the loss does not use (a cache of keys and values) has no gradient
+    batched = [(torch.zeros_like(t) if g is None else g)[i:i + 1]
+               for o, gs in zip(calls.outputs, calls.grads) for t, g in zip(_floats(o), gs)]
+    return all(_rows_agree(g, torch.zeros_like(g) if a is None else a)
+               for g, a in zip(batched, alone))
+
+
+def _rows_agree(batched: torch.Tensor, alone: torch.Tensor) -> bool:
+    """Row ``i`` of a batched tensor (given as ``(1, ...)``) against the same example alone."""
+    return batched.shape == alone.shape and close_per_example(
+        batched.reshape(1, -1), alone.reshape(1, -1).to(batched.dtype))
+
+
 class BatchedGrads:
     """Per-example gradients ``(B, P)`` of a task's selected parameters.
 
@@ -143,6 +287,11 @@ class BatchedGrads:
         #: every selected parameter belongs to a module we can hook
         self.supported = owned == set(self.spec.names)
         self._b = 1  # examples of the batch being run
+        #: batches run (the example probed in each: :meth:`_probe`), the unit call
+        #: nearest the loss in the last forward, and whether the last run's probe failed
+        self._runs = 0
+        self._last_call: tuple[_Unit, int] | None = None
+        self.probe_failed = False
         #: the previous result, lent back by a caller that no longer needs it
         #: (:meth:`release`): the next result of the same shape is written into it
         self._lender = BufferLender()
@@ -207,6 +356,7 @@ class BatchedGrads:
                     (args, kwargs))
             unit.calls.append((tree_map(detach, args), tree_map(detach, kwargs),
                                tree_map(detach, out), slots))
+            self._last_call = (unit, len(unit.calls) - 1)
             return out
         return hook
 
@@ -235,11 +385,15 @@ class BatchedGrads:
         leaves: list[torch.Tensor] = []
         tapped: dict[int, torch.Tensor | None] = {}
         self._b = batch_size_of(batch)
+        self._last_call, self.probe_failed = None, False
+        rng = rng_state(next(iter(params.values())).device) if params else None
         for u in self.units:
             u.calls, u.traces = [], []
         handles = [u.module.register_forward_hook(self._hook(u, leaves, tapped), with_kwargs=True)
                    for u in self.units]
         traced = [(u.module, self._traced(u, leaves, tapped)) for u in self.units if u.traced]
+        root = RootCalls(model)
+        handles.append(root.hook())
         try:
             with _same_mask_dropout(model), _patched_forwards(traced), torch.enable_grad():
                 loss = func(params, batch)
@@ -259,6 +413,11 @@ class BatchedGrads:
         total: dict[str, torch.Tensor] = {}
         ref = next(iter(params.values()))
         slot = lambda kind, i: grads[i] if kind == "leaf" else tapped[i]  # noqa: E731
+        if not self._probe(func, batch, params, slot, rng, root):
+            self.probe_failed = True
+            for u in self.units:
+                u.calls, u.traces = [], []
+            return None
         sketched = self._sketched_units(sink, slot) if sink is not None else set()
         if sketched:  # only the other units' parameters are formed
             formed = {g for u in self.units if u.name not in sketched for g in u.params.values()}
@@ -313,6 +472,44 @@ class BatchedGrads:
         out = self._flat(total, b, flat, slices)
         self._lender.mark(out)
         return out
+
+    def _probe(self, func: Callable, batch: Any, params: dict[str, torch.Tensor],
+               slot: Callable, rng: Any, root: RootCalls) -> bool:
+        """Whether one example of this batch (the next in turn: batch ``r`` probes
+        example ``r mod B``) gets from the loss what it gets alone: at the model's
+        outputs (:func:`head_agrees`: the loss's arithmetic on that example's rows,
+        no forward pass), or where that cannot be decided, the output and output
+        gradient at the unit call nearest the loss (:func:`example_alone`: one
+        example's forward pass, same dropout masks). Checked on every batch: the
+        check of the first examples per checkpoint (``Featurizer.batched_ok``)
+        cannot see a loss whose coupling shows only in some batches (a mean over
+        padded tokens once padding appears, label weights normalised over a batch of
+        mixed labels); coupling inside the model (batch statistics) shows in every
+        batch, the first included."""
+        b, last = self._b, self._last_call
+        self._runs += 1
+        if b < 2 or rng is None:  # noqa: PLR2004 - alone = the batch
+            return True
+        i = (self._runs - 1) % b
+        head = head_agrees(root, func, params, batch, i, b)
+        if head is not None:
+            return head
+        if last is None:
+            return True
+        unit, c = last
+        _, _, out, slots = unit.calls[c]
+        ys = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not ys or not slots or ys[0].dim() == 0 or ys[0].shape[0] != b:
+            return True
+        y, g = ys[0], slot(*slots[0])
+        if g is None:
+            return True
+        with replayed_rng(rng):
+            alone = example_alone(self.task.get_model(), unit.module, func, params, batch, i)
+        if alone is None:
+            return True
+        _, y1, g1 = alone
+        return _rows_agree(y[i:i + 1], y1) and _rows_agree(g[i:i + 1], g1)
 
     def _sketched_units(self, sink: Any, slot: Callable) -> set[str]:
         """The units whose calls ``sink`` sketches from their factors: the owners of a

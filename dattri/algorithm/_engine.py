@@ -78,6 +78,7 @@ class Featurizer(LoaderFeatures):
         self._batched: Any = False
         self._batched_ok: dict[int, bool] = {}
         self._warned = False
+        self._warned_probe = False
         self._vmap_fails = False
         self._fn: dict[int, tuple[Callable, torch.Tensor]] = {}
         self._layout: Any = None  # the TensorSketch layout of the selected parameters
@@ -114,6 +115,8 @@ class Featurizer(LoaderFeatures):
             if g is not None:
                 return g if sink is not None else _check_finite(
                     g, f"{self.which} gradients (checkpoint {ckpt_idx})")
+            if self.batched.probe_failed:
+                self._coupled_batch()
         g = self.vmapped(batch, ckpt_idx)
         return g if sink is None else sink.finish(g, sink.layout.names, g.shape[0], g)
 
@@ -149,6 +152,20 @@ class Featurizer(LoaderFeatures):
         g = reference_grads(self._func(), batch, dict(task.named_parameters), names,
                             lambda: ensemble_rng(ckpt_idx, self.device))
         return _check_finite(g, f"{self.which} gradients (checkpoint {ckpt_idx})")
+
+    def _coupled_batch(self) -> None:
+        """A batch whose probed example differs alone (see ``BatchedGrads._probe``):
+        it is computed by vmap(grad) on batches of one; the first time, a warning."""
+        if not self._warned_probe:
+            self._warned_probe = True
+            warn_user(
+                f"{self.which} gradients: in a batch after the first, an example's gradient "
+                "differs from its gradient alone (a batch of one), so the loss couples the "
+                "examples of some batches (a mean over unpadded tokens when padding "
+                "differs, class weights normalised over a batch of mixed labels, batch "
+                "statistics); such batches are computed by vmap(grad) on single examples "
+                "(slower). To keep the batched path, return the mean of per-example losses."
+            )
 
     @property
     def batched(self):

@@ -143,10 +143,11 @@ class FactoredLinearFeaturizer(LoaderFeatures):
         mods = dict(self.task.get_model().named_modules())
         return [(mods[m].in_features, mods[m].out_features, w, b) for m, w, b in self.layers]
 
-    def try_batch(self, batch: Any, ckpt_idx: int) -> FactoredGrads | None:
-        """Factors of one batch, or None if the structure is not as assumed."""
+    def try_batch(self, batch: Any, ckpt_idx: int, one_by_one: bool = True) -> FactoredGrads | None:
+        """Factors of one batch, or None if the structure is not as assumed (or, with
+        ``one_by_one=False``, if the batch's examples are coupled)."""
         try:
-            cap = self._capture.run(batch, ckpt_idx, self.which)
+            cap = self._capture.run(batch, ckpt_idx, self.which, one_by_one=one_by_one)
         except DattriValueError:  # shared weights, module not called...
             return None
         factors = []
@@ -166,7 +167,8 @@ class FactoredLinearFeaturizer(LoaderFeatures):
             return self._verified[ckpt_idx]
         small = _head(batch)
         ref = dense(small, ckpt_idx)  # also moves the model to the device
-        fg = self.try_batch(small, ckpt_idx) if self.supported else None
+        # the batched capture itself (a coupled batch refused, not captured per example)
+        fg = self.try_batch(small, ckpt_idx, one_by_one=False) if self.supported else None
         ok = fg is not None and close_per_example(fg.dense(), ref)
         self._verified[ckpt_idx] = ok
         return ok

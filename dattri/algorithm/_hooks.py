@@ -14,7 +14,14 @@ from torch import nn
 
 from dattri._convention import batch_scale, capture_per_example, is_unbatched
 from dattri._loader import batch_size_of
-from dattri.algorithm._batched import _same_mask_dropout
+from dattri._warn import warn_user
+from dattri.algorithm._batched import (
+    RootCalls,
+    _rows_agree,
+    _same_mask_dropout,
+    example_alone,
+    head_agrees,
+)
 from dattri.algorithm._loop import LoaderFeatures, _check_finite, ensemble_rng
 from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
 from dattri.func.per_example import _is_hf_conv1d
@@ -101,6 +108,8 @@ class LinearCapture:
     def __init__(self, task: AttributionTask, modules: list[str], device: torch.device) -> None:
         self.task, self.modules, self.device = task, modules, device
         self._ckpt: int | None = None
+        self._runs = 0  # batches captured: batch r probes example r mod B
+        self._warned_probe = False
 
     def _prepare(self, ckpt: int) -> None:
         # once per capture and checkpoint, then only when the task switched checkpoints
@@ -108,8 +117,11 @@ class LinearCapture:
         self._ckpt = ckpt
 
     def run(self, batch: Any, ckpt: int, which: str = "loss",
-            func: Callable | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Captured ``{module: (a, s)}`` for one batch already on the device."""
+            func: Callable | None = None, one_by_one: bool = True,
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Captured ``{module: (a, s)}`` for one batch already on the device. A batch
+        whose probed example differs alone (:meth:`_probe`) is captured one example
+        at a time, or with ``one_by_one=False`` refused (``InvalidLossError``)."""
         task = self.task
         self._prepare(ckpt)
         if func is None:
@@ -119,9 +131,11 @@ class LinearCapture:
             return capture_per_example(lambda one: self.run(one, ckpt, which, func), batch)
         mods = dict(task.model.named_modules())
         store: dict[str, list] = {n: [] for n in self.modules}
+        order: list[str] = []  # the modules in call order
 
         def make_hook(name: str) -> Callable:
             def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+                order.append(name)
                 if store[name]:
                     msg = (f"module {name!r} is called more than once per forward pass "
                            "(shared weights); this is not supported, exclude it via module_name.")
@@ -134,6 +148,8 @@ class LinearCapture:
             return hook
 
         handles = [mods[n].register_forward_hook(make_hook(n)) for n in self.modules]
+        root = RootCalls(task.model)
+        handles.append(root.hook())
         try:
             # active nn.Dropout: one mask for the batch, as the per-example definition
             # (each example alone, seeded alike) draws it
@@ -155,6 +171,22 @@ class LinearCapture:
         finally:
             for h in handles:
                 h.remove()
+        if not self._probe(func, batch, ckpt, mods[order[-1]], store[order[-1]][0][0],
+                           grads[self.modules.index(order[-1])], root):
+            if not one_by_one:
+                msg = (f"{which} layer captures: the loss couples the examples of a batch "
+                       "(an example's output gradient differs from the one it has alone).")
+                raise InvalidLossError(msg)
+            if not self._warned_probe:
+                self._warned_probe = True
+                warn_user(
+                    f"{which} layer captures: in a batch, an example's output gradient differs "
+                    "from the one it has alone (a batch of one), so the loss couples the "
+                    "examples of some batches (a mean over unpadded tokens when padding "
+                    "differs, class weights normalised over a batch of mixed labels, batch "
+                    "statistics); such batches are captured one example at a time (slower). "
+                    "To keep the batched path, return the mean of per-example losses.")
+            return capture_per_example(lambda one: self.run(one, ckpt, which, func), batch)
         out, it = {}, iter(grads)
         for n in self.modules:
             a, leaf = store[n][0]
@@ -164,6 +196,31 @@ class LinearCapture:
                 a, g = _patches(mods[n], a), g.reshape(b, g.shape[1], -1).transpose(1, 2)
             out[n] = (_as_seq(a), _check_finite(_as_seq(g), f"{which} output gradients"))
         return out
+
+
+    def _probe(self, func: Callable, batch: Any, ckpt: int, module: nn.Module, x: torch.Tensor,
+               g: torch.Tensor | None, root: RootCalls) -> bool:
+        """Whether one example of the batch (the next in turn) gets from the loss what
+        it gets alone: at the model's outputs (:func:`head_agrees`), or where that
+        cannot be decided, the input and output gradient at the captured layer
+        nearest the loss, with the same dropout masks (see ``BatchedGrads._probe``)."""
+        b = batch_size_of(batch)
+        self._runs += 1
+        if b < 2:  # noqa: PLR2004
+            return True
+        i = (self._runs - 1) % b
+        head = head_agrees(root, func, dict(self.task.named_parameters), batch, i, b)
+        if head is not None:
+            return head
+        if g is None:
+            return True
+        with ensemble_rng(ckpt, self.device):
+            alone = example_alone(self.task.model, module, func, dict(self.task.named_parameters),
+                                  batch, i)
+        if alone is None or alone[0] is None:
+            return True
+        x1, _, g1 = alone
+        return _rows_agree(x[i:i + 1], x1) and _rows_agree(g[i:i + 1], g1)
 
 
 class HookFeaturizer(LoaderFeatures):
