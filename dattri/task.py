@@ -209,7 +209,8 @@ class AttributionTask:
         # restoring(): the depth of public calls, and the model as it was before the
         # first checkpoint load of the outermost one (model, checkpoint index, state)
         self._calls = 0
-        self._before: tuple[nn.Module, int | None, dict[str, torch.Tensor]] | None = None
+        self._before: tuple[nn.Module, int | None, dict[str, torch.Tensor],
+                            torch.device | None] | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def get_checkpoints(self) -> list[Checkpoint]:
@@ -224,8 +225,8 @@ class AttributionTask:
     def restoring(self) -> Iterator[None]:
         """One public call of an attributor: if it raises, the model gets back the
         weights and buffers it had when the call began (e.g. a checkpoint loaded
-        before a later one was refused), and the task forgets the checkpoint it had
-        loaded. The state is copied once per call, just before the first load that
+        before a later one was refused), on the device it was on, and the task
+        forgets the checkpoint it had loaded. The state is copied once per call, just before the first load that
         changes the model. A model with BatchNorm in training mode is refused first."""
         self._calls += 1
         try:
@@ -234,8 +235,10 @@ class AttributionTask:
             yield
         except BaseException:
             if self._calls == 1 and self._before is not None:
-                model, idx, state = self._before
+                model, idx, state, device = self._before
                 self.model = model
+                if device is not None:  # a call on another device moved it there
+                    model.to(device)
                 model.load_state_dict(state)
                 self.current_checkpoint_idx = idx
                 self.named_parameters = (
@@ -267,7 +270,8 @@ class AttributionTask:
         """Inside :meth:`restoring`: copy the model's state before it first changes."""
         if self._calls and self._before is None:
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self._before = (self.model, self.current_checkpoint_idx, state)
+            device = next((t.device for t in state.values()), None)
+            self._before = (self.model, self.current_checkpoint_idx, state, device)
 
     def _load_checkpoints(self, ckpt_idx: int) -> None:
         if not isinstance(ckpt_idx, int) or not 0 <= ckpt_idx < len(self.checkpoints):
@@ -320,6 +324,9 @@ class AttributionTask:
         """
         if device is not None:
             device = torch.device(device)
+            first = next(self.model.parameters(), None)
+            if first is not None and first.device != device:
+                self._keep_before()  # inside a call: a failure moves it back
             self.model.to(device)
             force = force or any(p.device != device for p in self.named_parameters.values())
         if force:

@@ -124,3 +124,15 @@ def test_a_nan_input_is_refused_by_the_methods_without_gradients(method, where):
     with pytest.raises(NonFiniteError, match="NaN or inf"):
         att.cache(train)
         att.attribute(train, test)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_failed_call_on_another_device_moves_the_model_back():
+    model, loss, _, loader = _case()
+    before = _state(model)
+    bad = dict(before, **{"fc2.weight": torch.zeros(3, 6)})
+    task = AttributionTask(loss, model, [before, bad])
+    with pytest.raises(CheckpointError):
+        TracInAttributor(task, [1.0, 1.0], False, device="cuda").attribute(loader, loader)
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    assert _same(model, before)
