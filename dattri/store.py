@@ -16,10 +16,12 @@ computes only the batches without a file and gives bit-identical features (the
 arrays are stored byte for byte, ``.npy`` of the tensor's dtype).
 
 ``meta.json`` records the feature dimension and dtype, the loader fingerprint
-(:func:`dattri._loader.loader_fingerprint`: number of examples and a hash of the
-first ones), the caller's featurizer settings key and the shard's first global
+(:func:`dattri._loader.loader_fingerprint`: number of examples and a hash of every
+example), the caller's featurizer settings key and the shard's first global
 row. Opening a store with other values raises :class:`dattri.errors.StoreError`
-naming the folder and the fix (another ``cache_dir``, or delete the folder).
+naming the folder and the fix (another ``cache_dir``, or delete the folder); so does
+a store whose first rows differ from the features the caller computes for the
+loader's first examples (another loss, target or model code with the same weights).
 
 Reading (:meth:`FeatureStore.blocks`, :func:`store_blocks`) gives blocks of rows
 of at most a byte budget, read from the files with ``readinto`` into one block
@@ -44,6 +46,7 @@ from dattri._loader import (
     LoaderFingerprint,
     batch_context,
     check_loader,
+    head,
     loader_fingerprint,
     to_device,
 )
@@ -224,7 +227,9 @@ class FeatureStore:
             raise StoreError(msg)
 
     def _mismatch(self, key: str, have: Any, new: Any) -> None:
-        what = {"fingerprint": "another training loader ([examples, hash of the first ones])",
+        what = {"fingerprint": "another training loader ([examples, hash of every example])",
+                "rows": "another loss, target function or model code (its first rows differ "
+                        "from this run's features of the same examples)",
                 "settings": "other featurizer settings", "row_offset": "another shard",
                 "dim": "another feature dimension", "dtype": "another feature dtype"}[key]
         msg = (f"{self.folder}: this feature store was written for {what}: stored {key} "
@@ -399,8 +404,10 @@ def open_store(cache_dir: str | os.PathLike, loader: Iterable, ckpt: int = 0, *,
     """The store of ``loader``'s features at checkpoint ``ckpt`` (shard ``shard``)
     under ``cache_dir``, created or checked against the loader's fingerprint and
     ``settings``."""
-    return FeatureStore(store_folder(cache_dir, ckpt, shard), loader_fingerprint(loader, name),
-                        settings, row_offset)
+    store = FeatureStore(store_folder(cache_dir, ckpt, shard), loader_fingerprint(loader, name),
+                         settings, row_offset)
+    store._opened_with = loader  # checked against this loader: featurize_to_store trusts it
+    return store
 
 
 class _Unfinished(tud.Sampler):
@@ -462,13 +469,15 @@ def featurize_to_store(features: Any, loader: Iterable, ckpt: int, store: Featur
     """
     check_loader(loader, name, empty=False)
     have = store.meta.get("fingerprint")
-    if have is not None:
+    if have is not None and getattr(store, "_opened_with", None) is not loader:
         now = loader_fingerprint(loader, name)
         if [int(now.n), str(now.digest)] != have:
             store._mismatch("fingerprint", have, [int(now.n), str(now.digest)])
+    done = store.done()
+    if 0 in done:  # written before: by this run's loss, target and model code?
+        _check_first_rows(features, loader, ckpt, store, name)
     if store.complete:
         return 0
-    done = store.done()
     if _map_style(loader):
         total = len(loader.batch_sampler)
         todo = [i for i in range(total) if i not in done]
@@ -491,6 +500,31 @@ def featurize_to_store(features: Any, loader: Iterable, ckpt: int, store: Featur
     # every batch index is either committed before or computed now
     store.finish(max([last, *done], default=-1) + 1)
     return computed
+
+
+#: examples whose features are computed again to check a store written before
+CHECK_ROWS = 2
+
+
+def _check_first_rows(features: Any, loader: Iterable, ckpt: int, store: FeatureStore,
+                      name: str) -> None:
+    """Compute the features of the loader's first ``CHECK_ROWS`` examples and compare
+    them with the store's first rows (per row, in norm, to 1e-3 relative: two batch
+    sizes round differently, another loss or model differs by O(1)). The settings
+    key and the weights' digest cannot tell a loss function, a target function or
+    the model's code apart; this can."""
+    first = head(loader, CHECK_ROWS)
+    with batch_context(name, 0):
+        now = features.batch(to_device(first, getattr(features, "device", "cpu")), ckpt)
+    k = now.shape[0]
+    have = store.read_batch(0)[:k].to(torch.float64)
+    now = now.detach().to("cpu", torch.float64).reshape(have.shape) if now.numel() == have.numel() else None
+    if now is None:
+        store._mismatch("rows", "stored rows", "features of another shape")
+    err, scale = (now - have).norm(dim=1), have.norm(dim=1)
+    if not bool((err <= 1e-3 * scale + 1e-6 * float(scale.max().clamp_min(1e-30))).all()):
+        store._mismatch("rows", [round(float(v), 6) for v in have[:, :3].reshape(-1)],
+                        [round(float(v), 6) for v in now[:, :3].reshape(-1)])
 
 
 def shard_stores(cache_dir: str | os.PathLike, ckpt: int = 0) -> list[FeatureStore]:

@@ -46,7 +46,10 @@ def test_trak_disk_equals_memory_and_reruns_featurize_nothing(tmp_path, monkeypa
     orig = again._probabilities
     monkeypatch.setattr(again, "_probabilities", lambda b, c: probs.append(1) or orig(b, c))
     torch.testing.assert_close(again.cache(tr).attribute(te), want, rtol=1e-12, atol=0)
-    assert calls == [] and probs == []  # features and residuals read back from the stores
+    # features and residuals read back from the stores; the one call each: the
+    # features and residuals of the loader's first 2 examples, computed again to
+    # check the stores (store._check_first_rows)
+    assert calls == [1] and probs == [1]
     # other weights, same folder: refused, not reused
     other, prob2, _, _ = _case(seed=1)
     with pytest.raises(StoreError):
@@ -94,7 +97,7 @@ def test_logra_disk_store_resumes_and_equals_memory(tmp_path, monkeypatch):
     again = LoGraAttributor(task, damping=0.1, proj_params=proj, offload="disk", cache_dir=tmp_path)
     calls = _count_batches(again, monkeypatch)
     torch.testing.assert_close(again.cache(tr).attribute(tr, te), want, rtol=1e-6, atol=1e-12)
-    assert calls == []  # the features of the first run, read back
+    assert calls == [1]  # the features of the first run, read back (and checked)
 
 
 def test_store_arguments_are_checked(tmp_path):

@@ -116,7 +116,9 @@ def test_a_sigkilled_featurize_run_resumes_bit_identically(tmp_path):
                           if mode == "commit" else [])
         again = _worker(tmp_path, cache, "none")
         assert again.returncode == 0, again.stderr
-        assert json.loads(again.stdout) == {"computed": 12 - kill_at, "calls": 12 - kill_at}
+        # and one call more: the first 2 examples computed again to check the store
+        # against this run's features (store._check_first_rows)
+        assert json.loads(again.stdout) == {"computed": 12 - kill_at, "calls": 13 - kill_at}
         got = _features(cache)
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
         assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # cleaned at the end
@@ -165,10 +167,11 @@ def test_resume_loads_only_the_unfinished_batches_of_a_dataloader(tmp_path):
     data.loaded = 0
     again = _Square()
     assert featurize_to_store(again, loader, 0, open_store(tmp_path, loader, 0, settings="sq")) == 5
-    assert again.calls == 5
-    # the 17 examples of the 5 unfinished batches, and twice the first batch's 4 for the
-    # loader fingerprint (open_store, featurize_to_store); not the 45 of a full pass
-    assert data.loaded == 17 + 2 * 4
+    assert again.calls == 6  # and the first 2 examples again, to check the store
+    # the 17 examples of the 5 unfinished batches, the 45 of the loader fingerprint
+    # (every example hashed, once: featurize_to_store trusts open_store's) and the 2
+    # of the check; the model saw 17 + 2
+    assert data.loaded == 17 + 45 + 2
     assert store.complete and store.n == 45 and store.num_batches == 12 and store.dim == 10
     full = torch.cat([store.read_batch(i) for i in range(12)])
     assert torch.equal(full, torch.cat([data.x, data.x ** 2], dim=1))
@@ -178,7 +181,8 @@ def test_resume_loads_only_the_unfinished_batches_of_a_dataloader(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         featurize_to_store(_Square(fail_at=3), batches, 0, other)
     rest = _Square()
-    assert featurize_to_store(rest, batches, 0, other) == 9 and rest.calls == 9
+    # the 9 unfinished batches, and the first 2 examples again to check the store
+    assert featurize_to_store(rest, batches, 0, other) == 9 and rest.calls == 10
     assert torch.equal(torch.cat([b for _, b in other.blocks()]), full)
 
 

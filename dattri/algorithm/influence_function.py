@@ -839,8 +839,8 @@ class IFAttributorArnoldi(_IFBase):
 
         The training side was projected in :meth:`cache` (read back in blocks); only
         test gradients are computed here (cost ``n r + m P r`` instead of ``n m P``).
-        A train loader that differs from the cached one (size or first examples) is
-        projected here, one batch at a time."""
+        A train loader that differs from the cached one (any example) is projected
+        here, one batch at a time."""
         from dattri._loader import loader_fingerprint
 
         ens = self.ensemble
