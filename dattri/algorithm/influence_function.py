@@ -77,6 +77,22 @@ def _nonzero(n: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, n, torch.ones_like(n))
 
 
+def _member_masks(loss: Callable, model: torch.nn.Module, ckpt: int,
+                  device: torch.device) -> Callable:
+    """``loss`` of a dropout ensemble's member ``ckpt``: every call draws the member's
+    masks from the seed of its checkpoint (``ensemble_rng``), one mask for all the
+    examples of a batch (as the per-example gradients draw them), so the curvature
+    is that of the member's fixed network: the same in every Hessian-vector product
+    and batch, and independent of the caller's random state."""
+    from dattri.algorithm._batched import _same_mask_dropout
+    from dattri.algorithm._loop import ensemble_rng
+
+    def member(theta: torch.Tensor, batch: Any) -> torch.Tensor:
+        with ensemble_rng(ckpt, device), _same_mask_dropout(model):
+            return loss(theta, batch)
+    return member
+
+
 def hvp_matmat(
     loss: Callable, theta: torch.Tensor, batch: Any, mode: str = "rev-rev", chunk: int = 128,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -90,7 +106,9 @@ def hvp_matmat(
     g = grad(lambda t: loss(t, batch))
     if mode == "rev-rev":
         return _RevRev(loss, theta, batch, chunk)
-    return vmap(lambda v: jvp(g, (theta,), (v,))[1], chunk_size=chunk)
+    # a dropout ensemble's loss draws its member's mask once per call (see
+    # _IFBase._loss_and_theta): the same for every direction
+    return vmap(lambda v: jvp(g, (theta,), (v,))[1], chunk_size=chunk, randomness="same")
 
 
 #: up to this many vectors a product is a loop of plain autograd passes over the
@@ -241,7 +259,12 @@ class _IFBase(BaseAttributor):
                    "batch's size. Return the batch mean (reduction='mean', or divide the sum "
                    "by the batch size).")
             raise InvalidLossError(msg)
-        return task.get_loss_func(self.layer_name, ckpt), theta.to(self.device)
+        loss = task.get_loss_func(self.layer_name, ckpt)
+        model = task.get_model()
+        if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+               for m in model.modules()):
+            loss = _member_masks(loss, model, ckpt, self.device)
+        return loss, theta.to(self.device)
 
     def _fit(self, ckpt: int) -> Any:
         raise NotImplementedError
