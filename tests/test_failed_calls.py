@@ -136,3 +136,38 @@ def test_a_failed_call_on_another_device_moves_the_model_back():
         TracInAttributor(task, [1.0, 1.0], False, device="cuda").attribute(loader, loader)
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
     assert _same(model, before)
+
+
+def test_arnoldi_says_when_it_finds_fewer_eigenpairs_than_asked():
+    """A Hessian with one eigenvalue of multiplicity 3 (c * I): the Krylov space of one
+    start vector closes after one step; the attributor warns instead of using 1 of
+    the 3 pairs silently."""
+    from dattri.algorithm import IFAttributorArnoldi
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    x = torch.eye(3).repeat(4, 1)  # X^T X = 4 I: the Hessian of the mean loss is I / 3
+    y = torch.randn(12, 1)
+
+    def loss(params, data):
+        out = torch.func.functional_call(model, params, (data[0],))
+        return 0.5 * ((out - data[1]) ** 2).mean()
+
+    train = DataLoader(TensorDataset(x, y), batch_size=4)
+    att = IFAttributorArnoldi(AttributionTask(loss, model, model.state_dict()), proj_dim=3,
+                              max_iter=3, regularization=0.1)
+    with pytest.warns(UserWarning, match=r"closed after 1 steps, so 1 of the 3 eigenpairs"):
+        att.cache(train)
+
+
+def test_rps_names_the_loader_and_batch_a_model_cannot_take():
+    from dattri.algorithm import RPSAttributor
+    from dattri.errors import InvalidBatchError
+
+    model, _, _, loader = _case()
+    task = AttributionTask(lambda pre, t: nn.functional.cross_entropy(pre, t), model,
+                           model.state_dict())
+    att = RPSAttributor(task, "fc2").cache(loader)
+    wrong = DataLoader(TensorDataset(torch.randn(4, 5), torch.randint(0, 3, (4,))), batch_size=2)
+    with pytest.raises(InvalidBatchError, match="test_loader batch 0 does not fit the model"):
+        att.attribute(loader, wrong)

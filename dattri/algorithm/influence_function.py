@@ -835,6 +835,17 @@ class IFAttributorArnoldi(_IFBase):
                                     structure=(self.task, self.layer_name, ckpt))
             vals, vecs = arnoldi(matmat, theta.numel(), max_iter=self.max_iter, top_k=self.proj_dim,
                                  tol=self.tol, seed=self.seed, dtype=theta.dtype, device=theta.device)
+            want = min(self.proj_dim, self.max_iter, theta.numel())
+            if vals.numel() < want:
+                from dattri._warn import warn_user
+
+                warn_user(
+                    f"IFAttributorArnoldi: checkpoint {ckpt}: the Krylov space of the start "
+                    f"vector closed after {vals.numel()} steps, so {vals.numel()} of the "
+                    f"{want} eigenpairs asked for were found (an eigenvalue with several "
+                    "eigenvectors, e.g. the weight decay's, gives one; or the Hessian has rank "
+                    f"{vals.numel()}); the influence uses those. A different seed= changes "
+                    "which vector of a repeated eigenvalue is found, not how many.")
             if self.eigen_store is not None:
                 self.eigen_store[key] = (vals, vecs)
         shifted = vals + self.regularization

@@ -340,7 +340,7 @@ class RPSAttributor(BaseAttributor):
         self.hessian_factorizations: int | None = None
         self.stationarity: float | None = None
 
-    def _features(self, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, loader: Iterable, name: str = "train_loader") -> tuple[torch.Tensor, torch.Tensor]:
         from dattri.model_util.hook import get_final_layer_io
 
         self.task._load_checkpoints(0)
@@ -350,7 +350,8 @@ class RPSAttributor(BaseAttributor):
         labels: list[torch.Tensor] = []
         try:  # one pass over the loader gives the features and the labels
             h, _ = get_final_layer_io(model, self.final_linear_layer_name, loader,
-                                      device=self.device, on_batch=lambda b: labels.append(_labels(b)))
+                                      device=self.device, on_batch=lambda b: labels.append(_labels(b)),
+                                      name=name)
         finally:
             model.train(was_training)
         h = h.to(self.device, torch.float64).flatten(1)
@@ -450,7 +451,7 @@ class RPSAttributor(BaseAttributor):
         k = check_top_k(top_k)
         self._check_pair(train_loader, test_loader)
         self._ensure_cached(train_loader)
-        h_t, y_t = self._features(test_loader)
+        h_t, y_t = self._features(test_loader, "test_loader")
         blocks = self._score_blocks(h_t, y_t, None if k is None else block_rows(h_t.shape[1], len(y_t)))
         return self._finish(blocks, k)
 
@@ -495,7 +496,7 @@ class RPSAttributor(BaseAttributor):
         if self.alpha is None:
             msg = "call cache(train_loader) before decompose()."
             raise NotCachedError(msg)
-        h_t, _ = self._features(test_loader)
+        h_t, _ = self._features(test_loader, "test_loader")
         h = self.h_train
         if h is None:  # kept rows: every rank's, gathered
             h = all_gather_rows(torch.cat([b for _, b in self._kept.blocks(device=self.device)]),

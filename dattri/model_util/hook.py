@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dattri._loader import batches, check_loader, to_device
+from dattri._loader import batch_context, batches, check_loader, to_device
 from dattri.errors import DattriValueError, LayerNameError
 
 __all__ = ["get_final_layer_io"]
@@ -41,6 +41,7 @@ def get_final_layer_io(
     dataloader: Iterable,
     device: str | torch.device = "cpu",
     on_batch: Callable[[Any], None] | None = None,
+    name: str = "dataloader",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and output of the layer ``final_linear_layer_name`` for every example.
 
@@ -55,6 +56,8 @@ def get_final_layer_io(
         on_batch: called with every batch as the loader yields it (e.g. to collect
             the labels in the same pass: a second pass would collate every batch
             again).
+        name: the loader's name in errors (a batch the model cannot take raises
+            ``InvalidBatchError`` naming it and the batch index).
 
     Returns:
         ``(features, outputs)``: ``(n, d_in)`` inputs of the layer (``phi(x)``) and
@@ -63,7 +66,7 @@ def get_final_layer_io(
     Raises:
         LayerNameError: no module of that name (the message lists the names).
     """
-    check_loader(dataloader, "dataloader")
+    check_loader(dataloader, name)
     names = dict(model.named_modules())
     if not isinstance(final_linear_layer_name, str) or final_linear_layer_name not in names:
         shown = [n for n in names if n][:20]
@@ -85,11 +88,12 @@ def get_final_layer_io(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in batches(dataloader):
+            for i, batch in enumerate(batches(dataloader)):
                 if on_batch is not None:
                     on_batch(batch)
-                args, kwargs = _model_input(to_device(batch, device))
-                model(*args, **kwargs)
+                with batch_context(name, i):
+                    args, kwargs = _model_input(to_device(batch, device))
+                    model(*args, **kwargs)
     finally:
         handle.remove()
         model.train(was_training)
