@@ -261,7 +261,12 @@ def loader_fingerprint(loader: Iterable, name: str = "train_loader") -> LoaderFi
     loader = getattr(loader, "_dattri_source", loader)
     layout, fields, n = hashlib.sha256(), [], 0
     last = None
-    for batch in batches(loader):
+    fast = batches(loader)
+    # a TensorDataset loader: every field hashed whole, in the loader's order (the
+    # bytes the batches would give one after the other), from the tensor itself when
+    # the order is the tensor's own (no copy); the first batch gives the structure
+    whole = _fields_in_order(fast) if isinstance(fast, _TensorBatches) else None
+    for batch in (fast if whole is None else [next(iter(fast))]):
         leaves, spec = tree_flatten(batch)
         shape = (str(spec), [(str(t.dtype), tuple(t.shape[1:])) if isinstance(t, torch.Tensor)
                              else type(t).__name__ for t in leaves])
@@ -270,19 +275,33 @@ def loader_fingerprint(loader: Iterable, name: str = "train_loader") -> LoaderFi
             last = shape
         while len(fields) < len(leaves):
             fields.append(hashlib.sha256())
-        for h, leaf in zip(fields, leaves):
+        for h, leaf in zip(fields, leaves if whole is None else whole):
             if isinstance(leaf, torch.Tensor):
                 t = leaf.detach().cpu().contiguous()
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer, not a copy
             else:
                 h.update(repr(leaf).encode())
-        n += batch_size_of(batch)
+        n += batch_size_of(batch) if whole is None else int(whole[0].shape[0])
     if last is None:
         msg = f"{name} yielded no batches; pass a non-empty loader."
         raise LoaderError(msg)
     for h in fields:
         layout.update(h.digest())
     return LoaderFingerprint(n, layout.hexdigest()[:16])
+
+
+def _fields_in_order(tb: _TensorBatches) -> list[torch.Tensor] | None:
+    """Every field of a ``TensorDataset`` loader's data in the loader's order (None
+    when it yields nothing)."""
+    idx = [i for b in tb.loader.batch_sampler for i in b]
+    if not idx:
+        return None
+    i = torch.as_tensor(idx, dtype=torch.long)
+    if tb.rows is not None:
+        i = tb.rows[i]
+    same = all(i.numel() == t.shape[0] for t in tb.tensors) and bool(
+        torch.equal(i, torch.arange(i.numel())))
+    return [t if same else t.index_select(0, i) for t in tb.tensors]
 
 
 def check_same_loader(
