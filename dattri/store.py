@@ -51,6 +51,7 @@ from dattri._loader import (
     to_device,
 )
 from dattri.errors import DattriValueError, StoreError
+from dattri.func.utils import close_per_example
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -509,8 +510,8 @@ CHECK_ROWS = 2
 def _check_first_rows(features: Any, loader: Iterable, ckpt: int, store: FeatureStore,
                       name: str) -> None:
     """Compute the features of the loader's first ``CHECK_ROWS`` examples and compare
-    them with the store's first rows (per row, in norm, to 1e-3 relative: two batch
-    sizes round differently, another loss or model differs by O(1)). The settings
+    them with the store's first rows (:func:`~dattri.func.utils.close_per_example`:
+    two batch sizes round differently, another loss or model differs by O(1)). The settings
     key and the weights' digest cannot tell a loss function, a target function or
     the model's code apart; this can."""
     first = head(loader, CHECK_ROWS)
@@ -521,8 +522,7 @@ def _check_first_rows(features: Any, loader: Iterable, ckpt: int, store: Feature
     now = now.detach().to("cpu", torch.float64).reshape(have.shape) if now.numel() == have.numel() else None
     if now is None:
         store._mismatch("rows", "stored rows", "features of another shape")
-    err, scale = (now - have).norm(dim=1), have.norm(dim=1)
-    if not bool((err <= 1e-3 * scale + 1e-6 * float(scale.max().clamp_min(1e-30))).all()):
+    if not close_per_example(now, have):
         store._mismatch("rows", [round(float(v), 6) for v in have[:, :3].reshape(-1)],
                         [round(float(v), 6) for v in now[:, :3].reshape(-1)])
 

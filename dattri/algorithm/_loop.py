@@ -25,7 +25,7 @@ from dattri._loader import (
     to_device,
 )
 from dattri.errors import DattriValueError, NonFiniteError
-from dattri.func.utils import all_finite
+from dattri.func.utils import all_finite, close_per_example  # noqa: F401 - re-exported
 
 __all__ = [
     "ENSEMBLE_SEED",
@@ -193,22 +193,6 @@ def cat_releasing(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _head(batch: Any, n: int = 4) -> Any:
     return slice_batch(batch, slice(0, min(n, batch_size_of(batch))))
-
-
-def close_per_example(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Whether two ``(B, P)`` sets of per-example gradients agree, per example in norm.
-
-    A structural mismatch (coupled examples, a shared layer, dropout) is O(1); float32
-    rounding of two computation orders is not, but reaches ~1e-4 through an
-    ill-conditioned output function (the TRAK margin ``log(p / (1 - p))`` at
-    ``p ~ 1``: 5.7e-5 measured on one checkpoint of 50), hence ``rtol = 1e-3``.
-    """
-    if got.shape != ref.shape:
-        return False
-    ref = ref.to(got.dtype)
-    err = (got - ref).norm(dim=1)
-    scale = ref.norm(dim=1)
-    return bool((err <= 1e-3 * scale + 1e-6 * float(scale.max().clamp_min(1e-30))).all())
 
 
 def _disable(show_progress: bool | None) -> bool | None:
