@@ -37,6 +37,7 @@ from torch import nn
 
 from dattri.algorithm._engine import DataCache, ensemble_rng
 from dattri.algorithm._linear_hessian import output_hessians, resolved_loss
+from dattri.model_util.dropout import active_dropout
 from dattri.task import AttributionTask
 
 __all__ = ["ChainRows", "chain_rows"]
@@ -50,11 +51,6 @@ class _Layer:
                  b_slice: slice | None) -> None:
         self.name, self.weight = name, weight
         self.w_slice, self.b_slice = w_slice, b_slice
-
-
-def _dropout_active(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-               for m in model.modules())
 
 
 def _record(task: AttributionTask, linear: dict[str, nn.Module], batch: Any, ckpt: int,
@@ -224,7 +220,7 @@ def chain_rows(task: AttributionTask, names: list[str], data: DataCache, ckpt: i
     caller checks the first product it uses against autograd
     (:func:`~dattri.algorithm._linear_hessian.calibrated`)."""
     model = task.model
-    if _dropout_active(model):
+    if active_dropout(model):
         return None
     params = dict(task.named_parameters)
     linear = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}

@@ -20,6 +20,7 @@ import torch
 from dattri._loader import count_examples
 from dattri.distributed import Shard, row_range
 from dattri.errors import DattriValueError
+from dattri.model_util.dropout import active_dropout
 from dattri.store import aligned_blocks  # noqa: F401 - the attributors read blocks with it
 from dattri.topk import TopK, merge_topk, topk_from_blocks
 
@@ -155,10 +156,7 @@ def refuse_sharded_dropout(att: Any, owner: str) -> None:
     masks than one process does, so the results would differ from it."""
     if att._shard() is None:
         return
-    from torch import nn
-
-    active = [name for name, mod in att.task.get_model().named_modules()
-              if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0]
+    active = active_dropout(att.task.get_model())
     if active:
         msg = (f"{owner}: the model has active dropout ({', '.join(active[:5])}) and the run is "
                "sharded over a torch.distributed group: each rank would draw its own dropout "

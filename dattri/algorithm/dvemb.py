@@ -72,6 +72,7 @@ from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, row_range
 from dattri.errors import DattriValueError, NotCachedError
 from dattri.func.utils import ParamSpec
+from dattri.model_util.dropout import active_dropout
 from dattri.task import AttributionTask
 from dattri.topk import TopK
 
@@ -190,12 +191,6 @@ class _StepGrads:
         return ok
 
 
-def _active_dropout(model: torch.nn.Module) -> bool:
-    """An active dropout layer: the recorded step draws a mask per example."""
-    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-               for m in model.modules())
-
-
 class DVEmbAttributor(BaseAttributor):
     """Data value embeddings of an SGD trajectory (see the module docstring).
 
@@ -298,7 +293,8 @@ class DVEmbAttributor(BaseAttributor):
         if isinstance(loss, BatchedFunction):
             loss.resolve(params, batch)
         flat = None
-        if self.use_batched and not _active_dropout(model):
+        # an active dropout layer: the recorded step draws a mask per example
+        if self.use_batched and not active_dropout(model):
             flat = self._stepper(names)(loss, batch, params,
                                         lambda: ensemble_rng(0, self.device))
         if flat is None:

@@ -39,6 +39,7 @@ from dattri.distributed import all_gather_rows, broadcast, row_range
 from dattri.errors import DattriValueError, InvalidLossError, MemoryBudgetError
 from dattri.func.hessian import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa
 from dattri.linalg.operators import EigenbasisPreconditioner, Preconditioner
+from dattri.model_util.dropout import active_dropout
 from dattri.task import AttributionTask
 from dattri.topk import TopK
 
@@ -261,8 +262,7 @@ class _IFBase(BaseAttributor):
             raise InvalidLossError(msg)
         loss = task.get_loss_func(self.layer_name, ckpt)
         model = task.get_model()
-        if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-               for m in model.modules()):
+        if active_dropout(model):
             loss = _member_masks(loss, model, ckpt, self.device)
         return loss, theta.to(self.device)
 

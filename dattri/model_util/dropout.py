@@ -15,9 +15,16 @@ from torch import nn
 
 from dattri.errors import DattriValueError, LayerNameError
 
-__all__ = ["activate_dropout"]
+__all__ = ["activate_dropout", "active_dropout"]
 
 _DropoutBase = nn.modules.dropout._DropoutNd  # Dropout, Dropout1d/2d/3d, AlphaDropout...
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Names of the model's dropout layers that draw random masks now (training mode,
+    ``p > 0``): the members of a dropout ensemble differ in them."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, _DropoutBase) and m.training and m.p > 0]
 
 
 def activate_dropout(
