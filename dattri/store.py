@@ -401,12 +401,15 @@ class FeatureStore:
 
 
 def open_store(cache_dir: str | os.PathLike, loader: Iterable, ckpt: int = 0, *, shard: int = 0,
-               settings: Any = None, row_offset: int = 0, name: str = "train_loader") -> FeatureStore:
+               settings: Any = None, row_offset: int = 0, name: str = "train_loader",
+               fingerprint: LoaderFingerprint | None = None) -> FeatureStore:
     """The store of ``loader``'s features at checkpoint ``ckpt`` (shard ``shard``)
-    under ``cache_dir``, created or checked against the loader's fingerprint and
-    ``settings``."""
-    store = FeatureStore(store_folder(cache_dir, ckpt, shard), loader_fingerprint(loader, name),
-                         settings, row_offset)
+    under ``cache_dir``, created or checked against the loader's fingerprint (given,
+    for the stores of several checkpoints of one loader: one pass over the data)
+    and ``settings``."""
+    if fingerprint is None:
+        fingerprint = loader_fingerprint(loader, name)
+    store = FeatureStore(store_folder(cache_dir, ckpt, shard), fingerprint, settings, row_offset)
     store._opened_with = loader  # checked against this loader: featurize_to_store trusts it
     return store
 

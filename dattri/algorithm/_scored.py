@@ -74,16 +74,18 @@ def fill_stores(att: Any, features: Any, loader: Iterable, settings: dict[str, A
     ``subdir``). ``keys``: the weight digest of each store (default: one store per
     checkpoint of ``att.task``, keyed by :func:`checkpoint_digest`); store ``c`` is
     featurized with ``features.batch(batch, c)``."""
+    from dattri._loader import loader_fingerprint
     from dattri.store import featurize_to_store, open_store
 
     shard = att._shard()
     start = row_range(count_examples(loader), shard)[0]
+    fingerprint = loader_fingerprint(loader)  # every example hashed: once for every store
     stores = []
     for c, digest in enumerate(_keys(att, keys)):
         key = {**settings, "checkpoint": digest}
         root = att.cache_dir if subdir is None else os.path.join(att.cache_dir, subdir)
         store = open_store(root, loader, c, shard=0 if shard is None else shard.rank,
-                           settings=key, row_offset=start)
+                           settings=key, row_offset=start, fingerprint=fingerprint)
         featurize_to_store(features, loader, c, store, desc=f"{desc} (checkpoint {c})",
                            show_progress=att.show_progress)
         stores.append(store)
