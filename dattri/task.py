@@ -226,8 +226,9 @@ class AttributionTask:
         """One public call of an attributor: if it raises, the model gets back the
         weights and buffers it had when the call began (e.g. a checkpoint loaded
         before a later one was refused), on the device it was on, and the task
-        forgets the checkpoint it had loaded. The state is copied once per call, just before the first load that
-        changes the model. A model with BatchNorm in training mode is refused first."""
+        forgets the checkpoint it had loaded. The state is copied once per call, just
+        before the first load that changes the model. A model with BatchNorm in
+        training mode is refused first."""
         self._calls += 1
         try:
             if self._calls == 1:

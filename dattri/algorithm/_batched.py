@@ -272,6 +272,17 @@ def head_agrees(calls: RootCalls, func: Callable, params: dict[str, torch.Tensor
     return bool((torch.stack(errs) <= (1e-3 + 1e-6) * torch.stack(scales)).all())
 
 
+def coupled_message(what: str, compared: str, how: str) -> str:
+    """The warning for a batch whose probed example differs alone: ``what`` is being
+    computed, ``compared`` differed, and such batches are ``how`` instead."""
+    return (f"{what}: in a batch, an example's {compared} differs from the one it has "
+            "alone (a batch of one), so the loss couples the examples of some batches (a "
+            "mean over unpadded tokens when padding differs, class weights normalised over "
+            "a batch of mixed labels, batch statistics); such batches are "
+            f"{how} (slower). To keep the batched path, return the mean of per-example "
+            "losses.")
+
+
 def _rows_agree(batched: torch.Tensor, alone: torch.Tensor) -> bool:
     """Row ``i`` of a batched tensor (given as ``(1, ...)``) against the same example alone."""
     return batched.shape == alone.shape and close_per_example(

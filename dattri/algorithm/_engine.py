@@ -15,7 +15,7 @@ import torch
 
 from dattri._warn import warn_user
 from dattri._loader import batch_size_of, batches, check_loader, to_device
-from dattri.algorithm._batched import BatchedGrads, reference_grads
+from dattri.algorithm._batched import BatchedGrads, coupled_message, reference_grads
 from dattri.algorithm._factored import FactoredLinearFeaturizer
 from dattri.algorithm._loop import (  # noqa: F401 - re-exported for the attributors
     ENSEMBLE_SEED,
@@ -158,14 +158,8 @@ class Featurizer(LoaderFeatures):
         it is computed by vmap(grad) on batches of one; the first time, a warning."""
         if not self._warned_probe:
             self._warned_probe = True
-            warn_user(
-                f"{self.which} gradients: in a batch after the first, an example's gradient "
-                "differs from its gradient alone (a batch of one), so the loss couples the "
-                "examples of some batches (a mean over unpadded tokens when padding "
-                "differs, class weights normalised over a batch of mixed labels, batch "
-                "statistics); such batches are computed by vmap(grad) on single examples "
-                "(slower). To keep the batched path, return the mean of per-example losses."
-            )
+            warn_user(coupled_message(f"{self.which} gradients", "gradient",
+                                      "computed by vmap(grad) on single examples"))
 
     @property
     def batched(self):

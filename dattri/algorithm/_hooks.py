@@ -19,6 +19,7 @@ from dattri.algorithm._batched import (
     RootCalls,
     _rows_agree,
     _same_mask_dropout,
+    coupled_message,
     example_alone,
     head_agrees,
 )
@@ -179,13 +180,8 @@ class LinearCapture:
                 raise InvalidLossError(msg)
             if not self._warned_probe:
                 self._warned_probe = True
-                warn_user(
-                    f"{which} layer captures: in a batch, an example's output gradient differs "
-                    "from the one it has alone (a batch of one), so the loss couples the "
-                    "examples of some batches (a mean over unpadded tokens when padding "
-                    "differs, class weights normalised over a batch of mixed labels, batch "
-                    "statistics); such batches are captured one example at a time (slower). "
-                    "To keep the batched path, return the mean of per-example losses.")
+                warn_user(coupled_message(f"{which} layer captures", "output gradient",
+                                          "captured one example at a time"))
             return capture_per_example(lambda one: self.run(one, ckpt, which, func), batch)
         out, it = {}, iter(grads)
         for n in self.modules:
