@@ -211,6 +211,10 @@ class AttributionTask:
         self._calls = 0
         self._before: tuple[nn.Module, int | None, dict[str, torch.Tensor],
                             torch.device | None] | None = None
+        # the model's tensors (storage, version) right after the last load: a change
+        # (another task loading into a shared model, an in-place update by the user)
+        # makes the next load read the checkpoint again
+        self._loaded_token: tuple | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def get_checkpoints(self) -> list[Checkpoint]:
@@ -220,6 +224,41 @@ class AttributionTask:
     def get_model(self) -> nn.Module:
         """The model (with the last loaded checkpoint's weights)."""
         return self.model
+
+    def _model_token(self) -> tuple:
+        """``(storage, version)`` of every parameter and buffer of the model: equal
+        while no tensor was written in place or replaced."""
+        return tuple((t.data_ptr(), t._version)
+                     for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def checkpoint_token(self) -> tuple:
+        """What identifies the checkpoints' current contents, cheaply: for each
+        in-memory state dict the storage and in-place version of its tensors, for each
+        file its path, modification time and size. An attributor keeps the token of
+        its ``cache`` and refuses to answer once it changed (e.g. a state dict from
+        ``model.state_dict()`` shares the model's tensors: training the model further
+        changes that checkpoint)."""
+        out = []
+        for c in self.checkpoints:
+            if isinstance(c, Mapping):
+                out.append(tuple((k, v.data_ptr(), v._version) for k, v in c.items()
+                                 if isinstance(v, torch.Tensor)))
+            else:
+                try:
+                    st = os.stat(c)
+                    out.append((os.fspath(c), st.st_mtime_ns, st.st_size))
+                except (OSError, TypeError):
+                    out.append((id(c),))
+        return tuple(out)
+
+    def _aliases_model(self, state: Mapping) -> bool:
+        """Whether every tensor of ``state`` is the model's own tensor of that name
+        (``model.state_dict()`` itself): loading it would change nothing."""
+        own = self.model.state_dict()
+        return own.keys() == state.keys() and all(
+            isinstance(v, torch.Tensor) and v.data_ptr() == own[k].data_ptr()
+            and v.shape == own[k].shape and v.stride() == own[k].stride()
+            and v.dtype == own[k].dtype for k, v in state.items())
 
     @contextmanager
     def restoring(self) -> Iterator[None]:
@@ -281,7 +320,8 @@ class AttributionTask:
                 f"{len(self.checkpoints)} checkpoint(s)."
             )
             raise DattriValueError(msg)
-        if self.current_checkpoint_idx == ckpt_idx and self.named_parameters:
+        if (self.current_checkpoint_idx == ckpt_idx and self.named_parameters
+                and self._loaded_token == self._model_token()):
             return
         ckpt = self.checkpoints[ckpt_idx]
         if self.checkpoints_load_func is not None:
@@ -292,12 +332,14 @@ class AttributionTask:
         else:
             state = self._read(ckpt) if not isinstance(ckpt, Mapping) else ckpt
             check_state_dict(self.model, state, f"checkpoints[{ckpt_idx}]")
-            self._keep_before()
-            self.model.load_state_dict(state)
+            if not self._aliases_model(state):  # else the model holds it already
+                self._keep_before()
+                self.model.load_state_dict(state)
         self.named_parameters = {
             k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad
         }
         self.current_checkpoint_idx = ckpt_idx
+        self._loaded_token = self._model_token()
 
     def _read(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         """The state dict in ``path``; the last one read is kept (up to

@@ -60,8 +60,13 @@ def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
         task = getattr(self, "task", None)
         if task is None or not hasattr(task, "restoring"):
             return _call(self, *args, **kwargs)
+        if func.__name__ != "cache":
+            _check_checkpoints(self, task, owner)
         with task.restoring():  # a failed call leaves the model as it was
-            return _call(self, *args, **kwargs)
+            out = _call(self, *args, **kwargs)
+        if func.__name__ == "cache":
+            self._checkpoint_token = task.checkpoint_token()
+        return out
 
     def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if rank_here and "top_k" in kwargs:
@@ -97,6 +102,28 @@ def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
 
     method.__compat_wrapped__ = True
     return method
+
+
+def _check_checkpoints(att: Any, task: Any, owner: str) -> None:
+    """Refuse to answer from a cache whose checkpoints changed since (a state dict
+    from ``model.state_dict()`` shares the model's tensors, so training or editing the
+    model in place changes it; a checkpoint file rewritten)."""
+    token = getattr(att, "_checkpoint_token", None)
+    if token is None or not getattr(att, "_cache_uses_checkpoints", True):
+        return
+    now = task.checkpoint_token()
+    if now == token:
+        return
+    changed = [i for i, (a, b) in enumerate(zip(token, now)) if a != b] or ["?"]
+    from dattri.errors import CheckpointError
+
+    msg = (f"{owner}: checkpoints{changed} changed since cache() (tensors written in "
+           "place, e.g. by training a model whose model.state_dict() is the checkpoint, "
+           "or a checkpoint file rewritten), so the cached training-side work belongs "
+           "to other weights. Call cache(train_loader) again, or give the task a copy "
+           "of the weights ({k: v.clone() for k, v in model.state_dict().items()}) "
+           "to keep attributing the old ones.")
+    raise CheckpointError(msg)
 
 
 def install(cls: type) -> None:

@@ -209,6 +209,12 @@ class DVEmbAttributor(BaseAttributor):
 
     _shardable = True
 
+    @property
+    def _cache_uses_checkpoints(self) -> bool:
+        # the recording workflow scores with the model's live parameters, not the
+        # task's checkpoints (which the training loop changes)
+        return self.steps is not None
+
     def __init__(
         self, task: AttributionTask, steps: Sequence[tuple[Sequence[int], float]] | None = None,
         proj_params: Any = None, layer_name: str | Sequence[str] | None = None,
