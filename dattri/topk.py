@@ -147,6 +147,8 @@ def topk_from_blocks(
     blocks: Iterable[tuple[int, torch.Tensor]],
     k: int,
     test_indices: Sequence[int] | torch.Tensor | None = None,
+    *,
+    partial: bool = False,
 ) -> TopK:
     """Top-k from row blocks of a score matrix, in any order, one block held at a time.
 
@@ -156,19 +158,24 @@ def topk_from_blocks(
             test columns. Blocks may come from different shards, in any order,
             on any device (the selection runs there; the result is on the CPU).
         k: proponents and opponents kept per test example (at most the number of
-            training rows scored).
+            training rows scored, unless ``partial``).
         test_indices: the test positions of the ``m`` columns (default ``0..m-1``).
+        partial: the blocks are one shard of a larger training set (a rank's rows):
+            ``k`` is not checked against the rows scored here, and the ranking keeps
+            ``min(k, rows)`` per side (``(m, 0)`` for blocks of zero rows), ready for
+            ``merge_topk(parts, k=k)``, which checks ``k`` against the union.
 
     Returns:
         The :class:`TopK` (scores in the blocks' dtype).
 
     Raises:
-        DattriValueError: no blocks, blocks of different widths, a bad ``k``.
+        DattriValueError: no blocks, blocks of different widths, a bad ``k``, ``k``
+            above the rows scored (without ``partial``).
         NonFiniteError: a block holds NaN (no ranking is defined).
     """
     k = _check_k(k)
     state: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-    seen, width = 0, None
+    seen, width, dtype = 0, None, None
     for start, block in blocks:
         block = torch.as_tensor(block).detach()
         if block.ndim != 2 or (width is not None and block.shape[1] != width):
@@ -179,7 +186,7 @@ def topk_from_blocks(
             msg = (f"blocks: the score block at row {start} holds NaN; check the features or "
                    "the score function for overflow before ranking.")
             raise NonFiniteError(msg)
-        width, seen = block.shape[1], seen + block.shape[0]
+        width, seen, dtype = block.shape[1], seen + block.shape[0], block.dtype
         if block.shape[0] == 0:
             continue
         rows = torch.arange(int(start), int(start) + block.shape[0], device=block.device)
@@ -195,9 +202,12 @@ def topk_from_blocks(
     if width is None:
         msg = "blocks: no score block was given; pass at least one (row_start, scores) pair."
         raise DattriValueError(msg)
-    if k > seen:
+    if k > seen and not partial:
         msg = f"k: {k} exceeds the {seen} training rows scored; pass k <= {seen}."
         raise DattriValueError(msg)
+    if not state:  # a shard of zero rows (partial): nothing to rank, (m, 0) per side
+        empty = (torch.empty(width, 0, dtype=torch.int64), torch.empty(width, 0, dtype=dtype))
+        state = {True: empty, False: empty}
     out = [t.cpu() for side in (True, False) for t in state[side]]
     return TopK(_as_columns(test_indices, width), *out)
 
@@ -290,16 +300,25 @@ def concat_topk(parts: Sequence[TopK]) -> TopK:
     return TopK(*fields)
 
 
-def merge_topk(parts: Sequence[TopK | tuple[int, TopK]]) -> TopK:
+def merge_topk(parts: Sequence[TopK | tuple[int, TopK]], k: int | None = None) -> TopK:
     """The exact top-k of a training set split into shards or ranks.
 
     Args:
         parts: each a :class:`TopK` over the same test examples, with global
             training rows, or a ``(row_offset, TopK)`` pair whose rows are numbered
-            from 0 within its shard. Their ``k`` may differ; the smallest is kept.
+            from 0 within its shard.
+        k: the ``k`` of the result. ``None``: the smallest ``k`` of the parts (shards
+            ranked with one ``k``). Given: each part must rank ``min(k, its rows)``
+            (``topk_from_blocks(..., partial=True)``; a shard with fewer than ``k``
+            rows ranks all of them, possibly none), and the ``k`` best of all their
+            candidates are kept.
 
     Returns:
         The ranking of the union, equal to the one of the whole score matrix.
+
+    Raises:
+        DattriValueError: no parts, parts over different test examples, a bad ``k``,
+            or ``k`` above the training rows of all parts together.
     """
     pairs = [p if isinstance(p, tuple) else (0, p) for p in parts]
     if not pairs:
@@ -310,7 +329,16 @@ def merge_topk(parts: Sequence[TopK | tuple[int, TopK]]) -> TopK:
         msg = ("parts: shards rank different test examples; rank the same test_indices "
                "in every shard.")
         raise DattriValueError(msg)
-    k = min(p.k for _, p in pairs)
+    if k is None:
+        k = min(p.k for _, p in pairs)
+    else:
+        k = _check_k(k)
+        # each part holds min(k, its rows): their sum is below k only when the rows
+        # of all parts together are, and then it is that number of rows
+        total = sum(p.k for _, p in pairs)
+        if k > total:
+            msg = f"k: {k} exceeds the {total} training rows scored; pass k <= {total}."
+            raise DattriValueError(msg)
     out = []
     for largest, (idx_name, val_name) in ((True, ("proponents", "proponent_scores")),
                                           (False, ("opponents", "opponent_scores"))):

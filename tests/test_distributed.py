@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,40 +12,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dattri import distributed
 from dattri.errors import DattriValueError
+from ranks import free_port, spawn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: a hang guard (the 2-rank run takes seconds); on expiry the ranks are killed
 GUARD_S = 600
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port  # test_dist_resume imports it from here
 
 
 def _spawn(world: int, out_dir: str) -> None:
-    port = _free_port()
-    root = os.path.dirname(HERE)  # the checkout, importable even without an install
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_cases.py"), str(r),
-                               str(world), str(port), out_dir], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=GUARD_S)
-            logs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    failed = [f"rank {r} (exit {p.returncode}):\n{log[-2500:]}"
-              for r, (p, log) in enumerate(zip(procs, logs)) if p.returncode != 0]
-    assert not failed, "\n".join(failed)
+    port = free_port()
+    spawn(os.path.join(HERE, "dist_cases.py"),
+          [(r, world, port, out_dir) for r in range(world)], GUARD_S)
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):

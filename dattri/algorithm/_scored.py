@@ -11,6 +11,7 @@ crash; scores are then computed in row blocks read from the stores, and with
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 
 from dattri._loader import count_examples
 from dattri.distributed import Shard, row_range
-from dattri.errors import DattriValueError
+from dattri.errors import DattriError, DattriRuntimeError, DattriValueError
 from dattri.model_util.dropout import active_dropout
 from dattri.store import aligned_blocks  # noqa: F401 - the attributors read blocks with it
 from dattri.topk import TopK, merge_topk, topk_from_blocks
@@ -133,15 +134,50 @@ def fill(att: Any, features: Any, loader: Iterable, settings: dict[str, Any],
 
 
 def ranked(blocks: Iterable[tuple[int, torch.Tensor]], k: int, shard: Shard | None) -> TopK:
-    """The top-k of score row blocks with global row starts, over every rank."""
-    local = topk_from_blocks(blocks, k)
+    """The top-k of score row blocks with global row starts, over every rank.
+
+    Each rank ranks ``min(k, its rows)`` (possibly none: a rank without blocks
+    sends nothing) and the rankings are gathered and merged, so ``k`` is checked
+    against the training rows of all ranks together. One collective, reached by
+    every rank: a rank's error (``k`` above the global rows, NaN scores) is
+    raised on every rank alike, none is left waiting for the others.
+    """
     if shard is None:
-        return local
+        return topk_from_blocks(blocks, k)
     import torch.distributed as dist
 
+    local: TopK | None = None
+    error: Exception | None = None
+    try:
+        it = iter(blocks)
+        first = next(it, None)
+        if first is not None:
+            local = topk_from_blocks(itertools.chain([first], it), k, partial=True)
+    except Exception as exc:  # noqa: BLE001 - sent to the other ranks, raised below
+        error = exc
     parts: list[Any] = [None] * shard.world
-    dist.all_gather_object(parts, local, group=shard.group)
-    return merge_topk(parts)
+    dist.all_gather_object(parts, (local, _portable(error)), group=shard.group)
+    if error is not None:
+        raise error
+    for r, (_, err) in enumerate(parts):
+        if err is not None:
+            kind, text = err
+            raise kind(f"rank {r}: {text}")
+    tops = [top for top, _ in parts if top is not None]
+    if not tops:
+        msg = (f"k: {k} exceeds the 0 training rows scored (no rank of the {shard.world} "
+               "had a score block); pass a training loader with at least k examples.")
+        raise DattriValueError(msg)
+    return merge_topk(tops, k=k)
+
+
+def _portable(error: Exception | None) -> tuple[type, str] | None:
+    """``error`` as ``(type, message)`` for another rank: its dattri type (else
+    :class:`DattriRuntimeError`), whatever its constructor takes."""
+    if error is None:
+        return None
+    kind = type(error) if isinstance(error, DattriError) else DattriRuntimeError
+    return kind, f"{type(error).__name__}: {error}"
 
 
 def block_rows(dim: int, m: int, checkpoints: int = 1, budget_bytes: int = 64 << 20) -> int:
