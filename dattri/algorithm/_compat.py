@@ -8,7 +8,10 @@ defines so that both spellings work; passing both spellings of one argument is a
 error. Nothing else changes: the wrapped method gets dattri's names.
 
 Every wrapped call runs inside its task's ``restoring()``: if it raises, the model
-gets back the weights and buffers it had before the call.
+gets back the weights and buffers it had before the call. Its CG solves that stop at
+``max_iter`` above ``tol`` give one warning for the whole call
+(:func:`dattri.linalg.solvers.summarize_unconverged`). A call after ``cache`` whose
+checkpoints changed since is refused (``CheckpointError``).
 
 ``attribute(..., top_k=k)`` works on every attributor: a method without its own
 blocked ranking (TRAK, TracIn, the influence-function family, RPS-L2, KNN-Shapley and
@@ -62,7 +65,11 @@ def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
             return _call(self, *args, **kwargs)
         if func.__name__ != "cache":
             _check_checkpoints(self, task, owner)
-        with task.restoring():  # a failed call leaves the model as it was
+        from dattri.linalg.solvers import summarize_unconverged
+
+        # a failed call leaves the model as it was; the CG solves of the call (one per
+        # checkpoint and block of gradients) warn once, together, if any stopped short
+        with task.restoring(), summarize_unconverged():
             out = _call(self, *args, **kwargs)
         if func.__name__ == "cache":
             self._checkpoint_token = task.checkpoint_token()

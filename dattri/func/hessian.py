@@ -309,12 +309,20 @@ def ihvp_at_x_cg(
     finite), and warns (``RuntimeWarning``) when it meets negative curvature
     ``p^T (H + lambda I) p < 0``.
 
+    ``tol`` is a target, not a guarantee: when rows of ``v`` are still above it after
+    ``max_iter`` iterations (the default 10 is often too few for an ill-conditioned
+    Hessian), ``f(v)`` returns CG's last iterate for them, which can be far from the
+    solution, and warns once per call (``RuntimeWarning``) with their number and the
+    worst relative residual; raise ``max_iter`` or ``regularization``. Calls inside
+    :func:`dattri.linalg.solvers.summarize_unconverged` warn once together.
+
     Args:
         func: scalar function.
         *x: the arguments of ``func``.
         argnums: position of the argument to differentiate.
         max_iter: maximum CG iterations.
-        tol: relative residual tolerance.
+        tol: relative residual tolerance (a warning says when a row is still above
+            it after ``max_iter`` iterations).
         mode: ``"rev-rev"`` or ``"rev-fwd"``.
         regularization: :math:`\lambda`.
         progress: tqdm bar over the iterations.
@@ -537,13 +545,16 @@ def ihvp_at_x_lissa(
     examples without replacement, and :func:`dattri.linalg.lissa_solve` runs
 
     .. math:: h_t = v + (1-d)\,h_{t-1} - H_{B_t} h_{t-1}/s, \qquad
-              f(v) = 	frac{1}{R}\sum_{	ext{repeats}} h_T / s
-              \;pprox\; (H + d\,s\,I)^{-1} v,
+              f(v) = \frac{1}{R}\sum_{\text{repeats}} h_T / s
+              \;\approx\; (H + d\,s\,I)^{-1} v,
 
     (Agarwal et al. 2017; Koh & Liang 2017), with :math:`H_{B_t}` the Hessian of
     ``func`` on the minibatch. All rows of ``v`` share the minibatch of a step (one
     vmapped HVP per step). It converges if every eigenvalue :math:`\mu` of ``H``
-    has :math:`|1-d-\mu/s| < 1`.
+    has :math:`|1-d-\mu/s| < 1`; choose ``s`` so that the eigenvalues of the
+    minibatch Hessians satisfy it too (every step is then a contraction). A
+    recursion that diverges raises instead of returning its growing iterate (see
+    :func:`dattri.linalg.lissa_solve`).
 
     Args:
         func: scalar (mean) loss.
@@ -564,7 +575,9 @@ def ihvp_at_x_lissa(
         progress: tqdm bar over the steps.
 
     Returns:
-        ``f(v)``, result of the shape of ``v``.
+        ``f(v)``, result of the shape of ``v``. ``f`` raises
+        :class:`~dattri.errors.NonFiniteError`, naming ``scaling``, when the
+        recursion diverges (``scaling`` too small for the minibatch Hessians).
     """
     _check_mode(mode)
     _check_argnums(argnums)

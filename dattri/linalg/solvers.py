@@ -17,11 +17,19 @@ block per iteration, never a Python loop over the rows.
   (Schioppa, Zablotskaia, Vilar & Sokolov 2022, "Scaling up influence functions").
 - :func:`explicit_inverse`, :func:`explicit_solve`: dense Cholesky with a
   symmetric-eigendecomposition fallback.
+
+The iterative solvers do not fail silently: CG warns (``RuntimeWarning``) when it
+stops at ``max_iter`` with residuals above ``tol`` (:func:`summarize_unconverged`
+folds the warnings of many solves into one), and LiSSA raises
+:class:`~dattri.errors.NonFiniteError` when its recursion diverges.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +39,7 @@ from dattri.errors import DattriValueError, NonFiniteError
 from dattri.func.utils import all_finite
 
 __all__ = [
+    "ConvergenceSummary",
     "arnoldi",
     "cg_multishift_solve",
     "cg_solve",
@@ -38,6 +47,7 @@ __all__ = [
     "explicit_solve",
     "factorize",
     "lissa_solve",
+    "summarize_unconverged",
 ]
 
 
@@ -93,6 +103,127 @@ def _warn_breakdown(count: int, total: int, solver: str) -> None:
         )
 
 
+@dataclass
+class ConvergenceSummary:
+    """What the CG solves run inside :func:`summarize_unconverged` reported.
+
+    Attributes:
+        solves: CG solves run.
+        unconverged_solves: those that stopped at ``max_iter`` with a system above ``tol``.
+        systems: linear systems of those solves: right-hand sides (``cg_solve``) or
+            (shift, right-hand side) pairs (``cg_multishift_solve``).
+        unconverged: the systems of those solves still above ``tol`` at ``max_iter``.
+        worst: the largest relative residual ``||(A + lambda I) x - b|| / ||b||`` among
+            them (as CG's recursion tracks it).
+        settings: ``(solver, max_iter, tol)`` of the unconverged solves.
+        shifts: the shifts with an unconverged system (``cg_multishift_solve``).
+    """
+
+    solves: int = 0
+    unconverged_solves: int = 0
+    systems: int = 0
+    unconverged: int = 0
+    worst: float = 0.0
+    settings: set[tuple[str, int, float]] = field(default_factory=set)
+    shifts: set[float] = field(default_factory=set)
+
+    def add(self, other: ConvergenceSummary) -> None:
+        """Count ``other``'s solves in this summary too."""
+        self.solves += other.solves
+        self.unconverged_solves += other.unconverged_solves
+        self.systems += other.systems
+        self.unconverged += other.unconverged
+        self.worst = max(self.worst, other.worst)
+        self.settings |= other.settings
+        self.shifts |= other.shifts
+
+    def message(self) -> str:
+        """The warning text (empty when every solve converged)."""
+        if not self.unconverged:
+            return ""
+        solvers = sorted({name for name, _, _ in self.settings})
+        iters = ", ".join(str(m) for m in sorted({m for _, m, _ in self.settings}))
+        tols = ", ".join(f"{t:g}" for t in sorted({t for _, _, t in self.settings}))
+        multi = solvers == ["cg_multishift_solve"]
+        what = ("(shift, right-hand side) pair(s)" if multi
+                else "right-hand side(s)" if solvers == ["cg_solve"] else "linear system(s)")
+        where = "" if self.solves == 1 else (
+            f" in {self.unconverged_solves} of {self.solves} solves")
+        at = f" (at shifts {sorted(self.shifts)})" if self.shifts else ""
+        damp = ("larger `shifts`" if multi else "a larger `regularization`"
+                if solvers == ["cg_solve"] else "a larger `regularization` or `shifts`")
+        return (
+            f"{' / '.join(solvers)} did not converge{where}: {self.unconverged} of "
+            f"{self.systems} {what}{at} still had a relative residual "
+            f"||(A + lambda I) x - b|| / ||b|| above tol={tols} after max_iter={iters} "
+            f"iterations (worst {self.worst:.3g}); the result is CG's last iterate, not a "
+            f"solution to that tolerance. Raise `max_iter`, or add damping ({damp}): a "
+            "better-conditioned system converges in fewer iterations."
+        )
+
+
+_SUMMARIES = threading.local()  # this thread's open summarize_unconverged() blocks
+
+
+def _summary_stack() -> list[ConvergenceSummary]:
+    stack = getattr(_SUMMARIES, "stack", None)
+    if stack is None:
+        stack = _SUMMARIES.stack = []
+    return stack
+
+
+@contextlib.contextmanager
+def summarize_unconverged(warn: bool = True) -> Iterator[ConvergenceSummary]:
+    """Fold the non-convergence warnings of the CG solves in a block into one.
+
+    Alone, :func:`cg_solve` and :func:`cg_multishift_solve` warn once per solve that
+    stops at ``max_iter`` above ``tol``. A caller that solves many times (an
+    attributor: once per checkpoint and block of gradients, with the paper's
+    ``max_iter=10`` that often does not converge) runs them in this block instead:
+    they warn nothing, and at the end of the block one warning counts the
+    unconverged solves and systems with the worst residual. Blocks nest: an inner
+    block's solves also count in the enclosing one, and only the outermost warns.
+
+    Args:
+        warn: warn at the end of the block (False: only fill the summary).
+
+    Yields:
+        The :class:`ConvergenceSummary`, filled as the solves run.
+    """
+    stack = _summary_stack()
+    summary = ConvergenceSummary()
+    stack.append(summary)
+    try:
+        yield summary
+    finally:
+        stack.pop()
+    if stack:
+        stack[-1].add(summary)
+    elif warn and summary.unconverged:
+        warn_user(summary.message(), RuntimeWarning)
+
+
+def _report_convergence(solver: str, max_iter: int, tol: float, systems: int,
+                        unconverged: torch.Tensor, relres: torch.Tensor,
+                        shifts: list[float] | None = None) -> None:
+    """Count one solve (``unconverged``: its systems still above ``tol`` after
+    ``max_iter`` iterations, ``relres`` their relative residuals, already tracked by
+    CG: no extra product) in the open summary, or warn once for it."""
+    count = int(unconverged.sum())
+    one = ConvergenceSummary(solves=1, systems=systems)
+    if count:
+        one.unconverged_solves, one.unconverged = 1, count
+        one.worst = float(relres[unconverged].max())
+        one.settings.add((solver, max_iter, tol))
+        if shifts is not None:
+            one.shifts = {shifts[j] for j in unconverged.any(dim=1).nonzero().flatten().tolist()}
+    stack = _summary_stack()
+    if stack:
+        stack[-1].add(one)
+    elif count:
+        warn_user(one.message(), RuntimeWarning)
+
+
 def _cg_step(op, Pdir, R, rs, idx, tiny):
     """One CG step on the rows ``idx``: ``(P_a, ok, alpha, R_a, rs_new, beta)``;
     ``ok`` is False where ``p^T A p`` is zero or not finite (breakdown: alpha = 0)."""
@@ -124,7 +255,12 @@ def cg_solve(
     :math:`\beta_r = \|r_r^{new}\|^2 / \|r_r\|^2`. A row stops (is frozen) once its
     residual satisfies :math:`\|r_r\| \le \mathrm{tol}\cdot\max(\|b_r\|, \epsilon)`,
     and ``matmat`` is then called only on the rows still running. The loop ends when
-    every row has converged or after ``max_iter`` calls of ``matmat``.
+    every row has converged or after ``max_iter`` calls of ``matmat``. In the second
+    case the rows still above ``tol`` are CG's last iterates, which can be far from the
+    solution (their residual can even exceed ``||b||``): the solve then warns once
+    (``RuntimeWarning``) with their number, the worst relative residual, ``max_iter``
+    and ``tol`` (from the residuals CG tracks: no extra product). Many solves in a
+    :func:`summarize_unconverged` block warn once together.
 
     Args:
         matmat: maps a ``(m, P)`` block to ``(m, P)``, row ``r`` to ``A @ row_r``
@@ -133,7 +269,8 @@ def cg_solve(
         max_iter: maximum number of CG iterations (= calls of ``matmat``).
         tol: relative residual tolerance (the right-hand sides are normalised to
             unit rows inside, so tiny or huge ``B`` converge alike; a warning says
-            when a step's ``p^T A p`` underflows or overflows).
+            when a step's ``p^T A p`` underflows or overflows, and when a row is
+            still above ``tol`` after ``max_iter`` iterations).
         regularization: :math:`\lambda`, added as ``lambda * x`` to every product.
         x0: optional start, shape of ``B`` (default zeros).
         progress: show a tqdm bar over the iterations.
@@ -168,7 +305,8 @@ def cg_solve(
             X = X / scale
         R = Bm - op(X)
     tiny = torch.finfo(Bm.dtype).tiny if Bm.is_floating_point() else 1e-30
-    thresh = tol * Bm.norm(dim=1).clamp_min(tiny)
+    bnorm = Bm.norm(dim=1).clamp_min(tiny)
+    thresh = tol * bnorm
     rs = (R * R).sum(dim=1)
     Pdir = R.clone()
     active = rs.sqrt() > thresh
@@ -185,6 +323,8 @@ def cg_solve(
         rs[idx] = rs_new
         active[idx] = ok & (rs_new.sqrt() > thresh[idx])
     _warn_breakdown(int(broke.sum()), Bm.shape[0], "cg_solve")
+    # rows still active ran out of iterations (a converged or broken-down row is not)
+    _report_convergence("cg_solve", max_iter, tol, Bm.shape[0], active, rs.sqrt() / bnorm)
     if scale is not None:
         X = X * scale
     return X[0] if single else X
@@ -242,6 +382,9 @@ def cg_multishift_solve(
     only on those rows (``max_iter`` calls at most). A breakdown of the base
     (:math:`p^\top A_0 p` zero or non-finite) freezes every shift of that row. Memory:
     one solution and one direction per shift, plus four blocks, all of ``B``'s size.
+    As :func:`cg_solve`, it warns once per solve when (shift, row) pairs are still
+    above ``tol`` after ``max_iter`` iterations (the smallest shifts converge
+    slowest).
 
     Args:
         matmat: maps a ``(m, P)`` block to ``(m, P)``, row ``r`` to ``A @ row_r``
@@ -273,7 +416,8 @@ def cg_multishift_solve(
 
     sigma = torch.tensor([s - base for s in vals], dtype=Bm.dtype, device=Bm.device)[:, None]
     tiny = torch.finfo(Bm.dtype).tiny if Bm.is_floating_point() else 1e-30
-    thresh = tol * Bm.norm(dim=1).clamp_min(tiny)
+    bnorm = Bm.norm(dim=1).clamp_min(tiny)
+    thresh = tol * bnorm
     R, rs = Bm.clone(), (Bm * Bm).sum(dim=1)
     Pdir = R.clone()
     Xs = [torch.zeros_like(Bm) for _ in vals]
@@ -311,6 +455,9 @@ def cg_multishift_solve(
         alpha_old[idx], beta_old[idx] = alpha, beta
         active[:, idx] = run & (z_new.abs() * rs_new.sqrt() > thresh[idx])
     _warn_breakdown(int(broke.sum()), Bm.shape[0], "cg_multishift_solve")
+    # pairs still active ran out of iterations; shift s's residual is |zeta| r
+    _report_convergence("cg_multishift_solve", max_iter, tol, active.numel(), active,
+                        zeta.abs() * (rs.sqrt() / bnorm), vals)
     if scale is not None:
         Xs = [X * scale for X in Xs]
     return {s: (X[0] if single else X) for s, X in zip(vals, Xs)}
@@ -344,6 +491,18 @@ def lissa_solve(
     :math:`|1 - d - \mu/s| < 1` (choose ``scaling`` above the largest eigenvalue).
     The error after ``T`` steps decays like :math:`\max_\mu |1-d-\mu/s|^T`.
 
+    Divergence is an error, not a result. When every step's
+    :math:`M_t = (1-d) I - \tilde A_t/s` is a contraction (:math:`\|M_t\| \le 1`:
+    every eigenvalue of every sampled :math:`\tilde A_t` in :math:`[-d s, (2-d) s]`),
+    :math:`h_t = b + M_t h_{t-1}` gives :math:`\|h_t\| \le \|b\| + \|h_{t-1}\|`, so
+    :math:`\|h_t\| \le (t+1)\|b\|` for every row. A row above ten times that bound
+    (checked at the steps :math:`t = 1, 2, 4, 8, \dots` and ``T``, on norms that
+    cost one pass over the rows; the factor 10 leaves room for minibatch steps that
+    expand now and then in a recursion that still converges) or not finite proves
+    that steps were not contractions, i.e. ``scaling`` is too small for the sampled
+    Hessians, and raises ``NonFiniteError`` instead of returning growing garbage. A
+    divergence too slow to pass the bound within ``T`` steps is not detected.
+
     Args:
         sample_matmat: ``sample_matmat(V, step)`` returns a stochastic estimate of
             ``V @ A`` (row-wise ``A v``) for ``V`` of shape ``(k, P)``; the caller
@@ -373,7 +532,10 @@ def lissa_solve(
 
     Raises:
         DattriValueError: for a bad shape or setting.
-        NonFiniteError: if the recursion diverges to inf/NaN (``scaling`` too small).
+        NonFiniteError: if the recursion diverges (``scaling`` too small, or the
+            products ``sample_matmat`` returns not finite): some row's iterate is
+            inf/NaN or grew past ten times the bound :math:`(t+1)\|b\|` that no
+            recursion of contractions exceeds.
     """
     _check_posint("recursion_depth", recursion_depth)
     _check_posint("num_repeat", num_repeat)
@@ -390,6 +552,11 @@ def lissa_solve(
     starts = list(range(0, rows, block))
     bar = tqdm(total=num_repeat * recursion_depth * (len(starts) if rows_first else 1),
                desc="LiSSA", disable=not progress)
+    # row norms relative to each row's largest entry: neither under- nor overflow
+    # (float32 gradients of 1e-22, float64 ones of 1e-200)
+    bmax = Bm.abs().amax(dim=1, keepdim=True)
+    bmax = torch.where(bmax > 0, bmax, torch.ones_like(bmax))
+    bnorm = (Bm / bmax).norm(dim=1)
 
     def step(h: torch.Tensor, s: int, t: int) -> None:
         hs = h[s:s + block]
@@ -397,31 +564,65 @@ def lissa_solve(
         # h <- b + (1 - d) h - A h / s, in place
         hs.mul_(1.0 - damping).add_(Bm[s:s + block]).sub_(ahs.to(hs.dtype), alpha=1.0 / scaling)
 
+    def check(h: torch.Tensor, s: int, t: int, rep: int) -> None:
+        """Raise if a row of ``h[s:s+block]`` after ``t`` steps is not finite or above
+        ``LISSA_GROWTH_SLACK * (t+1) * ||b||``: with contractions ``M_t`` (each
+        sampled Hessian's spectrum in [-d s, (2-d) s]), ``||h_t|| <= ||b|| +
+        ||h_{t-1}||`` holds step by step whatever the minibatch, hence ``(t+1)||b||``.
+        A minibatch Hessian above (2-d) s expands its step and voids the proof, so a
+        recursion that converges in the mean may pass the bound for a while: the
+        slack covers that (and rounding), and costs a divergent recursion, which
+        grows geometrically, only log(slack)/log(rate) more steps to be caught."""
+        if t & (t - 1) and t != recursion_depth:  # steps 1, 2, 4, 8, ... and T
+            return
+        hs = h[s:s + block]
+        ratio = (hs / bmax[s:s + block]).norm(dim=1) / ((t + 1) * bnorm[s:s + block])
+        bad = ~(ratio <= LISSA_GROWTH_SLACK)  # NaN too (inf/NaN entries; 0/0 of zero rows)
+        bad &= (bnorm[s:s + block] > 0) | ~torch.isfinite(hs).all(dim=1)  # a zero b stays 0
+        if not bool(bad.any()):
+            return
+        bar.close()
+        r = int(bad.nonzero()[0, 0]) + s
+        finite = bool(torch.isfinite(h[r]).all())
+        what = (f"row {r}'s iterate grew to {float(ratio[r - s]):.3g} x (t+1)||b||" if finite
+                else f"row {r}'s iterate became inf/NaN")
+        msg = (
+            f"LiSSA diverged: at step t={t} of recursion_depth={recursion_depth} (repeat "
+            f"{rep + 1} of {num_repeat}), {what}, while a converging recursion (every step a contraction) "
+            f"stays below (t+1)||b||. `scaling`={scaling!r} is too small (or the Hessian "
+            "products are not finite): the recursion needs every eigenvalue mu of the "
+            "sampled Hessians to satisfy |1 - damping - mu/scaling| < 1, i.e. `scaling` "
+            "above lambda_max / (2 - damping) of the sampled (minibatch) Hessians; "
+            "estimate lambda_max with a few power iterations (or dattri.linalg.arnoldi) "
+            "on a minibatch Hessian and pass a larger `scaling`, and enough `damping` "
+            "(damping * scaling above the most negative eigenvalue's magnitude) for a "
+            "non-convex loss."
+        )
+        raise NonFiniteError(msg)
+
     for rep in range(num_repeat):
         h = Bm.clone()
-        steps = range(rep * recursion_depth + 1, (rep + 1) * recursion_depth + 1)
         if rows_first and chunk is not None:
             for s in starts:
-                for t in steps:
-                    step(h, s, t)
+                for t in range(1, recursion_depth + 1):
+                    step(h, s, rep * recursion_depth + t)
+                    check(h, s, t, rep)
                     bar.update(1)
         else:
-            for t in steps:
+            for t in range(1, recursion_depth + 1):
                 for s in starts:
-                    step(h, s, t)
+                    step(h, s, rep * recursion_depth + t)
+                    check(h, s, t, rep)
                 bar.update(1)
-        if not torch.isfinite(h).all():
-            bar.close()
-            msg = (
-                "LiSSA diverged (inf/NaN): the recursion needs every Hessian eigenvalue "
-                "mu to satisfy |1 - damping - mu/scaling| < 1; increase `scaling` "
-                f"(now {scaling})."
-            )
-            raise NonFiniteError(msg)
         total += h / scaling
     bar.close()
     X = total / num_repeat
     return X[0] if single else X
+
+
+#: slack of LiSSA's divergence test ``||h_t|| > slack * (t+1) * ||b||`` (see
+#: :func:`lissa_solve`)
+LISSA_GROWTH_SLACK = 10.0
 
 
 def _mgs_step(Q: torch.Tensor, n: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
