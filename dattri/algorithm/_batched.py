@@ -313,6 +313,70 @@ class BatchedGrads:
         #: the previous result, lent back by a caller that no longer needs it
         #: (:meth:`release`): the next result of the same shape is written into it
         self._lender = BufferLender()
+        #: per example shape of a batch: the leading sizes of the units' tensors on
+        #: one example (:meth:`_model_sizes`)
+        self._sizes: dict[tuple, frozenset[int]] = {}
+
+    def _model_sizes(self, func: Callable, batch: Any, params: dict[str, torch.Tensor]) -> frozenset[int]:
+        """The leading sizes (above 1) of the tensors the units' calls take and give
+        when the model runs on ONE example of ``batch``: sizes of the model or of the
+        example (a sequence length: position ids ``arange(T)``, a ``(T, T)`` mask),
+        not of the batch. A batch of one of these sizes would make such a shared
+        tensor look like one row per example (the batch axis is told by its size), so
+        :meth:`run` splits it. Cached per example shape; the forward runs without
+        gradients and leaves the random state as it was."""
+        from dattri._loader import slice_batch
+
+        key = tuple((tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) and x.dim()
+                    else type(x) for x in tree_flatten(batch)[0])
+        if key in self._sizes:
+            return self._sizes[key]
+        seen: set[int] = set()
+
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            seen.update(int(x.shape[0]) for x in tree_flatten((args, kwargs, out))[0]
+                        if isinstance(x, torch.Tensor) and x.dim())
+
+        model = self.task.get_model()
+        handles = [u.module.register_forward_hook(hook, with_kwargs=True) for u in self.units]
+        device = next(iter(params.values())).device if params else None
+        try:
+            with replayed_rng(rng_state(device)), _same_mask_dropout(model), torch.no_grad():
+                func(params, slice_batch(batch, slice(0, 1)))
+        finally:
+            for h in handles:
+                h.remove()
+        seen.discard(1)
+        self._sizes[key] = frozenset(seen)
+        return self._sizes[key]
+
+    def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor],
+            sink: Any = None) -> torch.Tensor | None:
+        """``(B, P)`` gradients of ``func(params, batch)`` per example (or, with a
+        ``sink``, their TensorSketch ``(B, k)``): :meth:`_run` on the batch, or on
+        consecutive parts of it when its size is one of the model's own sizes
+        (:meth:`_model_sizes`; e.g. a batch of T sequences of length T), each part
+        drawing the same dropout masks."""
+        if any(isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.module.training
+               for u in self.units):
+            return None  # batch statistics couple the examples (and the run would update them)
+        b = batch_size_of(batch)
+        sizes = self._model_sizes(func, batch, params) if b > 1 else frozenset()
+        if b not in sizes:
+            return self._run(func, batch, params, sink)
+        from dattri._loader import slice_batch
+
+        step = next(s for s in range(b - 1, 0, -1) if s not in sizes)
+        state = rng_state(next(iter(params.values())).device if params else None)
+        parts = []
+        for start in range(0, b, step):
+            with replayed_rng(state):
+                part = self._run(func, slice_batch(batch, slice(start, min(b, start + step))),
+                                 params, sink)
+            if part is None:
+                return None
+            parts.append(part)
+        return torch.cat(parts)
 
     @staticmethod
     def _tap(t: torch.Tensor, leaves: list[torch.Tensor], tapped: dict[int, torch.Tensor]
@@ -353,7 +417,7 @@ class BatchedGrads:
             # a call on inputs without the batch axis (position ids of shape (T,) or
             # (1, T)) makes an output that the batch shares, broadcast later: it is
             # expanded to (B, ...), so that its gradient stays per example
-            lift = b > 1 and not any(_batch_dim(t, b, _m) is not None
+            lift = not any(_batch_dim(t, b, _m) is not None
                                      for t in tree_flatten((args, kwargs))[0])
 
             def tap(t: Any) -> Any:
@@ -386,8 +450,8 @@ class BatchedGrads:
     def _buffer(self, b: int, ref: torch.Tensor) -> torch.Tensor:
         return self._lender.take((b, self.spec.numel), ref.dtype, ref.device)
 
-    def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor],
-            sink: Any = None) -> torch.Tensor | None:
+    def _run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor],
+             sink: Any = None) -> torch.Tensor | None:
         """``(B, P)`` gradients of ``func(params, batch)`` (a batch mean, or a sum when
         found to be one: :func:`~dattri._convention.batch_scale`) per example, or
         ``None`` when a module's configuration is outside the batched rules.
@@ -397,9 +461,6 @@ class BatchedGrads:
         inputs and output gradients (never formed), the others formed into a buffer
         of their own parameters only and sketched from it."""
         model = self.task.get_model()
-        if any(isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.module.training
-               for u in self.units):
-            return None  # batch statistics couple the examples (and the run would update them)
         leaves: list[torch.Tensor] = []
         tapped: dict[int, torch.Tensor | None] = {}
         self._b = batch_size_of(batch)
