@@ -212,12 +212,14 @@ def is_unbatched(func: Any) -> bool:
     return isinstance(func, BatchedFunction) and bool(func.unbatched)
 
 
-def capture_per_example(run_one: Callable[[Any], dict], batch: Any) -> dict:
-    """Layer captures ``{module: (a, s)}`` of a single-example function on a batch:
-    one call per example (forward hooks cannot see inside ``vmap``), concatenated."""
+def capture_per_example(run_one: Callable[[Any], dict], batch: Any, step: int = 1) -> dict:
+    """Layer captures ``{module: (a, s)}`` of a batch in consecutive parts of ``step``
+    examples (1: a single-example function, since forward hooks cannot see inside
+    ``vmap``), concatenated."""
     from dattri._loader import batch_size_of, slice_batch
 
-    parts = [run_one(slice_batch(batch, slice(i, i + 1))) for i in range(batch_size_of(batch))]
+    b = batch_size_of(batch)
+    parts = [run_one(slice_batch(batch, slice(i, min(b, i + step)))) for i in range(0, b, step)]
     return {k: tuple(torch.cat([p[k][j] for p in parts]) for j in range(2)) for k in parts[0]}
 
 

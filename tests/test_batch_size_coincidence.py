@@ -125,3 +125,50 @@ def test_split_batch_keeps_one_dropout_mask_per_member():
         torch.testing.assert_close(scores(batch), split, rtol=1e-10, atol=1e-12)
     with torch.no_grad():
         assert (scores(T) - split).abs().max() == 0  # deterministic per member
+
+
+class SharedFeatures(nn.Module):
+    """A ``nn.Linear`` called on features of the positions, ``(T, 2)``, shared by the
+    batch (``expand=True``: the same features given to every example explicitly)."""
+
+    def __init__(self, expand: bool = False) -> None:
+        super().__init__()
+        self.expand = expand
+        self.wte, self.pos, self.head = nn.Embedding(V, D), nn.Linear(2, D), nn.Linear(D, V)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        feats = torch.stack([torch.arange(t) / t, torch.ones(t)], 1)
+        if self.expand:
+            feats = feats.expand(idx.shape[0], t, 2)
+        return self.head(torch.tanh(self.wte(idx) + self.pos(feats)))
+
+
+@pytest.mark.parametrize("batch", [4, T, 2 * T])
+def test_layer_captures_of_a_call_without_the_batch_axis(batch):
+    """EK-FAC and LoGra capture each layer's inputs and output gradients: a Linear
+    called on features shared by the batch gets each example's own copy, so the
+    scores equal those of the same model given the features per example, at every
+    batch size (EK-FAC's scores changed with the batch size; LoGra refused the
+    batch)."""
+    from dattri.algorithm import IFAttributorEKFAC, LoGraAttributor
+
+    torch.manual_seed(0)
+    shared, expanded = SharedFeatures(), SharedFeatures(expand=True)
+    expanded.load_state_dict(shared.state_dict())
+    x, y, xt, yt = _data(2 * T, 3)
+    train = DataLoader(TensorDataset(x, y), batch_size=batch)
+    test = DataLoader(TensorDataset(xt, yt), batch_size=3)
+    whole = DataLoader(TensorDataset(x, y), batch_size=2 * T + 1)  # no split, no sharing
+
+    def scores(model, make, loader):
+        task = AttributionTask(_loss(model), model.eval(),
+                               {k: v.clone() for k, v in model.state_dict().items()})
+        return make(task).cache(loader).attribute(loader, test)
+
+    makers = [lambda t: IFAttributorEKFAC(t, damping=0.1),
+              lambda t: LoGraAttributor(t, damping=0.1, proj_params={
+                  "proj_dim_per_layer": 100, "proj_type": "identity"})]
+    for make in makers:
+        want = scores(expanded, make, whole)
+        torch.testing.assert_close(scores(shared, make, train), want, rtol=1e-10, atol=1e-12)
