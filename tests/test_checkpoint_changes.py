@@ -8,6 +8,8 @@ mixed with gradients at the new weights."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -154,8 +156,6 @@ def test_rewritten_checkpoint_file_is_refused(tmp_path):
     att.attribute(train, test)
     _perturb(model)
     torch.save(_copy(model), path)
-    import os
-
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write
     with pytest.raises(CheckpointError, match=r"checkpoints\[0\]"):
