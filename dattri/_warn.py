@@ -9,16 +9,20 @@ while an attributor's ``attribute`` runs is five or more frames up, inside dattr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
 from pathlib import Path
 
 _PACKAGE = str(Path(__file__).resolve().parent) + os.sep
+#: frames passed through on the way out (a warning raised when a ``with`` block of
+#: dattri's ends runs in ``contextlib``'s ``__exit__``)
+_TRANSPARENT = (os.path.realpath(contextlib.__file__),)
 
 
 def _inside(filename: str) -> bool:
-    return filename.startswith(_PACKAGE)
+    return filename.startswith(_PACKAGE) or os.path.realpath(filename) in _TRANSPARENT
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:

@@ -45,3 +45,25 @@ def test_an_attributor_warns_at_the_callers_line_not_inside_dattri():
     caught = _caught(lambda: att.cache(tr).attribute(tr, te))
     assert caught, "the singular Hessian must warn"
     assert {w.filename for w in caught} == {__file__}, [(w.filename, w.lineno) for w in caught]
+
+
+def test_a_warning_at_the_end_of_a_with_block_points_at_the_call():
+    """IF-CG's non-convergence warning is given when the call's
+    ``summarize_unconverged`` block ends (in ``contextlib``'s exit): it still points
+    at the user's line, not at contextlib."""
+    from dattri.algorithm import IFAttributorCG
+
+    model, _, train, test = trained_lr(40, 4, classes=3, dim=6)
+
+    def ce(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        return torch.nn.functional.cross_entropy(out, y)
+
+    tl, sl = loaders(train, test)
+    task = AttributionTask(ce, model, model.state_dict())
+    att = IFAttributorCG(task, max_iter=1, regularization=1e-3).cache(tl)
+    caught = [w for w in _caught(lambda: att.attribute(tl, sl))
+              if "did not converge" in str(w.message)]
+    assert len(caught) == 1
+    assert caught[0].filename == __file__, caught[0].filename
