@@ -21,6 +21,14 @@ def _caught(fn) -> list[warnings.WarningMessage]:
     return [w for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
+def _task(model) -> AttributionTask:
+    def ce(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        return torch.nn.functional.cross_entropy(out, y)
+    return AttributionTask(ce, model, model.state_dict())
+
+
 def test_direct_calls_warn_at_the_callers_line():
     singular = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
     for fn in (lambda: explicit_inverse(singular),
@@ -35,13 +43,8 @@ def test_an_attributor_warns_at_the_callers_line_not_inside_dattri():
     # regularization 0 falls back to the pseudo-inverse, five frames inside dattri
     model, _, train, test = trained_lr(40, 4, classes=3, dim=6)
 
-    def ce(params, data):
-        x, y = data
-        out = torch.func.functional_call(model, params, (x,))
-        return torch.nn.functional.cross_entropy(out, y)
-
     tr, te = loaders(train, test)
-    att = IFAttributorExplicit(AttributionTask(ce, model, model.state_dict()), regularization=0.0)
+    att = IFAttributorExplicit(_task(model), regularization=0.0)
     caught = _caught(lambda: att.cache(tr).attribute(tr, te))
     assert caught, "the singular Hessian must warn"
     assert {w.filename for w in caught} == {__file__}, [(w.filename, w.lineno) for w in caught]
@@ -55,14 +58,8 @@ def test_a_warning_at_the_end_of_a_with_block_points_at_the_call():
 
     model, _, train, test = trained_lr(40, 4, classes=3, dim=6)
 
-    def ce(params, data):
-        x, y = data
-        out = torch.func.functional_call(model, params, (x,))
-        return torch.nn.functional.cross_entropy(out, y)
-
     tl, sl = loaders(train, test)
-    task = AttributionTask(ce, model, model.state_dict())
-    att = IFAttributorCG(task, max_iter=1, regularization=1e-3).cache(tl)
+    att = IFAttributorCG(_task(model), max_iter=1, regularization=1e-3).cache(tl)
     caught = [w for w in _caught(lambda: att.attribute(tl, sl))
               if "did not converge" in str(w.message)]
     assert len(caught) == 1
