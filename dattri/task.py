@@ -130,6 +130,16 @@ def _reduction_of(whole: float, parts: list[float], sizes: list[int]) -> str | N
     return "mean" if is_mean else "sum" if is_sum else None
 
 
+def _file_key(path: Any) -> tuple | None:
+    """``(path, modification time, size)`` of a checkpoint file: what tells a rewrite
+    (None when it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return (os.fspath(path), st.st_mtime_ns, st.st_size)
+
+
 class AttributionTask:
     """Everything an attributor needs to know about the model being explained.
 
@@ -244,11 +254,7 @@ class AttributionTask:
                 out.append(tuple((k, v.data_ptr(), v._version) for k, v in c.items()
                                  if isinstance(v, torch.Tensor)))
             else:
-                try:
-                    st = os.stat(c)
-                    out.append((os.fspath(c), st.st_mtime_ns, st.st_size))
-                except (OSError, TypeError):
-                    out.append((id(c),))
+                out.append(_file_key(c) or (id(c),))
         return tuple(out)
 
     def _aliases_model(self, state: Mapping) -> bool:
@@ -344,11 +350,7 @@ class AttributionTask:
     def _read(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         """The state dict in ``path``; the last one read is kept (up to
         ``STATE_CACHE_BYTES``) while the file is unchanged."""
-        try:
-            st = os.stat(path)
-            key = (os.fspath(path), st.st_mtime_ns, st.st_size)
-        except OSError:
-            key = None
+        key = _file_key(path)
         if key is not None and self._last_file is not None and self._last_file[0] == key:
             return self._last_file[1]
         state = load_state_dict_file(path)

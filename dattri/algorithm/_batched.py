@@ -55,7 +55,7 @@ from dattri.func.per_example import (
 )
 from dattri.task import AttributionTask
 
-__all__ = ["BatchedGrads", "reference_grads"]
+__all__ = ["BatchedGrads", "ModelSizes", "lifted", "reference_grads"]
 
 
 class _Unit:
@@ -289,6 +289,58 @@ def _rows_agree(batched: torch.Tensor, alone: torch.Tensor) -> bool:
         batched.reshape(1, -1), alone.reshape(1, -1).to(batched.dtype))
 
 
+def lifted(t: torch.Tensor, b: int) -> torch.Tensor:
+    """``t`` without the batch axis as every one of ``b`` examples sees it: ``(b, ...)``
+    (a leading axis of 1 is taken for a broadcast one)."""
+    return t.expand(b, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t.expand(b, *t.shape)
+
+
+class ModelSizes:
+    """The leading sizes (above 1) of the tensors that some modules' calls take and
+    give when the model runs on ONE example of a batch: sizes of the model or of the
+    example (a sequence length: position ids ``arange(T)``, a ``(T, T)`` mask), not
+    of the batch. The batched paths tell a tensor's batch axis by its size, so a batch
+    of one of these sizes would make such a shared tensor look like one row per
+    example: they run it in parts of :meth:`part` examples instead. Cached per example
+    shape; the forward runs without gradients and leaves the random state as it was.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, frozenset[int]] = {}
+
+    def __call__(self, model: nn.Module, modules: list[nn.Module],
+                 func: Callable, params: dict[str, torch.Tensor], batch: Any,
+                 device: torch.device | None) -> frozenset[int]:
+        """The sizes for ``batch`` (``modules``: the hooked ones of ``model``)."""
+        from dattri._loader import slice_batch
+
+        key = tuple((tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) and x.dim()
+                    else type(x) for x in tree_flatten(batch)[0])
+        if key not in self._cache:
+            seen: set[int] = set()
+
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+                seen.update(int(x.shape[0]) for x in tree_flatten((args, kwargs, out))[0]
+                            if isinstance(x, torch.Tensor) and x.dim())
+
+            handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+            try:
+                with replayed_rng(rng_state(device)), _same_mask_dropout(model), torch.no_grad():
+                    func(params, slice_batch(batch, slice(0, 1)))
+            finally:
+                for h in handles:
+                    h.remove()
+            seen.discard(1)
+            self._cache[key] = frozenset(seen)
+        return self._cache[key]
+
+    @staticmethod
+    def part(b: int, sizes: frozenset[int]) -> int:
+        """The examples per part of a batch of ``b`` (the largest size below ``b`` that
+        is not one of ``sizes``; 1 never is)."""
+        return next(s for s in range(b - 1, 0, -1) if s not in sizes)
+
+
 class BatchedGrads:
     """Per-example gradients ``(B, P)`` of a task's selected parameters.
 
@@ -313,61 +365,29 @@ class BatchedGrads:
         #: the previous result, lent back by a caller that no longer needs it
         #: (:meth:`release`): the next result of the same shape is written into it
         self._lender = BufferLender()
-        #: per example shape of a batch: the leading sizes of the units' tensors on
-        #: one example (:meth:`_model_sizes`)
-        self._sizes: dict[tuple, frozenset[int]] = {}
-
-    def _model_sizes(self, func: Callable, batch: Any, params: dict[str, torch.Tensor]) -> frozenset[int]:
-        """The leading sizes (above 1) of the tensors the units' calls take and give
-        when the model runs on ONE example of ``batch``: sizes of the model or of the
-        example (a sequence length: position ids ``arange(T)``, a ``(T, T)`` mask),
-        not of the batch. A batch of one of these sizes would make such a shared
-        tensor look like one row per example (the batch axis is told by its size), so
-        :meth:`run` splits it. Cached per example shape; the forward runs without
-        gradients and leaves the random state as it was."""
-        from dattri._loader import slice_batch
-
-        key = tuple((tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) and x.dim()
-                    else type(x) for x in tree_flatten(batch)[0])
-        if key in self._sizes:
-            return self._sizes[key]
-        seen: set[int] = set()
-
-        def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            seen.update(int(x.shape[0]) for x in tree_flatten((args, kwargs, out))[0]
-                        if isinstance(x, torch.Tensor) and x.dim())
-
-        model = self.task.get_model()
-        handles = [u.module.register_forward_hook(hook, with_kwargs=True) for u in self.units]
-        device = next(iter(params.values())).device if params else None
-        try:
-            with replayed_rng(rng_state(device)), _same_mask_dropout(model), torch.no_grad():
-                func(params, slice_batch(batch, slice(0, 1)))
-        finally:
-            for h in handles:
-                h.remove()
-        seen.discard(1)
-        self._sizes[key] = frozenset(seen)
-        return self._sizes[key]
+        #: the model's own sizes, per example shape (:class:`ModelSizes`)
+        self._sizes = ModelSizes()
 
     def run(self, func: Callable, batch: Any, params: dict[str, torch.Tensor],
             sink: Any = None) -> torch.Tensor | None:
         """``(B, P)`` gradients of ``func(params, batch)`` per example (or, with a
         ``sink``, their TensorSketch ``(B, k)``): :meth:`_run` on the batch, or on
         consecutive parts of it when its size is one of the model's own sizes
-        (:meth:`_model_sizes`; e.g. a batch of T sequences of length T), each part
+        (:class:`ModelSizes`; e.g. a batch of T sequences of length T), each part
         drawing the same dropout masks."""
         if any(isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.module.training
                for u in self.units):
             return None  # batch statistics couple the examples (and the run would update them)
         b = batch_size_of(batch)
-        sizes = self._model_sizes(func, batch, params) if b > 1 else frozenset()
+        device = next(iter(params.values())).device if params else None
+        sizes = frozenset() if b == 1 else self._sizes(
+            self.task.get_model(), [u.module for u in self.units], func, params, batch, device)
         if b not in sizes:
             return self._run(func, batch, params, sink)
         from dattri._loader import slice_batch
 
-        step = next(s for s in range(b - 1, 0, -1) if s not in sizes)
-        state = rng_state(next(iter(params.values())).device if params else None)
+        step = ModelSizes.part(b, sizes)
+        state = rng_state(device)
         parts = []
         for start in range(0, b, step):
             with replayed_rng(state):
@@ -424,7 +444,7 @@ class BatchedGrads:
                 if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
                     return t
                 if lift:
-                    t = t.expand(b, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t.expand(b, *t.shape)
+                    t = lifted(t, b)
                 t, slot = self._tap(t, leaves, tapped)
                 slots.append(slot)
                 return t
@@ -433,9 +453,7 @@ class BatchedGrads:
             detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
             if lift:  # the inputs as every example saw them
                 args, kwargs = tree_map(
-                    lambda t: (t.expand(b, *t.shape[1:]) if t.dim() and t.shape[0] == 1
-                               else t.expand(b, *t.shape)) if isinstance(t, torch.Tensor) else t,
-                    (args, kwargs))
+                    lambda t: lifted(t, b) if isinstance(t, torch.Tensor) else t, (args, kwargs))
             unit.calls.append((tree_map(detach, args), tree_map(detach, kwargs),
                                tree_map(detach, out), slots))
             self._last_call = (unit, len(unit.calls) - 1)

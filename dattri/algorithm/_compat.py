@@ -29,7 +29,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from dattri.errors import DattriValueError
+from dattri.errors import CheckpointError, DattriValueError
+from dattri.linalg.solvers import summarize_unconverged
 
 __all__ = ["install", "projector_settings"]
 
@@ -65,8 +66,6 @@ def _wrap(func: Callable, aliases: dict[str, str], owner: str) -> Callable:
             return _call(self, *args, **kwargs)
         if func.__name__ != "cache":
             _check_checkpoints(self, task, owner)
-        from dattri.linalg.solvers import summarize_unconverged
-
         # a failed call leaves the model as it was; the CG solves of the call (one per
         # checkpoint and block of gradients) warn once, together, if any stopped short
         with task.restoring(), summarize_unconverged():
@@ -122,8 +121,6 @@ def _check_checkpoints(att: Any, task: Any, owner: str) -> None:
     if now == token:
         return
     changed = [i for i, (a, b) in enumerate(zip(token, now)) if a != b] or ["?"]
-    from dattri.errors import CheckpointError
-
     msg = (f"{owner}: checkpoints{changed} changed since cache() (tensors written in "
            "place, e.g. by training a model whose model.state_dict() is the checkpoint, "
            "or a checkpoint file rewritten), so the cached training-side work belongs "

@@ -16,14 +16,14 @@ from dattri._convention import batch_scale, capture_per_example, is_unbatched
 from dattri._loader import batch_size_of
 from dattri._warn import warn_user
 from dattri.algorithm._batched import (
+    ModelSizes,
     RootCalls,
     _rows_agree,
     _same_mask_dropout,
     coupled_message,
     example_alone,
     head_agrees,
-    replayed_rng,
-    rng_state,
+    lifted,
 )
 from dattri.algorithm._loop import LoaderFeatures, _check_finite, ensemble_rng
 from dattri.errors import DattriValueError, InvalidLossError, LayerNameError
@@ -93,12 +93,6 @@ def _patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _conv_patches(m, x)[0].transpose(1, 2)
 
 
-def _lifted(t: torch.Tensor, b: int) -> torch.Tensor:
-    """``t`` without the batch axis as every one of ``b`` examples sees it: ``(b, ...)``
-    (a leading axis of 1 is taken for a broadcast one)."""
-    return t.expand(b, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t.expand(b, *t.shape)
-
-
 def _as_seq(t: torch.Tensor) -> torch.Tensor:
     """``(B, d)`` -> ``(B, 1, d)``; ``(B, ..., d)`` -> ``(B, T, d)``."""
     return t[:, None] if t.dim() == 2 else t.reshape(t.shape[0], -1, t.shape[-1])  # noqa: PLR2004
@@ -119,6 +113,7 @@ class LinearCapture:
         self._ckpt: int | None = None
         self._runs = 0  # batches captured: batch r probes example r mod B
         self._warned_probe = False
+        self._sizes = ModelSizes()  # the model's own sizes, per example shape
 
     def _prepare(self, ckpt: int) -> None:
         # once per capture and checkpoint, then only when the task switched checkpoints
@@ -140,11 +135,12 @@ class LinearCapture:
         if is_unbatched(func) and b > 1:  # 0.3.0's single-example style
             return capture_per_example(lambda one: self.run(one, ckpt, which, func), batch)
         mods = dict(task.model.named_modules())
-        sizes = self._model_sizes(func, batch, mods) if b > 1 else frozenset()
+        sizes = frozenset() if b == 1 else self._sizes(
+            task.model, [mods[n] for n in self.modules], func, dict(task.named_parameters),
+            batch, self.device)
         if b in sizes:  # a shared input of the model's own size would pass for the batch
-            step = next(s for s in range(b - 1, 0, -1) if s not in sizes)
             return capture_per_example(lambda part: self.run(part, ckpt, which, func, one_by_one),
-                                       batch, step)
+                                       batch, ModelSizes.part(b, sizes))
         store: dict[str, list] = {n: [] for n in self.modules}
         order: list[str] = []  # the modules in call order
 
@@ -159,7 +155,7 @@ class LinearCapture:
                 if x.dim() == 0 or x.shape[0] != b:
                     # a call without the batch axis (features of the positions, shared
                     # by the batch and broadcast later): each example's own copy
-                    x, output = _lifted(x, b), _lifted(output, b)
+                    x, output = lifted(x, b), lifted(output, b)
                 # y + 0-leaf: d loss / d leaf = d loss / d y, and the graph to
                 # earlier layers stays intact
                 leaf = torch.zeros_like(output, requires_grad=True)
@@ -210,38 +206,6 @@ class LinearCapture:
                 a, g = _patches(mods[n], a), g.reshape(b, g.shape[1], -1).transpose(1, 2)
             out[n] = (_as_seq(a), _check_finite(_as_seq(g), f"{which} output gradients"))
         return out
-
-
-    def _model_sizes(self, func: Callable, batch: Any, mods: dict[str, nn.Module]) -> frozenset[int]:
-        """Leading sizes (above 1) of the captured modules' inputs and outputs on ONE
-        example of ``batch`` (no gradients, random state kept): a batch of one of
-        these sizes would make a call without the batch axis look batched, so
-        :meth:`run` captures it in parts of other sizes. Cached per example shape."""
-        from torch.utils._pytree import tree_flatten
-
-        from dattri._loader import slice_batch
-
-        key = tuple((tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) and x.dim()
-                    else type(x) for x in tree_flatten(batch)[0])
-        cache = self.__dict__.setdefault("_sizes", {})
-        if key not in cache:
-            seen: set[int] = set()
-
-            def hook(_m: nn.Module, inputs: tuple, output: Any) -> None:
-                seen.update(int(t.shape[0]) for t in (*inputs[:1], output)
-                            if isinstance(t, torch.Tensor) and t.dim())
-
-            handles = [mods[n].register_forward_hook(hook) for n in self.modules]
-            try:
-                with replayed_rng(rng_state(self.device)), _same_mask_dropout(self.task.model), \
-                        torch.no_grad():
-                    func(dict(self.task.named_parameters), slice_batch(batch, slice(0, 1)))
-            finally:
-                for h in handles:
-                    h.remove()
-            seen.discard(1)
-            cache[key] = frozenset(seen)
-        return cache[key]
 
     def _probe(self, func: Callable, batch: Any, ckpt: int, module: nn.Module, x: torch.Tensor,
                g: torch.Tensor | None, root: RootCalls) -> bool:
