@@ -123,3 +123,59 @@ def test_featurizer_results_held_by_the_caller_survive_later_batches(huge_everyt
     torch.testing.assert_close(first, want[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(view, want[2][1:], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fourth, want[3], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_stream_rows_gathers_whole_batches_in_place_and_equals_the_gradients(huge, monkeypatch):
+    """Blocks of up to ``rows`` rows made of whole batches, in one buffer: batch sizes
+    3, 3, 3, 2, 5, 3 at rows = 7 give blocks of 6, 5, 5 and 3 rows (a batch that does
+    not fit what is left closes the block), each equal to the per-example gradients
+    of its examples while the consumer reads it; the batches after a block's first of
+    their size are written in place (no copy, nothing released)."""
+    if huge:
+        monkeypatch.setattr(memory, "HUGE_MIN_BYTES", 0)
+        monkeypatch.setattr(memory, "_AVAILABLE", True)
+    torch.manual_seed(0)
+    model = ConvNet().double().eval()
+
+    def loss(params, data):
+        x, y = data
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64),
+                torch.randint(0, 4, (n,), generator=g)) for n in (3, 3, 3, 2, 5, 3)]
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    fz.use_factored = False
+    want = torch.cat([fz.reference(b, 0) for b in batches])
+    released = []
+    release = fz.release
+    monkeypatch.setattr(fz, "release", lambda f: (released.append(f.shape[0]), release(f)))
+    got, ptrs = [], set()
+    for block in fz.stream_rows(batches, 0, rows=7):
+        got.append(block.clone())  # read now: the buffer takes the next block
+        ptrs.add(block.data_ptr())
+    assert [b.shape[0] for b in got] == [6, 5, 5, 3]
+    assert len(ptrs) == 1
+    assert released == [3, 2, 5, 3]  # the 2nd and 3rd batches were written in place
+    torch.testing.assert_close(torch.cat(got), want, rtol=1e-10, atol=1e-12)
+
+
+def test_stream_rows_below_two_batches_is_the_plain_stream():
+    torch.manual_seed(0)
+    model = ConvNet().double().eval()
+
+    def loss(params, data):
+        x, y = data
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64),
+                torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
+    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    got = [b.clone() for b in fz.stream_rows(batches, 0, rows=7)]
+    assert [b.shape[0] for b in got] == [4, 4, 4]
+    torch.testing.assert_close(torch.cat(got), torch.cat([fz.reference(b, 0) for b in batches]),
+                               rtol=1e-10, atol=1e-12)

@@ -465,6 +465,11 @@ class BatchedGrads:
         already): see :class:`~dattri.algorithm._loop.BufferLender`."""
         self._lender.release(grads)
 
+    def provide(self, dest: torch.Tensor | None) -> None:
+        """The next result goes into ``dest`` when it has its shape (see
+        :meth:`~dattri.algorithm._loop.BufferLender.provide`)."""
+        self._lender.provide(dest)
+
     def _buffer(self, b: int, ref: torch.Tensor) -> torch.Tensor:
         return self._lender.take((b, self.spec.numel), ref.dtype, ref.device)
 

@@ -109,12 +109,23 @@ class BufferLender:
         self._spare: torch.Tensor | None = None
         self._last: tuple[int, tuple] | None = None  # (data_ptr, shape) of the last taken
         self._huge: HugeBuffer | None = None  # the memory of the last new buffer
+        self._dest: torch.Tensor | None = None  # where the next result goes (provide)
+
+    def provide(self, dest: torch.Tensor | None) -> None:
+        """Write the next result into ``dest`` when it has that result's shape, dtype
+        and device (e.g. the rows of a block that gathers several batches); ``None``
+        withdraws it. Used once, by the first result that fits."""
+        self._dest = dest
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The lent-back buffer when it fits, else a new one (contents undefined)."""
+        """The provided or lent-back buffer when it fits, else a new one (contents
+        undefined)."""
+        if _fits(self._dest, shape, dtype, device):
+            dest, self._dest = self._dest, None
+            self.mark(dest)
+            return dest
         spare, self._spare = self._spare, None
-        if (spare is None or tuple(spare.shape) != tuple(shape) or spare.dtype != dtype
-                or spare.device != device):
+        if not _fits(spare, shape, dtype, device):
             spare = None  # dropped before the memory's holders are counted
             spare = self._dropped(shape, dtype, device)
         if spare is None:
@@ -139,6 +150,12 @@ class BufferLender:
         """Lend back ``t`` (ignored unless it is the last buffer taken)."""
         if self._last == (t.data_ptr(), tuple(t.shape)):
             self._spare, self._last = t, None
+
+
+def _fits(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+          device: torch.device) -> bool:
+    return (t is not None and tuple(t.shape) == tuple(shape) and t.dtype == dtype
+            and t.device == torch.device(device))
 
 
 class LoaderFeatures:
@@ -178,6 +195,53 @@ class LoaderFeatures:
         for f in self.iterate(loader, ckpt_idx, desc):
             yield f
             self.release(f)
+
+    def provide(self, dest: torch.Tensor | None) -> None:
+        """The next batch's features may be written into ``dest`` (default: ignored;
+        :meth:`stream_rows` copies them there then)."""
+
+    def stream_rows(self, loader: Iterable, ckpt_idx: int, rows: int,
+                    desc: str = "") -> Iterator[torch.Tensor]:
+        """:meth:`stream` in blocks of up to ``rows`` rows (whole batches, as many as
+        fit, at least one): the batches' ``(B, d)`` features gathered in one
+        buffer, written in place where the featurizer can (:meth:`provide`), for a
+        consumer that multiplies each block by a large matrix (one pass over that
+        matrix per block instead of per batch). The consumer keeps nothing of a block
+        once it asks for the next: the buffer takes the next block."""
+        block: torch.Tensor | None = None
+        fill = 0
+        try:
+            for f in self.iterate(loader, ckpt_idx, desc):
+                self.provide(None)
+                b = f.shape[0]
+                if block is not None and not (_fits(f, (b, *block.shape[1:]), block.dtype, block.device)
+                                              and b <= block.shape[0]):
+                    if fill:  # another layout: what was gathered goes first
+                        yield block[:fill]
+                    block, fill = None, 0
+                if block is None:
+                    if rows < 2 * b:  # a batch is a block: the plain stream
+                        yield f
+                        self.release(f)
+                        continue
+                    block, _ = empty_result(((rows // b) * b, *f.shape[1:]), f.dtype, f.device)
+                if fill + b > block.shape[0]:
+                    yield block[:fill]
+                    fill = 0
+                dest = block[fill:fill + b]
+                if f.data_ptr() != dest.data_ptr():
+                    dest.copy_(f)
+                    self.release(f)
+                del f
+                fill += b
+                if fill + b > block.shape[0]:
+                    yield block[:fill]
+                    fill = 0
+                self.provide(block[fill:fill + b])  # the next batch of this size, in place
+            if fill:
+                yield block[:fill]
+        finally:
+            self.provide(None)
 
     def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
         """Features ``(n, d)`` of the whole loader."""

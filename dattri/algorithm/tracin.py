@@ -17,7 +17,7 @@ import torch
 
 from dattri._loader import batches, check_loader, count_examples, head, to_device
 from dattri.algorithm._compat import projector_settings
-from dattri.algorithm._engine import replayable, score_stream
+from dattri.algorithm._engine import replayable, score_rows, score_stream
 from dattri.algorithm._factored import FactoredGrads
 from dattri.algorithm._score import diagonal, score_blocks
 from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill
@@ -255,11 +255,12 @@ class TracInAttributor(BaseAttributor):
         if adjoint:
             return self._scores_by_adjoint(train_loader, test_loader, c)
         ft = self.test_features.all(test_loader, c, "test grads")
+        train = self.train_features.stream_rows(train_loader, c, score_rows(ft))
         if not (self.normalized_grad and self._projection is None):
-            return score_stream(self.train_features.stream(train_loader, c), ft)
+            return score_stream(train, ft)
         self._raw_train = True  # Grad-Cos: divide the scores by the norms instead
         try:
-            return _cosine_stream(self.train_features.stream(train_loader, c), ft)
+            return _cosine_stream(train, ft)
         finally:
             self._raw_train = False
 
