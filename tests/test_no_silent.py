@@ -233,3 +233,27 @@ def test_cli_refuses_an_unusable_cache_dir_in_one_line_before_any_work(tmp_path,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(folder) in err and why in err, err
         assert "Traceback" not in err
+
+
+def test_tracin_by_the_projection_adjoint_names_the_loader_and_batch(lr_setup, monkeypatch):
+    """TracIn with a dense random projection and few tests scores by the adjoint
+    (``G_train (M M^T G_test^T)``); its loops over the loaders are the engine's: a
+    batch that does not fit is an InvalidBatchError naming the loader and batch, a
+    one-pass iterator is refused."""
+    from dattri.errors import InvalidBatchError
+
+    (xtr, ytr), (xte, yte) = lr_setup[2], lr_setup[3]
+    train, _ = loaders((xtr, ytr), (xte, yte))
+    att = TracInAttributor(_task(lr_setup), weight_list=[1.0], normalized_grad=False,
+                           projector_kwargs={"proj_dim": 256, "proj_type": "normal"})
+    used = []
+    adjoint = att._scores_by_adjoint
+    monkeypatch.setattr(att, "_scores_by_adjoint", lambda *a: (used.append(1), adjoint(*a))[1])
+    att.cache(train)
+    good = [(xte[:3], yte[:3]), (xte[3:6], yte[3:6])]
+    assert att.attribute(train, good).shape == (len(xtr), 6) and used
+    wide = [(xte[:3], yte[:3]), (torch.cat([xte[3:6], xte[3:6, :2]], 1), yte[3:6])]
+    with pytest.raises(InvalidBatchError, match=r"test_loader batch 1 does not fit the model"):
+        att.attribute(train, wide)
+    with pytest.raises(OnePassLoaderError, match="test_loader"):
+        att.attribute(train, iter(good))

@@ -9,7 +9,7 @@ it imports none of them, so the import graph of the engine has no cycle.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,7 +34,9 @@ __all__ = [
     "BufferLender",
     "LoaderFeatures",
     "close_per_example",
+    "each_batch",
     "ensemble_rng",
+    "map_batches",
     "resolve_device",
 ]
 
@@ -158,6 +160,34 @@ def _fits(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
             and t.device == torch.device(device))
 
 
+def each_batch(loader: Iterable, fn: Callable[[Any], Any], name: str, device: torch.device,
+               desc: str = "", show_progress: bool | None = False) -> Iterator[Any]:
+    """``fn(batch)`` for every batch of ``loader`` in order, each batch on ``device``:
+    the one loop over a user's loader, for every featurizer and attributor. It
+    refuses a one-pass iterator (``name`` in the error), reads a ``TensorDataset``
+    loader by index (:func:`~dattri._loader.batches`), shows a tqdm bar
+    (``show_progress``: ``None`` = when a terminal), and re-raises a model's raw
+    error on a batch as :class:`~dattri.errors.InvalidBatchError` naming ``name``
+    and the batch."""
+    check_loader(loader, name, empty=False)  # a one-pass iterator would lose batches
+    for i, b in enumerate(tqdm(batches(loader), desc=desc, leave=False,
+                               disable=_disable(show_progress))):
+        b = to_device(b, device)
+        with batch_context(name, i):
+            out = fn(b)
+        yield out
+
+
+def map_batches(loader: Iterable, fn: Callable[[Any], Any], name: str, device: torch.device,
+                desc: str = "", show_progress: bool | None = False) -> list[Any]:
+    """``[fn(batch) ...]`` by :func:`each_batch`, refusing a loader that yields no batch."""
+    out = list(each_batch(loader, fn, name, device, desc, show_progress))
+    if not out:
+        msg = f"{name} yielded no batches; pass a non-empty loader."
+        raise DattriValueError(msg)
+    return out
+
+
 class LoaderFeatures:
     """The loop over a loader shared by every featurizer: subclasses define
     ``batch(batch, ckpt_idx)`` and have ``which``, ``device``, ``show_progress``."""
@@ -176,13 +206,10 @@ class LoaderFeatures:
         ``with_batch``, ``(batch on the device, features)`` pairs, so that a caller
         needing more per batch does not iterate the loader twice."""
         name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
-        check_loader(loader, name, empty=False)  # a one-pass iterator would lose batches
-        for i, b in enumerate(tqdm(batches(loader), desc=desc or f"{self.which} grads", leave=False,
-                                   disable=_disable(self.show_progress))):
-            b = to_device(b, self.device)
-            with batch_context(name, i):
-                f = self.batch(b, ckpt_idx)
-            yield (b, f) if with_batch else f
+        fn = (lambda b: (b, self.batch(b, ckpt_idx))) if with_batch else (
+            lambda b: self.batch(b, ckpt_idx))
+        return each_batch(loader, fn, name, self.device, desc or f"{self.which} grads",
+                          self.show_progress)
 
     def release(self, features: Any) -> None:
         """``features`` (a batch's, returned by :meth:`batch`) will not be read again:

@@ -66,7 +66,7 @@ from dattri._warn import warn_user
 from dattri._loader import batch_size_of, slice_batch
 from dattri.algorithm._batched import BatchedGrads, reference_grads
 from dattri.algorithm._engine import DataCache
-from dattri.algorithm._loop import _check_finite, _head, close_per_example, ensemble_rng
+from dattri.algorithm._loop import _check_finite, _head, close_per_example, ensemble_rng, map_batches
 from dattri.algorithm._scored import block_rows, check_top_k, ranked
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, row_range
@@ -517,7 +517,7 @@ class DVEmbAttributor(BaseAttributor):
         emb = self._emb if epoch is None else self._epoch_emb[epoch]
         if train_data_indices is not None:
             emb = emb[torch.as_tensor(list(train_data_indices), device=emb.device).long()]
-        gt = torch.cat([self._live_grads(b) for b in test_loader])
+        gt = torch.cat(map_batches(test_loader, self._live_grads, "test_loader", self.device))
         return emb, gt
 
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from dattri._loader import batch_size_of, check_loader, to_device
+from dattri._loader import batch_size_of, check_loader
 from dattri.algorithm._engine import resolve_device
-from dattri.algorithm._loop import LoaderFeatures
+from dattri.algorithm._loop import LoaderFeatures, map_batches
 from dattri.algorithm._scored import check_store_args, check_top_k, fill
 from dattri.algorithm.base import BaseAttributor
 from dattri.distributed import all_gather_rows, split
@@ -128,15 +128,10 @@ class KNNShapleyAttributor(BaseAttributor):
 
     def _features_labels(self, loader: Iterable, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         check_loader(loader, name)
-        feats, labels = [], []
-        for batch in loader:
-            batch = to_device(batch, self.device)
-            feats.append(self._feature(batch).reshape(batch_size_of(batch), -1))
-            labels.append(self._label(batch).reshape(-1))
-        if not feats:
-            msg = f"{name} yielded no batches; pass a non-empty loader."
-            raise DattriValueError(msg)
-        return torch.cat(feats), torch.cat(labels)
+        parts = map_batches(loader, lambda b: (self._feature(b).reshape(batch_size_of(b), -1),
+                                               self._label(b).reshape(-1)),
+                            name, self.device, f"{name} features", self.show_progress)
+        return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
 
     def _feature(self, batch: Any) -> torch.Tensor:
         if self.feature_func is not None:
@@ -181,7 +176,8 @@ class KNNShapleyAttributor(BaseAttributor):
         settings = {"method": "KNN-Shapley", "feature_func": name}
         self._kept = fill(self, _Inputs(self), train_loader, settings, desc="train features",
                           keys=["features"])[0]
-        y = torch.cat([self._label(to_device(b, self.device)).reshape(-1) for b in train_loader])
+        y = torch.cat(map_batches(train_loader, lambda b: self._label(b).reshape(-1),
+                                  "train_loader", self.device))
         self._train = None, all_gather_rows(y, shard)
 
     def _distances(self, x_te: torch.Tensor, lo: int, hi: int, shared: bool = False) -> torch.Tensor:

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from dattri._loader import batches, check_loader, count_examples, head, to_device
+from dattri._loader import check_loader, count_examples, head, to_device
 from dattri.algorithm._compat import projector_settings
 from dattri.algorithm._engine import replayable, score_rows, score_stream
+from dattri.algorithm._loop import each_batch
 from dattri.algorithm._factored import FactoredGrads
 from dattri.algorithm._score import diagonal, score_blocks
 from dattri.algorithm._scored import aligned_blocks, block_rows, check_store_args, check_top_k, fill
@@ -178,16 +179,17 @@ class TracInAttributor(BaseAttributor):
         p, k = self.task.param_spec(self.layer_name).numel, int(kw["proj_dim"])
         return 4 * k * p * m + 2 * n * p * m < 0.8 * (2 * k * p * (n + m) + 2 * n * m * k)
 
-    def _grads(self, features, loader: Iterable, c: int) -> Iterable[torch.Tensor]:
-        for b in batches(loader):
-            yield features.grads(to_device(b, self.device), c)
+    def _grads(self, features, loader: Iterable, c: int, name: str) -> Iterable[torch.Tensor]:
+        """Unprojected per-example gradients of ``loader``'s batches (the engine's loop)."""
+        return each_batch(loader, lambda b: features.grads(b, c), name, self.device,
+                          f"{features.which} grads", features.show_progress)
 
     def _scores_by_adjoint(self, train_loader: Iterable, test_loader: Iterable, c: int) -> torch.Tensor:
         """``G_train (M M^T G_test^T)``: the projected inner products of checkpoint ``c``."""
-        gt = torch.cat(list(self._grads(self.test_features, test_loader, c)))
+        gt = torch.cat(list(self._grads(self.test_features, test_loader, c, "test_loader")))
         proj = self._projection.projector(gt)
         back = proj.back_project(proj.project(gt, ensemble_id=c), ensemble_id=c)
-        return score_stream(self._grads(self.train_features, train_loader, c), back)
+        return score_stream(self._grads(self.train_features, train_loader, c, "train_loader"), back)
 
     def _cache(self, train_loader: Iterable) -> None:
         """``offload="disk"``: every checkpoint's training features (projected and
