@@ -8,7 +8,6 @@ it imports none of them, so the import graph of the engine has no cycle.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,7 +24,6 @@ from dattri._loader import (
     slice_batch,
     to_device,
 )
-from dattri._memory import HugeBuffer, empty_result
 from dattri.errors import DattriValueError, NonFiniteError
 from dattri.func.utils import all_finite, close_per_example  # noqa: F401 - re-exported
 
@@ -100,17 +98,11 @@ class BufferLender:
     projected or scored the batch already) :meth:`release` s it, and the next result
     of the same shape is written into it instead of a fresh buffer, whose page faults
     cost more than a product (ResNet-9, batch 16: 309 MB, ~75 ms a batch on 2 cores).
-    Anything but the last buffer taken is ignored.
-
-    A large CPU result lives in huge pages (:mod:`dattri._memory`: a third of the
-    faults' cost), and a caller that simply drops its result (keeps no tensor over
-    it, no view) lends it back as well: the next result of that size is written into
-    the same memory when nothing holds it any more."""
+    Anything but the last buffer taken is ignored."""
 
     def __init__(self) -> None:
         self._spare: torch.Tensor | None = None
         self._last: tuple[int, tuple] | None = None  # (data_ptr, shape) of the last taken
-        self._huge: HugeBuffer | None = None  # the memory of the last new buffer
         self._dest: torch.Tensor | None = None  # where the next result goes (provide)
 
     def provide(self, dest: torch.Tensor | None) -> None:
@@ -128,21 +120,9 @@ class BufferLender:
             return dest
         spare, self._spare = self._spare, None
         if not _fits(spare, shape, dtype, device):
-            spare = None  # dropped before the memory's holders are counted
-            spare = self._dropped(shape, dtype, device)
-        if spare is None:
-            spare, self._huge = empty_result(tuple(shape), dtype, device)
+            spare = torch.empty(shape, dtype=dtype, device=device)
         self.mark(spare)
         return spare
-
-    def _dropped(self, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor | None:
-        """The last new buffer again, when it fits and no tensor over it is alive."""
-        huge = self._huge
-        if (huge is None or torch.device(device).type != "cpu"
-                or huge.nbytes != math.prod(shape) * dtype.itemsize or not huge.free()):
-            return None
-        return huge.tensor(tuple(shape), dtype)
 
     def mark(self, t: torch.Tensor) -> None:
         """``t`` is the result just handed out (it may be released)."""
@@ -251,7 +231,7 @@ class LoaderFeatures:
                         yield f
                         self.release(f)
                         continue
-                    block, _ = empty_result(((rows // b) * b, *f.shape[1:]), f.dtype, f.device)
+                    block = f.new_empty(((rows // b) * b, *f.shape[1:]))
                 if fill + b > block.shape[0]:
                     yield block[:fill]
                     fill = 0
@@ -290,8 +270,7 @@ def cat_releasing(parts: list[torch.Tensor]) -> torch.Tensor:
         out = torch.cat(parts)
         parts.clear()
         return out
-    out, _ = empty_result((sum(p.shape[0] for p in parts), *first.shape[1:]), first.dtype,
-                          first.device)
+    out = first.new_empty((sum(p.shape[0] for p in parts), *first.shape[1:]))
     del first  # the loop below frees each part
     row = 0
     for i in range(len(parts)):
