@@ -41,11 +41,8 @@ class ConvNet(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
-def test_featurizer_results_held_by_the_caller_survive_later_batches():
-    """Dense per-example gradients of a convolutional model (the batched path, one
-    buffer per result): each batch's result equals autograd on its examples alone,
-    after later batches were computed, whether the caller kept the result or a view
-    of it; a released result's memory takes the next batch."""
+def _featurizer_and_batches(sizes, seed: int):
+    """The dense featurizer of a float64 ConvNet's loss and batches of ``sizes``."""
     torch.manual_seed(0)
     model = ConvNet().double().eval()
 
@@ -54,10 +51,18 @@ def test_featurizer_results_held_by_the_caller_survive_later_batches():
         return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
 
     task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64),
-                torch.randint(0, 4, (3,), generator=g)) for _ in range(4)]
-    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64),
+                torch.randint(0, 4, (n,), generator=g)) for n in sizes]
+    return Featurizer(task, "loss", None, torch.device("cpu")), batches
+
+
+def test_featurizer_results_held_by_the_caller_survive_later_batches():
+    """Dense per-example gradients of a convolutional model (the batched path, one
+    buffer per result): each batch's result equals autograd on its examples alone,
+    after later batches were computed, whether the caller kept the result or a view
+    of it; a released result's memory takes the next batch."""
+    fz, batches = _featurizer_and_batches([3] * 4, seed=1)
     fz.use_factored = False
     want = [fz.reference(b, 0) for b in batches]
     first = fz.grads(batches[0], 0)  # kept whole
@@ -82,18 +87,7 @@ def test_stream_rows_gathers_whole_batches_in_place_and_equals_the_gradients(mon
     not fit what is left closes the block), each equal to the per-example gradients
     of its examples while the consumer reads it; the batches after a block's first of
     their size are written in place (no copy, nothing released)."""
-    torch.manual_seed(0)
-    model = ConvNet().double().eval()
-
-    def loss(params, data):
-        x, y = data
-        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
-
-    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-    g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64),
-                torch.randint(0, 4, (n,), generator=g)) for n in (3, 3, 3, 2, 5, 3)]
-    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    fz, batches = _featurizer_and_batches((3, 3, 3, 2, 5, 3), seed=3)
     fz.use_factored = False
     want = torch.cat([fz.reference(b, 0) for b in batches])
     released = []
@@ -110,18 +104,7 @@ def test_stream_rows_gathers_whole_batches_in_place_and_equals_the_gradients(mon
 
 
 def test_stream_rows_below_two_batches_is_the_plain_stream():
-    torch.manual_seed(0)
-    model = ConvNet().double().eval()
-
-    def loss(params, data):
-        x, y = data
-        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
-
-    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-    g = torch.Generator().manual_seed(4)
-    batches = [(torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64),
-                torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
-    fz = Featurizer(task, "loss", None, torch.device("cpu"))
+    fz, batches = _featurizer_and_batches([4] * 3, seed=4)
     got = [b.clone() for b in fz.stream_rows(batches, 0, rows=7)]
     assert [b.shape[0] for b in got] == [4, 4, 4]
     torch.testing.assert_close(torch.cat(got), torch.cat([fz.reference(b, 0) for b in batches]),
