@@ -109,3 +109,19 @@ def test_stream_rows_below_two_batches_is_the_plain_stream():
     assert [b.shape[0] for b in got] == [4, 4, 4]
     torch.testing.assert_close(torch.cat(got), torch.cat([fz.reference(b, 0) for b in batches]),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_score_rows_gathers_two_resnet9_batches_and_bounds_the_block():
+    """The block of training rows: ResNet-9's 4.83M float32 gradients against 500 test
+    rows take 166 rows (two batches of 64; 64 rows would leave the product at the
+    slow shape), at most a third of the test side's memory; small features take
+    the full 256 rows; a huge row takes one."""
+    from dattri.algorithm._engine import SCORE_ROWS, score_rows
+
+    meta = torch.device("meta")
+    big = torch.empty(500, 4_825_154, device=meta)
+    rows = score_rows(big)
+    assert 128 <= rows < 192
+    assert rows * big.shape[1] * 4 <= big.numel() * 4 // 3
+    assert score_rows(torch.empty(500, 2048, device=meta)) == SCORE_ROWS
+    assert score_rows(torch.empty(2, 1 << 30, device=meta)) == 1

@@ -331,11 +331,11 @@ def score_rows(right: torch.Tensor) -> int:
     product with ``right`` ``(m, d)``: a product of 64 rows runs at 210-220 GFLOP/s
     on this library's 2-core CPU, of 256 rows at 260-280 (d from 25k to 4.8M, m =
     500: the small dimension of the product, not the cache, limits it). The
-    gathered block takes at most a quarter of the memory of ``right`` and 4 GiB
-    (64 MiB whatever ``right``'s size): 128 rows of ResNet-9's 4.83M gradients
-    against 500 test rows (2.5 GB beside the test side's 9.7)."""
+    gathered block takes at most a third of the memory of ``right`` and 4 GiB
+    (64 MiB whatever ``right``'s size): 166 rows of ResNet-9's 4.83M gradients
+    against 500 test rows, two batches of 64 (2.5 GB beside the test side's 9.7)."""
     row = right.shape[1] * right.element_size()
-    budget = max(64 << 20, min(right.numel() * right.element_size() // 4, 4 << 30))
+    budget = max(64 << 20, min(right.numel() * right.element_size() // 3, 4 << 30))
     return max(1, min(SCORE_ROWS, budget // max(row, 1)))
 
 
