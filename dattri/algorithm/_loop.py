@@ -140,9 +140,10 @@ def _fits(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
             and t.device == torch.device(device))
 
 
-def each_batch(loader: Iterable, fn: Callable[[Any], Any], name: str, device: torch.device,
+def each_batch(loader: Iterable, fn: Callable[[Any], Any], name: str, device: torch.device | None,
                desc: str = "", show_progress: bool | None = False) -> Iterator[Any]:
-    """``fn(batch)`` for every batch of ``loader`` in order, each batch on ``device``:
+    """``fn(batch)`` for every batch of ``loader`` in order, each batch on ``device``
+    (``None``: where the loader puts it, for a pass that reads only the labels):
     the one loop over a user's loader, for every featurizer and attributor. It
     refuses a one-pass iterator (``name`` in the error), reads a ``TensorDataset``
     loader by index (:func:`~dattri._loader.batches`), shows a tqdm bar
@@ -152,13 +153,14 @@ def each_batch(loader: Iterable, fn: Callable[[Any], Any], name: str, device: to
     check_loader(loader, name, empty=False)  # a one-pass iterator would lose batches
     for i, b in enumerate(tqdm(batches(loader), desc=desc, leave=False,
                                disable=_disable(show_progress))):
-        b = to_device(b, device)
+        if device is not None:
+            b = to_device(b, device)
         with batch_context(name, i):
             out = fn(b)
         yield out
 
 
-def map_batches(loader: Iterable, fn: Callable[[Any], Any], name: str, device: torch.device,
+def map_batches(loader: Iterable, fn: Callable[[Any], Any], name: str, device: torch.device | None,
                 desc: str = "", show_progress: bool | None = False) -> list[Any]:
     """``[fn(batch) ...]`` by :func:`each_batch`, refusing a loader that yields no batch."""
     out = list(each_batch(loader, fn, name, device, desc, show_progress))

@@ -177,7 +177,7 @@ class KNNShapleyAttributor(BaseAttributor):
         self._kept = fill(self, _Inputs(self), train_loader, settings, desc="train features",
                           keys=["features"])[0]
         y = torch.cat(map_batches(train_loader, lambda b: self._label(b).reshape(-1),
-                                  "train_loader", self.device))
+                                  "train_loader", None)).to(self.device)
         self._train = None, all_gather_rows(y, shard)
 
     def _distances(self, x_te: torch.Tensor, lo: int, hi: int, shared: bool = False) -> torch.Tensor:

@@ -416,7 +416,7 @@ class RPSAttributor(BaseAttributor):
             self._kept = fill(self, _FinalInputs(self), train_loader, settings,
                               desc="final-layer inputs", keys=[checkpoint_digest(self.task, 0, None)])[0]
             h = torch.cat([b for _, b in self._kept.blocks(device=self.device)])
-            y = torch.cat(map_batches(train_loader, _labels, "train_loader", self.device))
+            y = torch.cat(map_batches(train_loader, _labels, "train_loader", None)).to(self.device)
         self._held = row_range(h.shape[0], shard)[:2]
         h, y = all_gather_rows(h, shard), all_gather_rows(y, shard)
         layer = dict(self.task.get_model().named_modules())[self.final_linear_layer_name]
