@@ -119,15 +119,66 @@ def hvp_matmat(
 FEW_VECTORS = 128
 
 
+#: bytes of recorded gradient graphs that one curvature operator over a training set
+#: (:func:`dataset_matmat`) keeps between its products, one graph per batch. A graph
+#: holds the batch's activations and what its backward saved for the second
+#: derivative: small for an MLP, but 0.79 GB for a batch of 64 CIFAR images through
+#: ResNet-9 (``benchmarks/hvp_graphs.py``), so CIFAR-2's 5,000 examples would keep
+#: 62 GB. The
+#: batches past the budget multiply forward-over-reverse (``jvp`` of ``grad``), which
+#: keeps no graph (:class:`_RevRev`).
+GRAPH_BYTES = 4 << 30
+
+
+class _SavedBytes:
+    """Context: the bytes of the distinct storages autograd saves for backward while
+    it is open (a recorded graph's memory, the parameters and inputs included)."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self._seen: set[tuple[int, str]] = set()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), str(t.device))
+        if key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += storage.nbytes()
+        return t
+
+    def __enter__(self) -> _SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
 class _RevRev:
     """``V (k, P) -> H_b V`` by reverse-over-reverse, the gradient graph recorded
     once: plain ``autograd.grad`` per vector for ``k <= FEW_VECTORS``, ``vmap`` of
-    ``torch.func.vjp`` (recorded on first use) above."""
+    ``torch.func.vjp`` (recorded on first use) above. With ``keep=False`` (past the
+    operator's :data:`GRAPH_BYTES`) no graph outlives a call: one vector at a time is
+    multiplied forward-over-reverse (``jvp`` of ``grad``: on ResNet-9 at batch 64
+    5.1 s a product, against 6.3 s for recording the graph again and 4.8 s for
+    replaying a kept one), or, where forward-mode AD fails, by a graph recorded for
+    the call and freed after it."""
 
     def __init__(self, loss: Callable, theta: torch.Tensor, batch: Any, chunk: int) -> None:
         self.loss, self.theta, self.batch, self.chunk = loss, theta, batch, chunk
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batched: Callable | None = None
+        self.keep = True
+        self._fwd: Callable | None | bool = None  # grad for jvp; False: forward mode failed
+
+    def record(self) -> int:
+        """Record the gradient graph now; its bytes (:class:`_SavedBytes`)."""
+        th = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad(), _SavedBytes() as saved:
+            (g,) = torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)
+        self._graph = (th, g)
+        return saved.nbytes
 
     def _rerecorded(self, product: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``product()``, recording the graph again if the one kept is stale: loading
@@ -141,31 +192,52 @@ class _RevRev:
             self._graph, self._batched = None, None
             return product()
 
-    def _one(self, v: torch.Tensor) -> torch.Tensor:
-        return self._rerecorded(lambda: self._one_recorded(v))
+    def _one(self, v: torch.Tensor, last: bool = True) -> torch.Tensor:
+        if not self.keep and self._graph is None and self._fwd is not False:
+            h = self._forward_over_reverse(v)
+            if h is not None:
+                return h
+        return self._rerecorded(lambda: self._one_recorded(v, last))
 
-    def _one_recorded(self, v: torch.Tensor) -> torch.Tensor:
+    def _forward_over_reverse(self, v: torch.Tensor) -> torch.Tensor | None:
+        """``H v`` by ``jvp`` of ``grad`` (no graph kept); None where forward-mode AD
+        fails on the loss (an operator without a forward derivative), which then
+        records graphs instead, from this call on."""
+        try:
+            if self._fwd is None:
+                self._fwd = grad(lambda t: self.loss(t, self.batch))
+            return jvp(self._fwd, (self.theta,), (v,))[1].detach()
+        except (RuntimeError, NotImplementedError):
+            self._fwd = False
+            return None
+
+    def _one_recorded(self, v: torch.Tensor, last: bool) -> torch.Tensor:
         if self._graph is None:
-            th = self.theta.detach().requires_grad_(True)
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)
-            self._graph = (th, g)
+            self.record()
         th, g = self._graph
+        retain = self.keep or not last  # the last vector of a call frees a graph not kept
         # d(g . v)/dtheta = H v; not grad_outputs=v: a tensor there makes autograd
         # import torch.fx's symbolic shapes (sympy) on first use, 0.25-0.4 s of a
         # process (MNIST LR IF-CG at batch 1,000: 0.50 s in all)
-        (h,) = torch.autograd.grad((g * v).sum(), th, retain_graph=True, allow_unused=True)
+        (h,) = torch.autograd.grad((g * v).sum(), th, retain_graph=retain, allow_unused=True)
+        if not retain:
+            self._graph = None
         return torch.zeros_like(v) if h is None else h.detach()
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape[0] <= FEW_VECTORS:
-            return torch.stack([self._one(row) for row in v])
+            k = v.shape[0]
+            return torch.stack([self._one(row, i == k - 1) for i, row in enumerate(v)])
         def product() -> torch.Tensor:
             if self._batched is None:
                 _, pull = vjp(grad(lambda t: self.loss(t, self.batch)), self.theta)
                 self._batched = vmap(lambda u: pull(u)[0], chunk_size=self.chunk)
             return self._batched(v)
-        return self._rerecorded(product)
+        try:
+            return self._rerecorded(product)
+        finally:
+            if not self.keep:
+                self._batched = None
 
 
 def dataset_matmat(
@@ -189,14 +261,19 @@ def dataset_matmat(
     idx = data.local_batches(first_batches)
     n = data.count(idx)
     ops = [(hvp_matmat(loss, theta, data.batches[i], mode), data.sizes[i] / n) for i in idx]
+    budget = [mode == "rev-rev"]  # the graphs' budget is still to be applied
 
     def matmat(v: torch.Tensor) -> torch.Tensor:
+        if budget[0]:
+            budget[0] = False
+            _budget_graphs([op for op, _ in ops], [data.sizes[i] for i in idx])
         vv = v.unsqueeze(0) if v.dim() == 1 else v
         out = torch.zeros_like(vv)
         for op, w in ops:
             out.add_(op(vv), alpha=w)
         return data.reduce(out).reshape(v.shape)
 
+    matmat.ops = [op for op, _ in ops]  # the batches' products (their graphs), for tests
     if structure is not None:
         from dattri.algorithm._linear_hessian import linear_layer_matmat
 
@@ -209,6 +286,19 @@ def dataset_matmat(
     # R-operator (LiSSA's minibatches) was slower there at 500 directions (MNIST MLP
     # 5,000 x 500, CG: 90 s autograd, 103 s chain), faster only at 100
     return matmat
+
+
+def _budget_graphs(ops: list[_RevRev], sizes: list[int]) -> None:
+    """Keep the recorded graphs of the first batches within :data:`GRAPH_BYTES`: the
+    first batch's graph is recorded now and measured, the others are taken to cost
+    as much per example; those past the budget record theirs for each product."""
+    if not ops:
+        return
+    per_example = ops[0].record() / max(sizes[0], 1)
+    total = 0.0
+    for op, size in zip(ops, sizes):
+        total += per_example * size
+        op.keep = total <= GRAPH_BYTES
 
 
 class _IFBase(BaseAttributor):
