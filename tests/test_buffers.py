@@ -125,3 +125,67 @@ def test_score_rows_gathers_two_resnet9_batches_and_bounds_the_block():
     assert rows * big.shape[1] * 4 <= big.numel() * 4 // 3
     assert score_rows(torch.empty(500, 2048, device=meta)) == SCORE_ROWS
     assert score_rows(torch.empty(2, 1 << 30, device=meta)) == 1
+
+
+def test_dense_projection_of_small_batches_is_one_product_per_block(monkeypatch):
+    """A dense Gaussian projection of batches smaller than PROJECT_ROWS / 2: the
+    gradients of consecutive batches (sizes 3, 3, 3, 2, 5, 3 at PROJECT_ROWS = 7:
+    blocks of 6, 5, 5, 3 rows) are projected in one product per block, and every
+    batch's features (in order, with their own batch) equal the projection of its
+    examples' float64 per-example gradients."""
+    from dattri.algorithm import _engine
+    from dattri.algorithm.base import make_projection
+
+    monkeypatch.setattr(_engine, "PROJECT_ROWS", 7)
+    fz, batches = _featurizer_and_batches((3, 3, 3, 2, 5, 3), seed=5)
+    fz.use_factored = False
+    fz.transform = make_projection({"proj_dim": 16, "proj_type": "normal", "proj_seed": 3},
+                                   torch.device("cpu"))
+    assert fz.transform.blockable
+    grads = [fz.reference(b, 0) for b in batches]
+    m = fz.transform.projector(grads[0]).matrix(0).double()
+    calls = []
+    project = fz.transform.projector(grads[0]).project
+    monkeypatch.setattr(fz.transform.projector(grads[0]), "project",
+                        lambda x, ensemble_id=0: (calls.append(x.shape[0]), project(x, ensemble_id))[1])
+    out = list(fz.iterate(batches, 0, with_batch=True))
+    assert calls == [6, 5, 5, 3]
+    assert [torch.equal(b[0], want[0]) for (b, _), want in zip(out, batches)] == [True] * 6
+    for (_, f), g in zip(out, grads):
+        torch.testing.assert_close(f, g @ m, rtol=1e-10, atol=1e-12)
+
+
+def test_projected_block_features_equal_the_per_batch_features_for_trak_and_tracin(monkeypatch):
+    """TRAK and projected Grad-Cos (normal projection, k = 32) on a float64 ConvNet:
+    loaders of batch 4 (gathered into blocks of 16 rows) and of batch 40 (one
+    product each) give the same scores."""
+    from dattri.algorithm import TracInAttributor, TRAKAttributor
+    from dattri.algorithm import _engine
+
+    monkeypatch.setattr(_engine, "PROJECT_ROWS", 16)
+    torch.manual_seed(0)
+    model = ConvNet().double().eval()
+
+    def loss(params, data):
+        x, y = data
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    def prob(params, data):
+        x, y = data
+        return torch.softmax(torch.func.functional_call(model, params, (x,)), -1).gather(1, y[:, None])[:, 0]
+
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(30, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (30,), generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    proj = {"proj_dim": 32, "proj_type": "normal", "proj_seed": 1}
+
+    def scores(batch):
+        tl = torch.utils.data.DataLoader(ds, batch_size=batch)
+        sl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:6], y[:6]), batch_size=batch)
+        task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+        trak = TRAKAttributor(task, prob, proj_params=proj).cache(tl).attribute(tl, sl)
+        cos = TracInAttributor(task, weight_list=[1.0], normalized_grad=True, proj_params=proj)
+        return trak, cos.attribute(tl, sl)
+
+    for small, big in zip(scores(4), scores(40)):
+        torch.testing.assert_close(small, big, rtol=1e-9, atol=1e-11)

@@ -40,7 +40,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     # the rankings are those of the full matrix (stable order: ties to the lower row)
     order = torch.sort(want["trak_disk"], dim=0, descending=True, stable=True)
     assert torch.equal(want["trak_top5"], order.indices[:5].T)
-    torch.testing.assert_close(want["trak_disk"], want["trak_primal"], rtol=1e-12, atol=0)
+    # a store's features are projected batch by batch, in memory several batches at
+    # once (Featurizer.iterate): equal up to the rounding of the products
+    torch.testing.assert_close(want["trak_disk"], want["trak_primal"], rtol=1e-9, atol=1e-15)
     _spawn(2, str(tmp_path))
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")

@@ -25,6 +25,7 @@ from dattri.algorithm._loop import (  # noqa: F401 - re-exported for the attribu
     _disable,
     _head,
     close_per_example,
+    each_batch,
     ensemble_rng,
     resolve_device,
 )
@@ -255,6 +256,77 @@ class Featurizer(LoaderFeatures):
             return f
         return g
 
+    def iterate(
+        self, loader: Iterable, ckpt_idx: int, desc: str = "", with_batch: bool = False,
+    ) -> Iterator[Any]:
+        """:meth:`LoaderFeatures.iterate`; a dense random projection (a transform
+        marked ``blockable``) of batches smaller than ``PROJECT_ROWS / 2`` projects
+        the gradients of consecutive batches together (:meth:`_projected_blocks`)."""
+        if not getattr(self.transform, "blockable", False):
+            return super().iterate(loader, ckpt_idx, desc, with_batch)
+        return self._projected_blocks(loader, ckpt_idx, desc, with_batch)
+
+    def _projected_blocks(self, loader: Iterable, ckpt_idx: int, desc: str,
+                          with_batch: bool) -> Iterator[Any]:
+        """The features of each batch in order, the dense gradients of small batches
+        written into the rows of one block (in place where the featurizer forms
+        them: :meth:`provide`) and projected together when the block is full: one
+        product of ``PROJECT_ROWS`` rows instead of several small ones (a dense
+        projection runs 15-25% below the matmul rate at 64 rows). Each batch's
+        features are its rows of the projected block, as :meth:`batch` gives them
+        up to the rounding of the product."""
+        name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
+        state: dict[str, Any] = {"block": None, "fill": 0}
+
+        def formed(b: Any) -> tuple[Any, torch.Tensor]:
+            n, block, fill = batch_size_of(b), state["block"], state["fill"]
+            fits = block is not None and fill + n <= block.shape[0]
+            self.provide(block[fill:fill + n] if fits else None)  # a consumer's is overridden
+            try:
+                return b, self.grads(b, ckpt_idx)
+            finally:
+                self.provide(None)
+
+        pending: list[tuple[Any, int, int]] = []  # (batch, first row, rows) in the block
+
+        def flush() -> Iterator[Any]:
+            if not pending:
+                return
+            f = self.transform(state["block"][:state["fill"]], ckpt_idx)
+            done = list(pending)
+            pending.clear()
+            state["fill"] = 0
+            for b, start, n in done:
+                yield (b, f[start:start + n]) if with_batch else f[start:start + n]
+
+        for b, g in each_batch(loader, formed, name, self.device, desc or f"{self.which} grads",
+                               self.show_progress):
+            n, block = g.shape[0], state["block"]
+            if block is not None and not (g.dtype == block.dtype and g.device == block.device
+                                          and g.shape[1:] == block.shape[1:] and n <= block.shape[0]):
+                yield from flush()  # another layout: what was gathered goes first
+                state["block"] = block = None
+            if block is None:
+                if 2 * n > PROJECT_ROWS:  # a batch is a block: projected alone
+                    f = self.transform(g, ckpt_idx)
+                    self.release(g)
+                    yield (b, f) if with_batch else f
+                    continue
+                state["block"] = block = g.new_empty(((PROJECT_ROWS // n) * n, *g.shape[1:]))
+            if state["fill"] + n > block.shape[0]:
+                yield from flush()
+            start = state["fill"]
+            rows = block[start:start + n]
+            if g.data_ptr() != rows.data_ptr():
+                rows.copy_(g)
+                self.release(g)
+            del g
+            pending.append((b, start, n))
+            state["fill"] = start + n
+            if state["fill"] + n > block.shape[0]:
+                yield from flush()
+        yield from flush()
+
     def _after_sketch(self, f: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
         """A sketch checked for finiteness, then the transform's ``after`` (e.g. the
         row normalisation of Grad-Cos), if it has one."""
@@ -291,6 +363,10 @@ def _unbatched(func: Callable) -> bool:
         return False
     return bool(is_unbatched(func))
 
+
+#: a dense random projection multiplies at least this many gradient rows at once: the
+#: rows of consecutive smaller batches are gathered first (``Featurizer.iterate``)
+PROJECT_ROWS = 256
 
 #: loaders whose batches fit in this many bytes are kept on the device between the
 #: passes of a multi-checkpoint loop (the loader collates each batch only once)

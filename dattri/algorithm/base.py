@@ -245,6 +245,9 @@ def make_projection(kw: dict[str, Any] | None, device: torch.device):
         return projector(g).project(g, ensemble_id=ckpt_idx)
 
     transform.projector = projector
+    # a dense matrix: one product of many rows beats several of few (the featurizer
+    # gathers small batches' gradients first); a sparse one costs the same per row
+    transform.blockable = kw.get("proj_type") in ("normal", "rademacher")
     return transform
 
 

@@ -150,6 +150,7 @@ class TracInAttributor(BaseAttributor):
             feature.project_factored = transform.project_factored
             feature.after = lambda f, c: post(f) if post is not None else f
 
+        feature.blockable = getattr(transform, "blockable", False)  # rows apart: any blocks
         self.train_features.transform = feature
         self.test_features.transform = feature
         self._projection = transform
