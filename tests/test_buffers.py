@@ -150,6 +150,16 @@ def test_dense_projection_of_small_batches_is_one_product_per_block(monkeypatch)
                         lambda x, ensemble_id=0: (calls.append(x.shape[0]), project(x, ensemble_id))[1])
     out = list(fz.iterate(batches, 0, with_batch=True))
     assert calls == [6, 5, 5, 3]
+    # a block is also bounded in bytes: at 5 rows no block holds two batches of 3 or a
+    # batch of 5 (each projected alone); at 6 the blocks are those above
+    monkeypatch.setattr(_engine, "PROJECT_BYTES", 5 * grads[0][0].numel() * 8)
+    calls.clear()
+    assert len(list(fz.iterate(batches, 0))) == 6
+    assert calls == [3, 3, 3, 2, 5, 3]  # the 2 went into a block, closed by the 5 after it
+    monkeypatch.setattr(_engine, "PROJECT_BYTES", 6 * grads[0][0].numel() * 8)
+    calls.clear()
+    list(fz.iterate(batches, 0))
+    assert calls == [6, 5, 5, 3]
     assert [torch.equal(b[0], want[0]) for (b, _), want in zip(out, batches)] == [True] * 6
     for (_, f), g in zip(out, grads):
         torch.testing.assert_close(f, g @ m, rtol=1e-10, atol=1e-12)

@@ -260,8 +260,9 @@ class Featurizer(LoaderFeatures):
         self, loader: Iterable, ckpt_idx: int, desc: str = "", with_batch: bool = False,
     ) -> Iterator[Any]:
         """:meth:`LoaderFeatures.iterate`; a dense random projection (a transform
-        marked ``blockable``) of batches smaller than ``PROJECT_ROWS / 2`` projects
-        the gradients of consecutive batches together (:meth:`_projected_blocks`)."""
+        marked ``blockable``) of batches smaller than half a block (``PROJECT_ROWS``
+        rows, at most ``PROJECT_BYTES``) projects the gradients of consecutive batches
+        together (:meth:`_projected_blocks`)."""
         if not getattr(self.transform, "blockable", False):
             return super().iterate(loader, ckpt_idx, desc, with_batch)
         return self._projected_blocks(loader, ckpt_idx, desc, with_batch)
@@ -307,12 +308,14 @@ class Featurizer(LoaderFeatures):
                 yield from flush()  # another layout: what was gathered goes first
                 state["block"] = block = None
             if block is None:
-                if 2 * n > PROJECT_ROWS:  # a batch is a block: projected alone
+                row_bytes = max(1, g[0].numel() * g.element_size())
+                rows = min(PROJECT_ROWS, max(1, PROJECT_BYTES // row_bytes))
+                if 2 * n > rows:  # a batch is a block: projected alone
                     f = self.transform(g, ckpt_idx)
                     self.release(g)
                     yield (b, f) if with_batch else f
                     continue
-                state["block"] = block = g.new_empty(((PROJECT_ROWS // n) * n, *g.shape[1:]))
+                state["block"] = block = g.new_empty(((rows // n) * n, *g.shape[1:]))
             if state["fill"] + n > block.shape[0]:
                 yield from flush()
             start = state["fill"]
@@ -365,8 +368,10 @@ def _unbatched(func: Callable) -> bool:
 
 
 #: a dense random projection multiplies at least this many gradient rows at once: the
-#: rows of consecutive smaller batches are gathered first (``Featurizer.iterate``)
+#: rows of consecutive smaller batches are gathered first (``Featurizer.iterate``), in
+#: a block of at most ``PROJECT_BYTES`` (ResNet-9's 4.83M parameters: 55 rows)
 PROJECT_ROWS = 256
+PROJECT_BYTES = 1 << 30
 
 #: loaders whose batches fit in this many bytes are kept on the device between the
 #: passes of a multi-checkpoint loop (the loader collates each batch only once)
