@@ -130,3 +130,27 @@ def test_arnoldi_scores_do_not_depend_on_the_graph_budget(monkeypatch):
     kept = scores()
     monkeypatch.setattr(IF, "GRAPH_BYTES", 0)
     torch.testing.assert_close(scores(), kept, rtol=1e-9, atol=1e-12)
+
+
+def test_a_loss_running_torch_func_itself_is_not_counted_and_still_exact():
+    """A loss with a torch.func transform inside (which refuses saved-tensor hooks):
+    its graph is recorded without counting it, and the products are exact."""
+    from dattri.algorithm._engine import DataCache
+
+    _, theta, loader, _ = _tanh_problem()
+
+    def loss(t, b):
+        xb, yb = b
+        w, c = t[:15].reshape(3, 5), t[15:]
+        # d/dz sum(softplus(z)) = sigmoid(z), by torch.func.grad inside the loss
+        act = torch.func.grad(lambda z: torch.nn.functional.softplus(z).sum())(xb @ w.T + c)
+        return torch.nn.functional.cross_entropy(act, yb)
+
+    x, y = loader.dataset.tensors
+    dense = torch.autograd.functional.hessian(lambda t: loss(t, (x, y)), theta)
+    data = DataCache(loader, torch.device("cpu"))
+    assert IF.hvp_matmat(loss, theta, data.batches[0]).record() == 0
+    matmat = IF.dataset_matmat(loss, theta, data)
+    v = torch.randn(2, 18, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(matmat(v), v @ dense, rtol=1e-10, atol=1e-12)
+    assert all(op.keep for op in matmat.ops)

@@ -173,10 +173,19 @@ class _RevRev:
         self._fwd: Callable | None | bool = None  # grad for jvp; False: forward mode failed
 
     def record(self) -> int:
-        """Record the gradient graph now; its bytes (:class:`_SavedBytes`)."""
+        """Record the gradient graph now; its bytes (:class:`_SavedBytes`), or 0 when
+        the loss runs a ``torch.func`` transform of its own, which refuses saved-tensor
+        hooks (its graph is then recorded without them and not counted)."""
         th = self.theta.detach().requires_grad_(True)
-        with torch.enable_grad(), _SavedBytes() as saved:
-            (g,) = torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)
+        try:
+            with torch.enable_grad(), _SavedBytes() as saved:
+                (g,) = torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)
+        except RuntimeError as e:
+            if "saved tensor hooks" not in str(e):
+                raise
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)
+            saved = _SavedBytes()  # nothing counted
         self._graph = (th, g)
         return saved.nbytes
 
