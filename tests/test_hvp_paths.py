@@ -61,13 +61,16 @@ def test_graph_budget_keeps_the_first_graphs_and_frees_the_rest(monkeypatch):
                          (0, [False] * 3)):
         monkeypatch.setattr(IF, "GRAPH_BYTES", budget)
         matmat = IF.dataset_matmat(loss, theta, data)
-        for rows in (v[:3], v):  # the per-vector path, then vmap(vjp)
+        for rows in (v, v[:3], v):  # vmap(vjp) first (the measured graph), per vector
             torch.testing.assert_close(matmat(rows), rows @ dense, rtol=1e-10, atol=1e-12)
             assert [op.keep for op in matmat.ops] == kept
-            assert [op._graph is not None for op in matmat.ops] == kept
-            assert all(op._batched is None for op in matmat.ops if not op.keep)
-            # past the budget, one vector at a time went forward-over-reverse
-            assert [callable(op._fwd) for op in matmat.ops[1:]] == [not k for k in kept[1:]]
+            # nothing outlives a call past the budget; a kept graph stays
+            assert all(op._graph is None and op._batched is None
+                       for op in matmat.ops if not op.keep)
+            assert all(op._graph is not None or op._batched is not None
+                       for op in matmat.ops if op.keep)
+            if rows.shape[0] <= 4:  # past the budget, one vector at a time: forward-over-reverse
+                assert [callable(op._fwd) for op in matmat.ops[1:]] == [not k for k in kept[1:]]
 
 
 class _OldStyleTanh(torch.autograd.Function):

@@ -124,9 +124,8 @@ FEW_VECTORS = 128
 #: holds the batch's activations and what its backward saved for the second
 #: derivative: small for an MLP, but 0.79 GB for a batch of 64 CIFAR images through
 #: ResNet-9 (``benchmarks/hvp_graphs.py``), so CIFAR-2's 5,000 examples would keep
-#: 62 GB. The
-#: batches past the budget multiply forward-over-reverse (``jvp`` of ``grad``), which
-#: keeps no graph (:class:`_RevRev`).
+#: 62 GB. The batches past the budget multiply forward-over-reverse (``jvp`` of
+#: ``grad``), which keeps no graph (:class:`_RevRev`).
 GRAPH_BYTES = 4 << 30
 
 
@@ -245,8 +244,8 @@ class _RevRev:
         try:
             return self._rerecorded(product)
         finally:
-            if not self.keep:
-                self._batched = None
+            if not self.keep:  # nothing outlives the call (the graph of _budget_graphs)
+                self._batched, self._graph = None, None
 
 
 def dataset_matmat(
@@ -300,7 +299,7 @@ def dataset_matmat(
 def _budget_graphs(ops: list[_RevRev], sizes: list[int]) -> None:
     """Keep the recorded graphs of the first batches within :data:`GRAPH_BYTES`: the
     first batch's graph is recorded now and measured, the others are taken to cost
-    as much per example; those past the budget record theirs for each product."""
+    as much per example; those past the budget keep none (:class:`_RevRev`)."""
     if not ops:
         return
     per_example = ops[0].record() / max(sizes[0], 1)
