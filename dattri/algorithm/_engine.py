@@ -25,8 +25,8 @@ from dattri.algorithm._loop import (  # noqa: F401 - re-exported for the attribu
     _disable,
     _head,
     close_per_example,
-    each_batch,
     ensemble_rng,
+    gathered,
     resolve_device,
 )
 from dattri.distributed import ShardedLoader, all_reduce, broadcast, row_range
@@ -276,59 +276,11 @@ class Featurizer(LoaderFeatures):
         projection of 64 rows ran ~15% below the rate of 256 on MNIST LR). Each batch's
         features are its rows of the projected block, as :meth:`batch` gives them
         up to the rounding of the product."""
-        name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
-        state: dict[str, Any] = {"block": None, "fill": 0}
-
-        def formed(b: Any) -> tuple[Any, torch.Tensor]:
-            n, block, fill = batch_size_of(b), state["block"], state["fill"]
-            fits = block is not None and fill + n <= block.shape[0]
-            self.provide(block[fill:fill + n] if fits else None)  # a consumer's is overridden
-            try:
-                return b, self.grads(b, ckpt_idx)
-            finally:
-                self.provide(None)
-
-        pending: list[tuple[Any, int, int]] = []  # (batch, first row, rows) in the block
-
-        def flush() -> Iterator[Any]:
-            if not pending:
-                return
-            f = self.transform(state["block"][:state["fill"]], ckpt_idx)
-            done = list(pending)
-            pending.clear()
-            state["fill"] = 0
-            for b, start, n in done:
+        items = self._each(loader, lambda b: (b, self.grads(b, ckpt_idx)), desc)
+        for rows, parts in gathered(self, items, _project_rows):
+            f = self.transform(rows, ckpt_idx)
+            for b, start, n in parts:
                 yield (b, f[start:start + n]) if with_batch else f[start:start + n]
-
-        for b, g in each_batch(loader, formed, name, self.device, desc or f"{self.which} grads",
-                               self.show_progress):
-            n, block = g.shape[0], state["block"]
-            if block is not None and not (g.dtype == block.dtype and g.device == block.device
-                                          and g.shape[1:] == block.shape[1:] and n <= block.shape[0]):
-                yield from flush()  # another layout: what was gathered goes first
-                state["block"] = block = None
-            if block is None:
-                row_bytes = max(1, g[0].numel() * g.element_size())
-                rows = min(PROJECT_ROWS, max(1, PROJECT_BYTES // row_bytes))
-                if 2 * n > rows:  # a batch is a block: projected alone
-                    f = self.transform(g, ckpt_idx)
-                    self.release(g)
-                    yield (b, f) if with_batch else f
-                    continue
-                state["block"] = block = g.new_empty(((rows // n) * n, *g.shape[1:]))
-            if state["fill"] + n > block.shape[0]:
-                yield from flush()
-            start = state["fill"]
-            rows = block[start:start + n]
-            if g.data_ptr() != rows.data_ptr():
-                rows.copy_(g)
-                self.release(g)
-            del g
-            pending.append((b, start, n))
-            state["fill"] = start + n
-            if state["fill"] + n > block.shape[0]:
-                yield from flush()
-        yield from flush()
 
     def _after_sketch(self, f: torch.Tensor, ckpt_idx: int) -> torch.Tensor:
         """A sketch checked for finiteness, then the transform's ``after`` (e.g. the
@@ -372,6 +324,12 @@ def _unbatched(func: Callable) -> bool:
 #: a block of at most ``PROJECT_BYTES`` (ResNet-9's 4.83M parameters: 55 rows)
 PROJECT_ROWS = 256
 PROJECT_BYTES = 1 << 30
+
+
+def _project_rows(g: torch.Tensor) -> int:
+    """Rows of a projected block of gradients like ``g`` (``PROJECT_ROWS``, fewer
+    where they would pass ``PROJECT_BYTES``)."""
+    return min(PROJECT_ROWS, max(1, PROJECT_BYTES // max(1, g[0].numel() * g.element_size())))
 
 #: loaders whose batches fit in this many bytes are kept on the device between the
 #: passes of a multi-checkpoint loop (the loader collates each batch only once)

@@ -187,9 +187,14 @@ class LoaderFeatures:
         """Yield the features of every batch of ``loader`` in order; with
         ``with_batch``, ``(batch on the device, features)`` pairs, so that a caller
         needing more per batch does not iterate the loader twice."""
-        name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
         fn = (lambda b: (b, self.batch(b, ckpt_idx))) if with_batch else (
             lambda b: self.batch(b, ckpt_idx))
+        return self._each(loader, fn, desc)
+
+    def _each(self, loader: Iterable, fn: Callable[[Any], Any], desc: str) -> Iterator[Any]:
+        """:func:`each_batch` of ``fn`` on this featurizer's device, the loader named
+        after its side in errors, with its progress bar."""
+        name = "train_loader" if self.which == "loss" or "self" in desc else "test_loader"
         return each_batch(loader, fn, name, self.device, desc or f"{self.which} grads",
                           self.show_progress)
 
@@ -217,40 +222,9 @@ class LoaderFeatures:
         consumer that multiplies each block by a large matrix (one pass over that
         matrix per block instead of per batch). The consumer keeps nothing of a block
         once it asks for the next: the buffer takes the next block."""
-        block: torch.Tensor | None = None
-        fill = 0
-        try:
-            for f in self.iterate(loader, ckpt_idx, desc):
-                self.provide(None)
-                b = f.shape[0]
-                if block is not None and not (_fits(f, (b, *block.shape[1:]), block.dtype, block.device)
-                                              and b <= block.shape[0]):
-                    if fill:  # another layout: what was gathered goes first
-                        yield block[:fill]
-                    block, fill = None, 0
-                if block is None:
-                    if rows < 2 * b:  # a batch is a block: the plain stream
-                        yield f
-                        self.release(f)
-                        continue
-                    block = f.new_empty(((rows // b) * b, *f.shape[1:]))
-                if fill + b > block.shape[0]:
-                    yield block[:fill]
-                    fill = 0
-                dest = block[fill:fill + b]
-                if f.data_ptr() != dest.data_ptr():
-                    dest.copy_(f)
-                    self.release(f)
-                del f
-                fill += b
-                if fill + b > block.shape[0]:
-                    yield block[:fill]
-                    fill = 0
-                self.provide(block[fill:fill + b])  # the next batch of this size, in place
-            if fill:
-                yield block[:fill]
-        finally:
-            self.provide(None)
+        items = ((None, f) for f in self.iterate(loader, ckpt_idx, desc))
+        for block, _ in gathered(self, items, lambda _f: rows):
+            yield block
 
     def all(self, loader: Iterable, ckpt_idx: int, desc: str = "") -> torch.Tensor:
         """Features ``(n, d)`` of the whole loader."""
@@ -259,6 +233,54 @@ class LoaderFeatures:
             msg = "the data loader yielded no batches; pass a non-empty loader."
             raise DattriValueError(msg)
         return cat_releasing(parts)
+
+
+def gathered(owner: LoaderFeatures, items: Iterable[tuple[Any, torch.Tensor]],
+             rows_for: Callable[[torch.Tensor], int],
+             ) -> Iterator[tuple[torch.Tensor, list[tuple[Any, int, int]]]]:
+    """``(tag, (B, d) rows)`` items gathered, whole, into blocks of up to
+    ``rows_for(rows)`` rows (decided by a block's first item) in one buffer: yields
+    ``(block, [(tag, first row, B), ...])``. The next item is written into its rows
+    in place where ``owner`` forms it there (``owner.provide``), else copied and
+    ``owner.release`` d; an item of over half a block is yielded alone (its own
+    rows, released once the consumer asks for the next). The consumer keeps nothing
+    of a block once it asks for the next: the buffer takes the next block."""
+    block: torch.Tensor | None = None
+    fill, tags = 0, []
+    try:
+        for tag, f in items:
+            owner.provide(None)
+            b = f.shape[0]
+            if block is not None and not (_fits(f, (b, *block.shape[1:]), block.dtype, block.device)
+                                          and b <= block.shape[0]):
+                if fill:  # another layout: what was gathered goes first
+                    yield block[:fill], tags
+                block, fill, tags = None, 0, []
+            if block is None:
+                rows = rows_for(f)
+                if rows < 2 * b:  # an item is a block
+                    yield f, [(tag, 0, b)]
+                    owner.release(f)
+                    continue
+                block = f.new_empty(((rows // b) * b, *f.shape[1:]))
+            if fill + b > block.shape[0]:
+                yield block[:fill], tags
+                fill, tags = 0, []
+            dest = block[fill:fill + b]
+            if f.data_ptr() != dest.data_ptr():
+                dest.copy_(f)
+                owner.release(f)
+            del f
+            tags.append((tag, fill, b))
+            fill += b
+            if fill + b > block.shape[0]:
+                yield block[:fill], tags
+                fill, tags = 0, []
+            owner.provide(block[fill:fill + b])  # the next item of this size, in place
+        if fill:
+            yield block[:fill], tags
+    finally:
+        owner.provide(None)
 
 
 def cat_releasing(parts: list[torch.Tensor]) -> torch.Tensor:
