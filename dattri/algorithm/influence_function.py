@@ -269,11 +269,12 @@ def dataset_matmat(
     idx = data.local_batches(first_batches)
     n = data.count(idx)
     ops = [(hvp_matmat(loss, theta, data.batches[i], mode), data.sizes[i] / n) for i in idx]
-    budget = [mode == "rev-rev"]  # the graphs' budget is still to be applied
+    unbudgeted = mode == "rev-rev"  # the graphs' budget is still to be applied
 
     def matmat(v: torch.Tensor) -> torch.Tensor:
-        if budget[0]:
-            budget[0] = False
+        nonlocal unbudgeted
+        if unbudgeted:
+            unbudgeted = False
             _budget_graphs([op for op, _ in ops], [data.sizes[i] for i in idx])
         vv = v.unsqueeze(0) if v.dim() == 1 else v
         out = torch.zeros_like(vv)
