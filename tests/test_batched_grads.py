@@ -3,7 +3,6 @@ definition (autograd / vmap(grad) on each example as a batch of one), float64.""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -109,10 +108,14 @@ def _batched(task, batch, layer_name=None):
     return bg.run(task.original_loss_func, batch, dict(task.named_parameters))
 
 
-@pytest.mark.parametrize("grouped_min", [10**9, 1])  # unfolded patches / grouped convolution
+# the convolutions' three paths: unfolded patches, one grouped convolution, and the
+# weight-gradient kernel once per example
+@pytest.mark.parametrize("grouped_min,each_min", [(10**9, 10**9), (1, 10**9), (10**9, 1)])
 @pytest.mark.parametrize("make,data", [(ConvNet, _data_conv), (SeqNet, _data_seq)])
-def test_batched_equals_vmap_grad(make, data, grouped_min, monkeypatch):
+def test_batched_equals_vmap_grad(make, data, grouped_min, each_min, monkeypatch):
     monkeypatch.setattr("dattri.func.per_example.GROUPED_MIN_POSITIONS", grouped_min)
+    monkeypatch.setattr("dattri.func.per_example.EACH_MIN_POSITIONS", each_min)
+    monkeypatch.setattr("dattri.func.per_example.EACH_MIN_MACS", 0)
     torch.manual_seed(0)
     model = make().eval()
     if isinstance(model, ConvNet):  # non-trivial running statistics

@@ -120,26 +120,59 @@ def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tens
 #: ResNet-9's layers at batch 16 (grouped / unfolded): 32x32 outputs 18.9 / 27.3 ms,
 #: 16x16 10.6 / 9.3 and 20.3 / 14.0 ms, 8x8 59 / 17 ms, 4x4 101 / 8.9 ms
 GROUPED_MIN_POSITIONS = 512
+#: a convolution with at least this many output positions and this many
+#: multiply-adds per example (``C_out * C_in / groups * prod(k) * positions``) takes
+#: its per-example weight gradients from PyTorch's own weight-gradient kernel (oneDNN
+#: on CPU) called once per example, which runs these shapes near the rate of the
+#: batched step. Measured on 2 cores (AMD EPYC, AVX-512), ResNet-9's layers at batch
+#: 64, each example's result copied into the flat buffer (per example / the other
+#: paths): 64->128 at 32x32 67 / 86 ms, 128->128 at 32x32 132 / 160, 128->256 at
+#: 16x16 (stride 2) 121 / 154, 256->256 at 16x16 144 / 312; at 8x8 (64 positions)
+#: 130 / 88 and 285 / 241, and the 1x1 shortcuts (8.4M multiply-adds) lose at batch 16.
+#: CPU only: on a GPU each example's kernel would be a launch of a few microseconds.
+EACH_MIN_POSITIONS = 256
+EACH_MIN_MACS = 16 * 2**20
+
+
+def _explicit_padding(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """``x`` padded as the module pads it when that is not a zero padding of known
+    size (a padding mode, ``"same"``), and the padding left to the kernel."""
+    if m.padding_mode != "zeros":
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+        return x, (0,) * len(m.kernel_size)
+    if isinstance(m.padding, str):  # "same" / "valid": the padding actually applied
+        return F.pad(x, m._reversed_padding_repeated_twice), (0,) * len(m.kernel_size)
+    return x, m.padding
 
 
 def _conv_weight_grouped(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Per-example weight gradients ``(B, *weight.shape)``: the weight gradient of a
     convolution with the ``B`` examples stacked as ``B * groups`` groups."""
     b = x.shape[0]
-    if m.padding_mode != "zeros":
-        x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-        padding = (0,) * len(m.kernel_size)
-    elif isinstance(m.padding, str):  # "same" / "valid": the padding actually applied
-        x = F.pad(x, m._reversed_padding_repeated_twice)
-        padding = (0,) * len(m.kernel_size)
-    else:
-        padding = m.padding
+    x, padding = _explicit_padding(m, x)
     w = m.weight.new_empty((b * m.out_channels, *m.weight.shape[1:]), dtype=x.dtype)
     grads = torch.ops.aten.convolution_backward(
         delta.to(x.dtype).reshape(1, b * m.out_channels, *delta.shape[2:]),
         x.reshape(1, b * m.in_channels, *x.shape[2:]), w, None, m.stride, padding, m.dilation,
         False, [0] * len(m.kernel_size), b * m.groups, [False, True, False])
     return grads[1].reshape(b, *m.weight.shape)
+
+
+def _conv_weight_each(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor,
+                      dest: torch.Tensor | None) -> torch.Tensor:
+    """Per-example weight gradients ``(B, *weight.shape)``: the module's own weight
+    gradient of each example alone, written into ``dest`` when given."""
+    b = x.shape[0]
+    x, padding = _explicit_padding(m, x)
+    delta = delta.to(x.dtype)
+    w = m.weight.new_empty(m.weight.shape, dtype=x.dtype)  # its shape only
+    out = m.weight.new_empty((b, *m.weight.shape), dtype=x.dtype) if dest is None else dest
+    for i in range(b):
+        grads = torch.ops.aten.convolution_backward(
+            delta[i:i + 1], x[i:i + 1], w, None, m.stride, padding, m.dilation,
+            False, [0] * len(m.kernel_size), m.groups, [False, True, False])
+        out[i].copy_(grads[1])
+    return out
 
 
 def conv_grads(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str],
@@ -153,7 +186,13 @@ def conv_grads(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, n
     dest = out or {}
     res: Grads = {}
     if "weight" in names:
-        if d.shape[-1] >= GROUPED_MIN_POSITIONS:
+        length = d.shape[-1]
+        macs = m.weight.numel() * length
+        if x.device.type == "cpu" and length >= EACH_MIN_POSITIONS and macs >= EACH_MIN_MACS:
+            w = dest.get("weight")
+            res["weight"] = _conv_weight_each(m, x, d.reshape(delta.shape), None if w is None
+                                              else w.view(b, *m.weight.shape))
+        elif length >= GROUPED_MIN_POSITIONS:
             res["weight"] = _conv_weight_grouped(m, x, delta)
         else:
             cols, _, length = _conv_patches(m, x)
