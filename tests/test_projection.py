@@ -190,6 +190,30 @@ def test_dense_blocks_respect_budget_and_cache():
     assert tight.blocks_generated == 17 and tight._cached_bytes <= 3 * budget
 
 
+@pytest.mark.parametrize("kind", ["normal", "rademacher"])
+def test_dense_blocks_drawn_ahead_on_threads_are_the_same(kind):
+    """Uncached blocks are drawn ahead on the CPU's threads: the same matrix, products
+    and adjoint as one thread drawing them in order, bit for bit."""
+    p, k = 1000, 16
+    budget = 4 * k * 64  # 16 blocks of 64 rows (the last one 40), nothing cached
+    x, y = torch.randn(5, p), torch.randn(3, k)
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            proj = DenseProjector(p, k, kind=kind, seed=4, block_bytes=budget, cache_bytes=0)
+            out[n] = (proj.project(x, 2), proj.back_project(y, 2), proj.project(x, 2))
+            assert proj.blocks_generated == 3 * math.ceil(p / 64)
+    finally:
+        torch.set_num_threads(threads)
+    m = DenseProjector(p, k, kind=kind, seed=4, block_bytes=budget).matrix(2)
+    for a, b in zip(out[1], out[3]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out[3][0], x @ m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[3][1], y @ m.T, rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_blocks_respect_budget():
     proj = get_projector("sjlt", 5000, 32, seed=0, sjlt_c=2, block_bytes=2400)
     proj.project(torch.randn(2, 5000))
