@@ -178,20 +178,21 @@ def _conv_weight_each(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Te
 def conv_grads(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, names: Sequence[str],
                out: Grads | None = None) -> Grads:
     """``nn.Conv1d`` / ``nn.Conv2d``: per-example products of output gradients and
-    patches (unfolded, or a grouped weight-gradient convolution for large outputs).
-    ``out``: optional destinations as for :func:`linear_grads` (the unfolded path
-    writes into them; the grouped convolution returns its own tensor)."""
+    patches (the weight-gradient kernel once per example, a grouped weight-gradient
+    convolution, or unfolded patches: :data:`EACH_MIN_POSITIONS`,
+    :data:`GROUPED_MIN_POSITIONS`). ``out``: optional destinations as for
+    :func:`linear_grads` (the per-example and unfolded paths write into them; the
+    grouped convolution returns its own tensor)."""
     b = x.shape[0]
     d = delta.reshape(b, m.out_channels, -1).to(x.dtype)
     dest = out or {}
     res: Grads = {}
     if "weight" in names:
         length = d.shape[-1]
-        macs = m.weight.numel() * length
-        if x.device.type == "cpu" and length >= EACH_MIN_POSITIONS and macs >= EACH_MIN_MACS:
-            w = dest.get("weight")
-            res["weight"] = _conv_weight_each(m, x, d.reshape(delta.shape), None if w is None
-                                              else w.view(b, *m.weight.shape))
+        w = dest.get("weight")
+        if (x.device.type == "cpu" and length >= EACH_MIN_POSITIONS
+                and m.weight.numel() * length >= EACH_MIN_MACS):  # multiply-adds an example
+            res["weight"] = _conv_weight_each(m, x, delta, None if w is None else w.view(b, *m.weight.shape))
         elif length >= GROUPED_MIN_POSITIONS:
             res["weight"] = _conv_weight_grouped(m, x, delta)
         else:
@@ -199,7 +200,6 @@ def conv_grads(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, n
             g = m.groups
             cols = cols.reshape(b, g, -1, length)  # (B, g, C_in/g * K, L)
             dg = d.reshape(b, g, m.out_channels // g, length)
-            w = dest.get("weight")
             w = None if w is None else w.view(b, g, m.out_channels // g, -1)
             res["weight"] = _into(torch.matmul, w, dg, cols.transpose(-1, -2)).reshape(b, *m.weight.shape)
     if "bias" in names:
