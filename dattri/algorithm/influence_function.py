@@ -176,15 +176,18 @@ class _RevRev:
         the loss runs a ``torch.func`` transform of its own, which refuses saved-tensor
         hooks (its graph is then recorded without them and not counted)."""
         th = self.theta.detach().requires_grad_(True)
+
+        def recorded() -> torch.Tensor:
+            with torch.enable_grad():
+                return torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)[0]
+
         try:
-            with torch.enable_grad(), _SavedBytes() as saved:
-                (g,) = torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)
+            with _SavedBytes() as saved:
+                g = recorded()
         except RuntimeError as e:
             if "saved tensor hooks" not in str(e):
                 raise
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(self.loss(th, self.batch), th, create_graph=True)
-            saved = _SavedBytes()  # nothing counted
+            g, saved = recorded(), _SavedBytes()  # nothing counted
         self._graph = (th, g)
         return saved.nbytes
 
