@@ -218,6 +218,11 @@ class Projector:
         step = self.max_batch_size or max(n, 1)
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
+    @staticmethod
+    def _key(key: tuple, target: torch.device) -> tuple:
+        """The cache's key of a block of ``key`` kept on ``target``."""
+        return (*key, str(target))
+
     def _cached(self, key: tuple, target: torch.device, make: Callable) -> tuple:
         """Return ``make()`` (a tuple of tensors) on ``target``, cached within budget.
 
@@ -226,7 +231,7 @@ class Projector:
         any eviction order), but a block of another ensemble id that does not fit
         evicts the blocks of the ids before it: an ensemble loop over checkpoints
         then regenerates each matrix once per checkpoint, not once per batch."""
-        full_key = (*key, str(target))
+        full_key = self._key(key, target)
         if full_key in self._cache:
             return self._cache[full_key]
         value = make()
@@ -300,7 +305,7 @@ class DenseProjector(Projector):
         thread's generator, against ``2 B P k`` flops)."""
         rows, p = self.rows_per_block, self.feature_dim
         spans = [(b, b * rows, min(p, (b + 1) * rows)) for b in range(math.ceil(p / rows))]
-        missing = deque(b for b, _, _ in spans if (ensemble_id, b, str(target)) not in self._cache)
+        missing = deque(b for b, _, _ in spans if self._key((ensemble_id, b), target) not in self._cache)
         ahead = torch.get_num_threads() if self.device.type == "cpu" else 1
         pool = ThreadPoolExecutor(ahead) if ahead > 1 and len(missing) > 1 else None
         drawn: dict[int, Future] = {}
